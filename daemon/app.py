@@ -1,0 +1,118 @@
+"""The composition root: builds the parts from one Settings and runs them.
+
+``serve`` is the daemon; ``copy_once`` is the one-shot copy. Both take their stop
+trigger as an argument (hypercorn's ``shutdown_trigger``), so tests stop them without
+signals; the CLI wires signals to the same events.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import os
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import IO
+
+import structlog
+
+from daemon.azure import AzureWriter
+from daemon.budget import ByteBudget
+from daemon.errors import ConfigError
+from daemon.jobs import TransferSpec
+from daemon.s3 import S3Reader
+from daemon.settings import Settings, require_azure
+from daemon.sources.directory import DirectorySource
+from daemon.state import StateStore
+from daemon.supervisor import Supervisor
+from daemon.transfer import Copier
+
+log = structlog.get_logger("blobferry")
+
+
+@dataclass(slots=True)
+class Engine:
+    settings: Settings
+    s3: S3Reader
+    azure: AzureWriter
+    budget: ByteBudget
+    copier: Copier
+
+
+@asynccontextmanager
+async def engine(settings: Settings, stopping: asyncio.Event) -> AsyncIterator[Engine]:
+    require_azure(settings)
+    async with S3Reader(settings) as s3, AzureWriter(settings) as azure:
+        budget = ByteBudget(settings.memory_bytes)
+        yield Engine(settings, s3, azure, budget, Copier(settings, s3, azure, budget, stopping))
+
+
+def _lock_state_dir(settings: Settings) -> IO[bytes]:
+    """One daemon per state folder: a second one would claim the same recovered jobs."""
+    settings.state_dir.mkdir(parents=True, exist_ok=True)
+    f = open(settings.state_dir / "daemon.lock", "ab")  # noqa: SIM115 (held for the run)
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.close()
+        raise ConfigError(
+            f"configuration error: state_dir: another blobferry daemon is using "
+            f"{settings.state_dir}"
+        ) from None
+    return f
+
+
+async def serve(
+    settings: Settings,
+    stop: asyncio.Event,
+    force: asyncio.Event | None = None,
+    on_ready: Callable[[], None] | None = None,
+) -> None:
+    """The daemon: watch ``jobs_dir`` and run what arrives until ``stop`` is set."""
+    lock = _lock_state_dir(settings)
+    state = StateStore.in_dir(settings.state_dir)
+    source = DirectorySource(
+        settings.jobs_dir, settings.poll_interval_s, settings.max_job_file_mb << 20
+    )
+    source.prepare()
+    try:
+        async with engine(settings, stop) as e:
+            sup = Supervisor(
+                settings,
+                e.s3,
+                e.copier,
+                state,
+                stop,
+                grace_s=settings.grace_period_s,
+                force=force,
+            )
+            log.info(
+                "ready",
+                pid=os.getpid(),
+                jobs_dir=str(settings.jobs_dir),
+                max_transfers=settings.max_transfers,
+                memory_mb=settings.memory_mb,
+            )
+            if on_ready is not None:
+                on_ready()
+            await sup.serve(source)
+    finally:
+        state.close()
+        lock.close()
+    log.info("stopped")
+
+
+async def copy_once(
+    settings: Settings,
+    name: str,
+    specs: list[TransferSpec],
+    stop: asyncio.Event,
+    on_progress: Callable[[int], None] | None = None,
+) -> tuple[str, StateStore]:
+    """One job run to the end in this process; returns its status and the state."""
+    state = StateStore.in_dir(settings.state_dir)
+    async with engine(settings, stop) as e:
+        sup = Supervisor(settings, e.s3, e.copier, state, stop, on_progress=on_progress)
+        status = await sup.run_job(name, specs)
+    return status, state

@@ -1,0 +1,229 @@
+"""The command line: run, copy, submit, status.
+
+Exit codes: 0 all copied (or skipped), 1 a transfer failed, 2 a usage or configuration
+error, 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import secrets
+import signal
+import sys
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+
+import structlog
+
+from daemon import __version__, app
+from daemon.errors import BlobferryError, ConfigError, JobFileError
+from daemon.jobs import make_spec, parse_job
+from daemon.logs import configure
+from daemon.settings import Settings, load_settings
+from daemon.state import StateStore, iso
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.print_usage(sys.stderr)
+        print(f"blobferry: error: {message}", file=sys.stderr)
+        raise SystemExit(EXIT_USAGE)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = _Parser(
+        prog="blobferry", description="Stream objects from Amazon S3 to Azure Blob Storage."
+    )
+    p.add_argument("--version", action="version", version=f"blobferry {__version__}")
+    p.add_argument("--config", type=Path, help="TOML settings file (or BLOBFERRY_CONFIG)")
+    sub = p.add_subparsers(dest="command", required=True)
+    sub.add_parser("run", help="run the daemon in the foreground (for systemd)")
+    c = sub.add_parser("copy", help="copy now, in this process, and exit")
+    c.add_argument("source", help="s3://BUCKET/KEY or s3://BUCKET/PREFIX/")
+    c.add_argument("destination", help="az://CONTAINER/BLOB, az://CONTAINER/PREFIX/ or https://...")
+    c.add_argument("--overwrite", choices=["always", "never"], default="always")
+    c.add_argument("--quiet", action="store_true", help="no progress bar")
+    s = sub.add_parser("submit", help="validate a job and drop it into the inbox")
+    s.add_argument("args", nargs="+", metavar="FILE.json | SOURCE DESTINATION")
+    s.add_argument("--overwrite", choices=["always", "never"], default="always")
+    s.add_argument("--name", help="job name (default: derived)")
+    st = sub.add_parser("status", help="jobs and their transfers")
+    st.add_argument("job", nargs="?")
+    st.add_argument("--json", action="store_true")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        settings = load_settings(args.config)
+    except ConfigError as e:
+        print(f"blobferry: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    command: Callable[[argparse.Namespace, Settings], int] = {
+        "run": _run,
+        "copy": _copy,
+        "submit": _submit,
+        "status": _status,
+    }[args.command]
+    try:
+        return command(args, settings)
+    except (ConfigError, JobFileError) as e:
+        print(f"blobferry: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except BlobferryError as e:
+        print(f"blobferry: {e}", file=sys.stderr)
+        return EXIT_FAILED
+
+
+def _signals(stop: asyncio.Event, force: asyncio.Event) -> None:
+    """First SIGTERM/SIGINT: drain. Second: stop at once. Handlers only set events."""
+    loop = asyncio.get_running_loop()
+
+    def handler(signame: str) -> None:
+        if stop.is_set():
+            structlog.get_logger("blobferry").warning("second signal, stopping now", signal=signame)
+            force.set()
+        else:
+            structlog.get_logger("blobferry").info("stopping", signal=signame)
+            stop.set()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, handler, sig.name)
+
+
+def _run(args: argparse.Namespace, settings: Settings) -> int:
+    configure(settings.log_level)
+
+    async def main() -> None:
+        stop, force = asyncio.Event(), asyncio.Event()
+        _signals(stop, force)
+        await app.serve(settings, stop, force)
+
+    asyncio.run(main())
+    return EXIT_OK
+
+
+class _Bar:
+    """A one-line progress bar on a terminal; nothing when stderr is not one."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+        self.done = 0
+        self.t0 = time.monotonic()
+        self._last = 0.0
+
+    def __call__(self, n: int) -> None:
+        self.done += n
+        now = time.monotonic()
+        if self.enabled and now - self._last > 0.2:
+            self._last = now
+            rate = self.done / max(now - self.t0, 1e-6)
+            sys.stderr.write(f"\r{self.done / 2**20:10.1f} MiB  {rate / 2**20:8.1f} MiB/s ")
+            sys.stderr.flush()
+
+    def close(self) -> None:
+        if self.enabled:
+            sys.stderr.write("\n")
+
+
+def _copy(args: argparse.Namespace, settings: Settings) -> int:
+    spec = make_spec(args.source, args.destination, args.overwrite)
+    configure("warning" if settings.log_level == "info" else settings.log_level, json=False)
+    name = f"copy-{datetime.now(UTC):%Y%m%dT%H%M%S}-{os.getpid()}"
+    bar = _Bar(sys.stderr.isatty() and not args.quiet)
+
+    async def main() -> tuple[str, StateStore]:
+        stop, force = asyncio.Event(), asyncio.Event()
+        _signals(stop, force)
+        return await app.copy_once(settings, name, [spec], stop, bar)
+
+    status, state = asyncio.run(main())
+    bar.close()
+    state.write_report(name, sys.stdout)
+    state.close()
+    return {"done": EXIT_OK, "failed": EXIT_FAILED}.get(status, EXIT_INTERRUPTED)
+
+
+def _submit(args: argparse.Namespace, settings: Settings) -> int:
+    if len(args.args) == 1:
+        path = Path(args.args[0])
+        try:
+            raw = path.read_bytes()
+        except OSError as e:
+            raise JobFileError(f"{path}: {e.strerror}") from None
+        parse_job(raw)  # validate before it reaches the daemon
+        name = args.name or path.name
+    elif len(args.args) == 2:
+        make_spec(args.args[0], args.args[1], args.overwrite)
+        doc = {"source": args.args[0], "destination": args.args[1], "overwrite": args.overwrite}
+        raw = json.dumps(doc, indent=2).encode()
+        name = args.name or f"submit-{datetime.now(UTC):%Y%m%dT%H%M%S}-{secrets.token_hex(3)}"
+    else:
+        raise JobFileError("submit takes FILE.json, or SOURCE DESTINATION")
+    if not name.endswith(".json"):
+        name += ".json"
+    if "/" in name or name.startswith("."):
+        raise JobFileError(f"job name {name!r} must be a plain file name")
+    inbox = settings.jobs_dir / "inbox"
+    inbox.mkdir(parents=True, exist_ok=True)
+    target = inbox / name
+    tmp = inbox / f".{name}.{os.getpid()}.tmp"
+    tmp.write_bytes(raw)
+    try:
+        os.link(tmp, target)  # unlike rename, refuses to replace a job of the same name
+    except FileExistsError:
+        raise JobFileError(f"a job named {name} is already waiting in {inbox}") from None
+    finally:
+        tmp.unlink()
+    print(name)
+    return EXIT_OK
+
+
+def _status(args: argparse.Namespace, settings: Settings) -> int:
+    db = settings.state_dir / "blobferry.sqlite3"
+    if not db.exists():
+        print("no jobs yet", file=sys.stderr)
+        return EXIT_OK
+    state = StateStore(db)
+    try:
+        if args.job:
+            row = state.job(args.job) or state.job(args.job + ".json")
+            if row is None:
+                print(f"blobferry: no job named {args.job}", file=sys.stderr)
+                return EXIT_FAILED
+            if args.json:
+                state.write_report(row.job, sys.stdout)
+                return EXIT_OK
+            print(f"{row.job}  {row.status}  started {iso(row.started_at)}")
+            for t in state.transfers(row.job):
+                total = f"/{t.bytes_total}" if t.bytes_total and t.status == "running" else ""
+                line = (
+                    f"  {t.status:<11} {t.bytes_done}{total} B  {t.rate / 2**20:7.1f} MiB/s  "
+                    f"{t.source} -> {t.destination}"
+                )
+                print(line + (f"\n              {t.error}" if t.error else ""))
+            return EXIT_OK
+        rows = state.jobs()
+        if args.json:
+            print(json.dumps([_row(r) for r in rows]))
+            return EXIT_OK
+        for r in rows:
+            print(
+                f"{r.job:<40} {r.status:<11} {r.copied} copied, {r.skipped} skipped, "
+                f"{r.failed} failed, {r.bytes_done} B  (started {iso(r.started_at)})"
+            )
+        return EXIT_OK
+    finally:
+        state.close()
+
+
+def _row(r: object) -> dict[str, object]:
+    return {k: getattr(r, k) for k in r.__slots__}  # type: ignore[attr-defined]

@@ -1,0 +1,90 @@
+"""The exception hierarchy.
+
+Whether a failure is worth retrying is decided by its type, never by matching text:
+``RetryableError`` means "the same request may well succeed later" (a reset, a stall,
+a 5xx, throttling, a block that arrived damaged); ``PermanentError`` means a person has
+to act (a missing key, a denied credential, a bad name). Messages are built in
+``__init__`` so every raise site reads the same, and none of them carries a secret.
+"""
+
+from __future__ import annotations
+
+import re
+
+# A URL's query string can carry a SAS token or an S3 presigned signature and
+# session token; no message that leaves the process may keep one.
+_URL_QUERY = re.compile(r"(\b[a-z][a-z0-9+.-]*://[^\s?#'\"]*)\?[^\s'\"]*", re.IGNORECASE)
+_SECRET_PAIRS = re.compile(
+    r"(AccountKey|SharedAccessSignature|sig|X-Amz-Signature|X-Amz-Security-Token|"
+    r"X-Amz-Credential|Signature|AWSAccessKeyId)=[^;&\s'\"]+",
+    re.IGNORECASE,
+)
+
+
+def redact(text: str) -> str:
+    """``text`` with URL query strings and key=secret pairs blanked out."""
+    return _SECRET_PAIRS.sub(r"\1=<redacted>", _URL_QUERY.sub(r"\1?<redacted>", text))
+
+
+class BlobferryError(Exception):
+    """Base of every error blobferry raises on purpose."""
+
+
+class ConfigError(BlobferryError):
+    """A missing or contradictory setting; start-up stops with this one line."""
+
+
+class JobFileError(BlobferryError):
+    """A job file that cannot be run as written."""
+
+
+class AddressError(JobFileError):
+    def __init__(self, address: str, why: str) -> None:
+        super().__init__(f"bad address {address!r}: {why}")
+        self.address = address
+
+
+class TransferError(BlobferryError):
+    """A transfer could not complete."""
+
+
+class PermanentError(TransferError):
+    """Retrying will not help; the message says what a person should fix."""
+
+
+class RetryableError(TransferError):
+    """A passing fault: the same request may succeed if tried again."""
+
+
+class StallError(RetryableError):
+    def __init__(self, what: str, seconds: float) -> None:
+        super().__init__(f"{what}: no byte received for {seconds:g} s, connection abandoned")
+
+
+class CorruptBlockError(RetryableError):
+    """Bytes did not match their checksum on the way; the block is read and sent again."""
+
+
+class SourceChangedError(PermanentError):
+    def __init__(self, source: str) -> None:
+        super().__init__(
+            f"{source} changed while it was being copied (its ETag no longer matches); "
+            "nothing was committed, submit the job again to copy the new version"
+        )
+
+
+class VerificationError(PermanentError):
+    """The copied bytes do not match what the source says it holds."""
+
+
+class RetriesExhaustedError(PermanentError):
+    def __init__(self, what: str, attempts: int, last: BaseException) -> None:
+        super().__init__(f"{what}: gave up after {attempts} attempts; last error: {last}")
+        self.last = last
+
+
+class Interrupted(BlobferryError):
+    """The daemon is stopping: the transfer was left to resume on the next start."""
+
+    def __init__(self) -> None:
+        super().__init__("interrupted by shutdown; resumes on the next start")

@@ -1,0 +1,212 @@
+"""The job model: addresses, transfer specs and job-file parsing.
+
+A job file is ``{"source": ..., "destination": ...}`` or ``{"transfers": [...]}``.
+Parsing is strict (unknown fields are errors) because a typo in a field name that
+silently falls back to a default is the kind of mistake that costs a day.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Annotated, Any, Literal
+from urllib.parse import unquote, urlsplit
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from daemon.errors import AddressError, JobFileError
+
+# Hosts that carry the account name as their first label (public and sovereign clouds).
+_AZURE_HOST_SUFFIXES = (
+    ".blob.core.windows.net",
+    ".blob.core.chinacloudapi.cn",
+    ".blob.core.usgovcloudapi.net",
+)
+
+
+class Overwrite(StrEnum):
+    ALWAYS = "always"
+    NEVER = "never"
+
+
+@dataclass(frozen=True, slots=True)
+class S3Address:
+    bucket: str
+    key: str
+
+    @property
+    def is_prefix(self) -> bool:
+        return self.key == "" or self.key.endswith("/")
+
+    def child(self, key: str) -> S3Address:
+        return S3Address(self.bucket, key)
+
+    def __str__(self) -> str:
+        return f"s3://{self.bucket}/{self.key}"
+
+
+@dataclass(frozen=True, slots=True)
+class AzAddress:
+    container: str
+    blob: str
+    account_url: str | None = None  # None: the configured account
+
+    @property
+    def is_prefix(self) -> bool:
+        return self.blob == "" or self.blob.endswith("/")
+
+    def child(self, blob: str) -> AzAddress:
+        return AzAddress(self.container, blob, self.account_url)
+
+    def __str__(self) -> str:
+        if self.account_url:
+            return f"{self.account_url}/{self.container}/{self.blob}"
+        return f"az://{self.container}/{self.blob}"
+
+
+def parse_s3(address: str) -> S3Address:
+    if not address.startswith("s3://"):
+        raise AddressError(address, "a source must start with s3://")
+    bucket, _, key = address[5:].partition("/")
+    if not bucket:
+        raise AddressError(address, "no bucket name")
+    if not (3 <= len(bucket) <= 63):
+        raise AddressError(address, "bucket names are 3 to 63 characters")
+    return S3Address(bucket, key)
+
+
+def parse_azure(address: str) -> AzAddress:
+    if address.startswith("az://"):
+        container, _, blob = address[5:].partition("/")
+        return _checked(address, AzAddress(container, blob))
+    if address.startswith(("https://", "http://")):
+        parts = urlsplit(address)
+        if parts.query:
+            raise AddressError(address, "put SAS tokens in settings, not in the address")
+        host = parts.netloc
+        path = unquote(parts.path).lstrip("/")
+        if host.endswith(_AZURE_HOST_SUFFIXES):
+            account_url = f"{parts.scheme}://{host}"
+        else:
+            # An emulator or custom endpoint: path-style, the account is the first segment.
+            account, _, path = path.partition("/")
+            if not account:
+                raise AddressError(address, "no account in the URL path")
+            account_url = f"{parts.scheme}://{host}/{account}"
+        container, _, blob = path.partition("/")
+        return _checked(address, AzAddress(container, blob, account_url))
+    raise AddressError(address, "a destination must start with az:// or https://")
+
+
+def _checked(address: str, az: AzAddress) -> AzAddress:
+    c = az.container
+    if not c:
+        raise AddressError(address, "no container name")
+    valid = (
+        3 <= len(c) <= 63
+        and c[0].isalnum()
+        and all(ch.islower() or ch.isdigit() or ch == "-" for ch in c)
+        and "--" not in c
+        and not c.endswith("-")
+    )
+    if not valid and c != "$root":
+        raise AddressError(
+            address,
+            "container names are 3-63 lowercase letters, digits and single hyphens",
+        )
+    if len(az.blob) > 1024:
+        raise AddressError(address, "blob names are at most 1024 characters")
+    return az
+
+
+@dataclass(frozen=True, slots=True)
+class TransferSpec:
+    """One source address (an object or a prefix) and where it goes."""
+
+    source: S3Address
+    destination: AzAddress
+    overwrite: Overwrite = Overwrite.ALWAYS
+
+    def for_key(self, key: str) -> TransferSpec:
+        """The spec of one object found under a prefix source."""
+        rest = key[len(self.source.key) :]
+        return TransferSpec(
+            self.source.child(key),
+            self.destination.child(self.destination.blob + rest),
+            self.overwrite,
+        )
+
+
+class _TransferIn(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    source: str
+    destination: str
+    overwrite: Literal["always", "never"] = "always"
+
+
+class _JobIn(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    source: str | None = None
+    destination: str | None = None
+    overwrite: Literal["always", "never"] | None = None
+    transfers: Annotated[list[_TransferIn], Field(min_length=1)] | None = None
+
+    @model_validator(mode="after")
+    def _one_shape(self) -> _JobIn:
+        single = self.source is not None or self.destination is not None
+        if single and self.transfers is not None:
+            raise ValueError("give either source/destination or transfers, not both")
+        if not single and self.transfers is None:
+            raise ValueError("a job needs source and destination, or a transfers list")
+        if single and (self.source is None or self.destination is None):
+            raise ValueError("a job needs both source and destination")
+        if self.overwrite is not None and not single:
+            raise ValueError("overwrite goes inside each transfer")
+        return self
+
+
+def make_spec(source: str, destination: str, overwrite: str = "always") -> TransferSpec:
+    src = parse_s3(source)
+    dst = parse_azure(destination)
+    if src.is_prefix and not dst.is_prefix:
+        raise AddressError(
+            destination, "the source is a prefix (ends with /), so the destination must be one too"
+        )
+    if not src.is_prefix and dst.is_prefix:
+        # Copying one object "into" a folder keeps its name, as cp does.
+        dst = dst.child(dst.blob + src.key.rsplit("/", 1)[-1])
+    return TransferSpec(src, dst, Overwrite(overwrite))
+
+
+def parse_job(raw: bytes | str) -> list[TransferSpec]:
+    """Parse a job file's text into transfer specs, or raise JobFileError saying why."""
+    try:
+        data: Any = json.loads(raw)
+    except RecursionError:
+        raise JobFileError("job file is not valid JSON: nested too deeply") from None
+    except (ValueError, UnicodeDecodeError) as e:
+        raise JobFileError(f"job file is not valid JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise JobFileError("job file must hold a JSON object")
+    try:
+        job = _JobIn.model_validate(data)
+    except ValidationError as e:
+        first = e.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        msg = first["msg"].removeprefix("Value error, ")
+        if first["type"] == "extra_forbidden":
+            msg = "unknown field"
+        raise JobFileError(f"job file: {where + ': ' if where else ''}{msg}") from None
+    if job.transfers is None:
+        assert job.source is not None and job.destination is not None
+        return [make_spec(job.source, job.destination, job.overwrite or "always")]
+    specs = []
+    for i, t in enumerate(job.transfers):
+        try:
+            specs.append(make_spec(t.source, t.destination, t.overwrite))
+        except AddressError as e:
+            raise JobFileError(f"job file: transfers.{i}: {e}") from None
+    return specs

@@ -1,0 +1,43 @@
+"""Retries in one place: exponential backoff with full jitter, a bounded number of tries.
+
+Only RetryableError is retried; anything else propagates at once. The caller passes
+a function that performs the whole step again (for a block: presign, read, stage), so
+a retry never reuses a URL or a connection that has already failed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+import structlog
+
+from daemon.errors import RetriesExhaustedError, RetryableError
+from daemon.settings import RetrySettings
+
+T = TypeVar("T")
+log = structlog.get_logger("blobferry.retry")
+
+
+def backoff(policy: RetrySettings, attempt: int) -> float:
+    """Seconds to wait before try ``attempt + 1``: full jitter under a doubling cap."""
+    cap = min(policy.backoff_max_s, policy.backoff_s * 2 ** (attempt - 1))
+    return random.uniform(cap / 2, cap)
+
+
+async def retrying(fn: Callable[[], Awaitable[T]], policy: RetrySettings, what: str) -> T:
+    attempt = 1
+    while True:
+        try:
+            return await fn()
+        except RetryableError as e:
+            if attempt >= policy.attempts:
+                raise RetriesExhaustedError(what, attempt, e) from None
+            delay = backoff(policy, attempt)
+            log.warning(
+                "retrying", what=what, attempt=attempt, error=str(e), wait_s=round(delay, 2)
+            )
+            await asyncio.sleep(delay)
+            attempt += 1

@@ -1,0 +1,362 @@
+"""The S3 side: head, list, presign and ranged reads.
+
+Control calls (HEAD, LIST) go through aiobotocore, which refreshes credentials from the
+standard chain (instance roles included). Payload goes through aiohttp on a URL that is
+presigned immediately before each request and never reused: a URL signed with
+temporary credentials dies with them, whatever its expiry says.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections.abc import AsyncIterator, Mapping
+from contextlib import AsyncExitStack
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any
+from xml.etree import ElementTree
+
+import aiohttp
+from aiobotocore.config import AioConfig
+from aiobotocore.session import get_session
+from botocore.exceptions import (
+    BotoCoreError,
+    ClientError,
+    NoCredentialsError,
+    PartialCredentialsError,
+)
+
+from daemon.errors import (
+    PermanentError,
+    RetryableError,
+    SourceChangedError,
+    StallError,
+)
+from daemon.jobs import S3Address
+from daemon.settings import Settings
+
+_CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
+_RETRYABLE_CODES = {
+    "SlowDown",
+    "InternalError",
+    "ServiceUnavailable",
+    "RequestTimeout",
+    "RequestTimeTooSkewed",
+    "ExpiredToken",
+    "TokenRefreshRequired",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class ObjectInfo:
+    """What a HEAD (or a whole-object GET) tells about an object."""
+
+    bucket: str
+    key: str
+    size: int
+    etag: str  # with its quotes, exactly as S3 sends it: the If-Match value
+    version_id: str | None = None
+    content_type: str | None = None
+    content_encoding: str | None = None
+    content_language: str | None = None
+    content_disposition: str | None = None
+    cache_control: str | None = None
+    metadata: dict[str, str] = field(default_factory=dict)
+    storage_class: str | None = None
+    restore: str | None = None
+    sse: str | None = None
+    sse_customer: bool = False
+
+    @property
+    def encrypted_etag(self) -> bool:
+        """SSE-KMS and SSE-C objects have ETags that are not the MD5 of their bytes."""
+        return self.sse_customer or (self.sse or "").startswith("aws:kms")
+
+    @property
+    def archived(self) -> bool:
+        """In Glacier or Deep Archive and not restored: unreadable until someone restores it."""
+        cold = self.storage_class in ("GLACIER", "DEEP_ARCHIVE")
+        return cold and 'ongoing-request="false"' not in (self.restore or "")
+
+    def raise_if_unreadable(self) -> None:
+        if self.archived:
+            raise ArchivedObjectError(self)
+
+    @property
+    def address(self) -> S3Address:
+        return S3Address(self.bucket, self.key)
+
+    @property
+    def parts(self) -> int:
+        """Parts of a multipart upload (from the ETag's ``-N``), or 0 for a single part."""
+        bare = self.etag.strip('"')
+        tail = bare.rpartition("-")[2]
+        return int(tail) if "-" in bare and tail.isdigit() else 0
+
+
+@dataclass(frozen=True, slots=True)
+class Listed:
+    key: str
+    size: int
+    etag: str
+
+
+def info_from_headers(bucket: str, key: str, headers: Mapping[str, str]) -> ObjectInfo:
+    h = {k.lower(): v for k, v in headers.items()}
+    size = h.get("content-length", "0")
+    if "content-range" in h:  # a ranged GET: the total is after the slash
+        m = _CONTENT_RANGE.match(h["content-range"])
+        if m and m.group(3) != "*":
+            size = m.group(3)
+    return ObjectInfo(
+        bucket=bucket,
+        key=key,
+        size=int(size),
+        etag=h.get("etag", ""),
+        version_id=h.get("x-amz-version-id"),
+        content_type=h.get("content-type"),
+        content_encoding=h.get("content-encoding"),
+        content_language=h.get("content-language"),
+        content_disposition=h.get("content-disposition"),
+        cache_control=h.get("cache-control"),
+        metadata={k[11:]: v for k, v in h.items() if k.startswith("x-amz-meta-")},
+        storage_class=h.get("x-amz-storage-class"),
+        restore=h.get("x-amz-restore"),
+        sse=h.get("x-amz-server-side-encryption"),
+        sse_customer="x-amz-server-side-encryption-customer-algorithm" in h,
+    )
+
+
+def _error_code(body: bytes) -> tuple[str, str]:
+    try:
+        root = ElementTree.fromstring(body)
+    except ElementTree.ParseError:
+        return "", ""
+    return root.findtext("Code") or "", root.findtext("Message") or ""
+
+
+class S3Reader:
+    """Reads objects from S3. Use as an async context manager."""
+
+    def __init__(self, settings: Settings) -> None:
+        self._settings = settings
+        self._stack = AsyncExitStack()
+        self._client: Any = None
+        self._http: aiohttp.ClientSession | None = None
+
+    async def __aenter__(self) -> S3Reader:
+        s = self._settings.s3
+        session = get_session()
+        if s.profile:
+            session.set_config_variable("profile", s.profile)
+        config = AioConfig(
+            signature_version="s3v4",
+            region_name=s.region,
+            s3={"addressing_style": s.addressing_style},
+            retries={"max_attempts": 4, "mode": "standard"},
+            connect_timeout=self._settings.retry.connect_timeout_s,
+            read_timeout=self._settings.retry.stall_timeout_s,
+            max_pool_connections=16,
+        )
+        self._client = await self._stack.enter_async_context(
+            session.create_client("s3", endpoint_url=s.endpoint_url, config=config)
+        )
+        timeout = aiohttp.ClientTimeout(
+            total=None,  # a block may take long on a slow link; stalls are caught below
+            connect=self._settings.retry.connect_timeout_s,
+            sock_read=self._settings.retry.stall_timeout_s,
+        )
+        self._http = await self._stack.enter_async_context(
+            aiohttp.ClientSession(
+                timeout=timeout,
+                auto_decompress=False,  # gzip-encoded objects must arrive byte for byte
+                connector=aiohttp.TCPConnector(limit=s.max_connections, limit_per_host=0),
+                skip_auto_headers=("Accept-Encoding",),
+            )
+        )
+        return self
+
+    async def __aexit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self._stack.aclose()
+
+    # -- control calls --------------------------------------------------------------
+
+    async def head(self, address: S3Address) -> ObjectInfo:
+        try:
+            resp = await self._client.head_object(Bucket=address.bucket, Key=address.key)
+        except ClientError as e:
+            raise await self._explain(e, address) from None
+        except (NoCredentialsError, PartialCredentialsError):
+            raise _no_credentials() from None
+        except BotoCoreError as e:
+            raise RetryableError(f"HEAD {address}: {e}") from None
+        return info_from_headers(
+            address.bucket, address.key, resp["ResponseMetadata"]["HTTPHeaders"]
+        )
+
+    async def part_sizes(self, info: ObjectInfo) -> list[int]:
+        """Sizes of the parts of a multipart object, in order (HEAD ?partNumber=N)."""
+
+        async def one(n: int) -> int:
+            try:
+                r = await self._client.head_object(
+                    Bucket=info.bucket, Key=info.key, PartNumber=n, IfMatch=info.etag
+                )
+            except ClientError as e:
+                raise await self._explain(e, info.address) from None
+            return int(r["ContentLength"])
+
+        sizes: list[int] = []
+        for start in range(1, info.parts + 1, 32):
+            batch = range(start, min(start + 32, info.parts + 1))
+            sizes += await asyncio.gather(*(one(n) for n in batch))
+        return sizes
+
+    async def list(self, prefix: S3Address) -> AsyncIterator[Listed]:
+        """Every object under the prefix, in key order; folder markers left out."""
+        paginator = self._client.get_paginator("list_objects_v2")
+        try:
+            async for page in paginator.paginate(Bucket=prefix.bucket, Prefix=prefix.key):
+                for o in page.get("Contents", ()):
+                    if o["Key"].endswith("/") and o["Size"] == 0:
+                        continue
+                    yield Listed(o["Key"], o["Size"], o["ETag"])
+        except ClientError as e:
+            raise await self._explain(e, prefix) from None
+        except (NoCredentialsError, PartialCredentialsError):
+            raise _no_credentials() from None
+
+    async def _explain(self, e: ClientError, address: S3Address) -> Exception:
+        err = e.response.get("Error", {})
+        code = str(err.get("Code", ""))
+        status = e.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+        if code in ("404", "NoSuchKey", "NotFound", "NoSuchBucket"):
+            if code != "NoSuchBucket" and await self._bucket_exists(address.bucket):
+                return PermanentError(f"{address}: no such key in bucket {address.bucket!r}")
+            return PermanentError(f"{address}: bucket {address.bucket!r} does not exist")
+        if code in ("412", "PreconditionFailed"):
+            return SourceChangedError(str(address))
+        if code in ("403", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
+            return PermanentError(
+                f"{address}: access denied by S3 ({code}); check the AWS credentials "
+                "and that they may read this bucket"
+            )
+        if code in _RETRYABLE_CODES or status >= 500 or status == 429:
+            return RetryableError(f"{address}: S3 answered {code or status}")
+        return PermanentError(f"{address}: S3 answered {code or status}: {err.get('Message', '')}")
+
+    async def _bucket_exists(self, bucket: str) -> bool:
+        try:
+            await self._client.head_bucket(Bucket=bucket)
+        except ClientError:
+            return False
+        return True
+
+    # -- payload ----------------------------------------------------------------------
+
+    async def presign(self, info: ObjectInfo | S3Address) -> str:
+        params = {"Bucket": info.bucket, "Key": info.key}
+        try:
+            url: str = await self._client.generate_presigned_url(
+                "get_object", Params=params, ExpiresIn=self._settings.s3.presign_expires_s
+            )
+        except (NoCredentialsError, PartialCredentialsError):
+            raise _no_credentials() from None
+        return url
+
+    async def read_range(self, info: ObjectInfo, start: int, length: int) -> bytearray:
+        """Exactly ``length`` bytes from ``start`` of the version ``info`` describes."""
+        url = await self.presign(info)
+        headers = {"Range": f"bytes={start}-{start + length - 1}", "If-Match": info.etag}
+        what = f"GET {info.address} bytes {start}-{start + length - 1}"
+        assert self._http is not None
+        try:
+            async with self._http.get(url, headers=headers) as resp:
+                if resp.status != 206:
+                    await self._raise_for(resp, info.address, what)
+                m = _CONTENT_RANGE.match(resp.headers.get("Content-Range", ""))
+                if not m or int(m.group(1)) != start or int(m.group(2)) != start + length - 1:
+                    raise RetryableError(f"{what}: answered with the wrong range")
+                return await self._read_exactly(resp, length, what)
+        except TimeoutError:
+            raise StallError(what, self._settings.retry.stall_timeout_s) from None
+        except aiohttp.ClientError as e:
+            raise RetryableError(f"{what}: {type(e).__name__}: {e}") from None
+
+    async def read_object(self, listed: Listed, address: S3Address) -> tuple[ObjectInfo, bytearray]:
+        """A whole small object in one GET, its headers standing in for a HEAD."""
+        url = await self.presign(address)
+        what = f"GET {address}"
+        assert self._http is not None
+        try:
+            async with self._http.get(url, headers={"If-Match": listed.etag}) as resp:
+                if resp.status != 200:
+                    await self._raise_for(resp, address, what)
+                info = info_from_headers(address.bucket, address.key, resp.headers)
+                return info, await self._read_exactly(resp, info.size, what)
+        except TimeoutError:
+            raise StallError(what, self._settings.retry.stall_timeout_s) from None
+        except aiohttp.ClientError as e:
+            raise RetryableError(f"{what}: {type(e).__name__}: {e}") from None
+
+    @staticmethod
+    async def _read_exactly(resp: aiohttp.ClientResponse, length: int, what: str) -> bytearray:
+        # One buffer per block, filled in place: the block's bytes exist once.
+        buf = bytearray(length)
+        view = memoryview(buf)
+        pos = 0
+        while pos < length:
+            chunk = await resp.content.readany()
+            if not chunk:
+                raise RetryableError(f"{what}: connection closed after {pos} of {length} bytes")
+            end = pos + len(chunk)
+            if end > length:
+                raise RetryableError(f"{what}: more bytes than asked for")
+            view[pos:end] = chunk
+            pos = end
+        view.release()
+        return buf
+
+    async def _raise_for(self, resp: aiohttp.ClientResponse, address: S3Address, what: str) -> None:
+        body = await resp.read()
+        code, message = _error_code(body)
+        if resp.status == 412:
+            raise SourceChangedError(str(address))
+        if code == "InvalidObjectState":
+            raise PermanentError(
+                f"{what}: the object is archived and not restored; restore it first"
+            )
+        if resp.status == 200:
+            raise PermanentError(f"{what}: the endpoint ignored the Range header")
+        if resp.status == 416:
+            raise SourceChangedError(str(address))
+        if resp.status == 403 and "expired" in message.lower():
+            # Presigned just now, so the clock or the credentials moved: sign again.
+            raise RetryableError(f"{what}: presigned URL expired")
+        if resp.status == 404:
+            raise PermanentError(f"{what}: {code or 'not found'}")
+        if resp.status == 403:
+            raise PermanentError(
+                f"{what}: access denied by S3 ({code or 403}); check the AWS credentials"
+            )
+        if code in _RETRYABLE_CODES or resp.status >= 500 or resp.status == 429:
+            raise RetryableError(f"{what}: S3 answered {resp.status} {code}")
+        raise PermanentError(f"{what}: S3 answered {resp.status} {code}: {message}")
+
+
+class ArchivedObjectError(PermanentError):
+    def __init__(self, info: ObjectInfo) -> None:
+        super().__init__(
+            f"{info.address} is in {info.storage_class} and not restored; "
+            "restore it in S3 first, then submit the job again"
+        )
+
+
+def _no_credentials() -> PermanentError:
+    return PermanentError(
+        "no AWS credentials found: set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, "
+        "a profile (s3.profile), or run with an instance role"
+    )

@@ -1,0 +1,204 @@
+"""One Settings object, built at the edge (the CLI) and passed in.
+
+Sources, highest first: keyword arguments, ``BLOBFERRY_*`` environment variables
+(nested with ``__``, e.g. ``BLOBFERRY_S3__ENDPOINT_URL``), the TOML file named by
+``--config`` or ``BLOBFERRY_CONFIG``, then the defaults below. ``AZURE_STORAGE_CONNECTION_STRING``
+is honoured when no connection string is set otherwise.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field, SecretStr, ValidationError, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+from daemon.errors import ConfigError
+
+MiB = 1024 * 1024
+
+
+class S3Settings(BaseModel):
+    """The S3 side. Credentials come from the standard AWS chain (environment,
+    shared profile, EC2 instance role); they are never settings here."""
+
+    model_config = {"extra": "forbid"}
+
+    endpoint_url: str | None = Field(
+        default=None, description="S3-compatible endpoint; None means AWS itself."
+    )
+    region: str = "us-east-1"
+    profile: str | None = Field(default=None, description="AWS shared-config profile.")
+    addressing_style: Literal["auto", "path", "virtual"] = "auto"
+    presign_expires_s: int = Field(
+        default=900,
+        ge=1,
+        le=604800,
+        description="Lifetime of each presigned range URL. URLs are signed just before use, "
+        "so this only needs to cover one request.",
+    )
+    max_connections: int = Field(default=64, ge=1)
+
+
+class AzureSettings(BaseModel):
+    """The Azure side: a connection string, or an account URL with a key, a SAS token
+    or nothing (then azure-identity's DefaultAzureCredential)."""
+
+    model_config = {"extra": "forbid"}
+
+    connection_string: SecretStr | None = None
+    account_url: str | None = None
+    account_key: SecretStr | None = None
+    sas_token: SecretStr | None = None
+    max_connections: int = Field(default=64, ge=1)
+
+    @model_validator(mode="after")
+    def _one_way_in(self) -> AzureSettings:
+        if self.connection_string is not None:
+            extra = [
+                n
+                for n in ("account_url", "account_key", "sas_token")
+                if getattr(self, n) is not None
+            ]
+            if extra:
+                raise ValueError(
+                    f"azure.connection_string contradicts azure.{extra[0]}: set one or the other"
+                )
+        elif self.account_url is None and (
+            self.account_key is not None or self.sas_token is not None
+        ):
+            raise ValueError("azure.account_key / azure.sas_token need azure.account_url")
+        if self.account_key is not None and self.sas_token is not None:
+            raise ValueError("azure.account_key contradicts azure.sas_token: set one or the other")
+        return self
+
+    @property
+    def configured(self) -> bool:
+        return self.connection_string is not None or self.account_url is not None
+
+
+class RetrySettings(BaseModel):
+    model_config = {"extra": "forbid"}
+
+    attempts: int = Field(default=8, ge=1, description="Tries per request, the first included.")
+    backoff_s: float = Field(default=0.5, gt=0, description="First wait; doubles each try.")
+    backoff_max_s: float = Field(default=30.0, gt=0)
+    stall_timeout_s: float = Field(
+        default=30.0, gt=0, description="A connection that delivers no byte this long is dropped."
+    )
+    connect_timeout_s: float = Field(default=15.0, gt=0)
+
+
+class Settings(BaseSettings):
+    """Everything blobferry can be told. See config/blobferry.example.toml."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="BLOBFERRY_",
+        env_nested_delimiter="__",
+        extra="forbid",
+        toml_file=None,
+    )
+
+    jobs_dir: Path = Path("jobs")
+    state_dir: Path = Path("state")
+    max_transfers: int = Field(default=4, ge=1, description="Objects in flight at once.")
+    memory_mb: int = Field(
+        default=128, ge=1, description="One budget for the bytes of all blocks in flight."
+    )
+    block_size_mb: int = Field(
+        default=8, ge=1, le=4000, description="Smallest block; grows to stay under 50,000."
+    )
+    block_concurrency: int = Field(
+        default=8, ge=1, description="Blocks of one object in flight at once."
+    )
+    poll_interval_s: float = Field(default=1.0, gt=0, le=2.0)
+    progress_interval_s: float = Field(default=5.0, gt=0)
+    grace_period_s: float = Field(
+        default=30.0,
+        ge=0,
+        description="On SIGTERM, how long blocks in flight may take to land. Keep it "
+        "under the unit's TimeoutStopSec.",
+    )
+    max_job_file_mb: int = Field(default=64, ge=1)
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    s3: S3Settings = S3Settings()
+    azure: AzureSettings = AzureSettings()
+    retry: RetrySettings = RetrySettings()
+
+    @model_validator(mode="after")
+    def _resolve(self) -> Settings:
+        # systemd starts services in /, so a relative path would land in the root
+        # file system: pin every path to an absolute one at load time.
+        self.jobs_dir = self.jobs_dir.expanduser().resolve()
+        self.state_dir = self.state_dir.expanduser().resolve()
+        return self
+
+    @property
+    def block_size(self) -> int:
+        return self.block_size_mb * MiB
+
+    @property
+    def memory_bytes(self) -> int:
+        return self.memory_mb * MiB
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (init_settings, env_settings, TomlConfigSettingsSource(settings_cls))
+
+
+def _describe(error: ValidationError) -> str:
+    first = error.errors()[0]
+    where = ".".join(str(p) for p in first["loc"]) or "settings"
+    msg = first["msg"].removeprefix("Value error, ")
+    if first["type"] == "extra_forbidden":
+        msg = "unknown setting"
+    return f"configuration error: {where}: {msg}"
+
+
+def load_settings(config: Path | None = None, **overrides: Any) -> Settings:
+    """Build the Settings, or raise ConfigError with one line naming the bad setting."""
+    path = config or (Path(p) if (p := os.environ.get("BLOBFERRY_CONFIG")) else None)
+    if path is not None and not path.is_file():
+        raise ConfigError(f"configuration error: config file {path} does not exist")
+    if path is None:
+        cls: type[Settings] = Settings
+    else:
+
+        class _FromFile(Settings):
+            model_config = SettingsConfigDict(toml_file=path)
+
+        cls = _FromFile
+    try:
+        settings = cls(**overrides)
+    except ValidationError as e:
+        raise ConfigError(_describe(e)) from None
+    except (OSError, ValueError) as e:  # unreadable or malformed TOML
+        raise ConfigError(f"configuration error: {path}: {e}") from None
+    if settings.azure.connection_string is None and settings.azure.account_url is None:
+        env_cs = os.environ.get("AZURE_STORAGE_CONNECTION_STRING")
+        if env_cs:
+            settings.azure = AzureSettings(connection_string=SecretStr(env_cs))
+    return settings
+
+
+def require_azure(settings: Settings) -> None:
+    if not settings.azure.configured:
+        raise ConfigError(
+            "configuration error: azure: no destination account; set "
+            "BLOBFERRY_AZURE__CONNECTION_STRING (or AZURE_STORAGE_CONNECTION_STRING) "
+            "or BLOBFERRY_AZURE__ACCOUNT_URL"
+        )

@@ -1,0 +1,142 @@
+"""Jobs as files in a watched folder.
+
+    JOBS_DIR/inbox/NAME.json       dropped by users (atomically, by rename)
+    JOBS_DIR/processing/NAME.json  claimed by this daemon
+    JOBS_DIR/done/NAME.json        every transfer copied or skipped, NAME.report.json beside it
+    JOBS_DIR/failed/NAME.json      anything else, NAME.report.json beside it
+
+A claim is a rename from inbox/ to processing/, atomic on one file system, so two
+daemons can never both claim a file. Files whose names start with ``.`` or end in
+``.tmp`` or ``.part`` are still being written and are left alone. New files are
+noticed through watchfiles (inotify); a scan every ``poll_interval_s`` backs it up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import stat
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import IO
+
+import structlog
+
+from daemon.errors import JobFileError
+from daemon.sources.base import ClaimedJob
+
+log = structlog.get_logger("blobferry.source")
+
+FOLDERS = ("inbox", "processing", "done", "failed")
+
+
+def is_job_name(name: str) -> bool:
+    return not name.startswith(".") and not name.endswith((".tmp", ".part", ".report.json"))
+
+
+class DirectorySource:
+    def __init__(self, jobs_dir: Path, poll_interval_s: float = 1.0, max_bytes: int = 64 << 20):
+        self.root = jobs_dir
+        self.inbox, self.processing, self.done, self.failed = (jobs_dir / f for f in FOLDERS)
+        self._poll = poll_interval_s
+        self._max_bytes = max_bytes
+        self._changed = asyncio.Event()
+
+    def prepare(self) -> None:
+        for folder in (self.inbox, self.processing, self.done, self.failed):
+            folder.mkdir(parents=True, exist_ok=True)
+
+    def _waiting(self, folder: Path) -> list[str]:
+        try:
+            entries = list(os.scandir(folder))
+        except FileNotFoundError:
+            return []
+        entries = [e for e in entries if is_job_name(e.name)]
+        entries.sort(key=lambda e: (e.stat(follow_symlinks=False).st_mtime, e.name))
+        return [e.name for e in entries]
+
+    async def jobs(self, stop: asyncio.Event) -> AsyncIterator[ClaimedJob]:
+        self.prepare()
+        for name in self._waiting(self.processing):
+            log.info("job recovered", job=name)
+            yield ClaimedJob(name, self.processing / name, recovered=True)
+        watcher = asyncio.create_task(self._watch(stop), name="inbox-watch")
+        try:
+            while not stop.is_set():
+                self._changed.clear()
+                claimed = False
+                for name in self._waiting(self.inbox):
+                    if stop.is_set():
+                        return
+                    try:
+                        os.rename(self.inbox / name, self.processing / name)
+                    except FileNotFoundError:
+                        continue  # another daemon (or the user) took it first
+                    claimed = True
+                    yield ClaimedJob(name, self.processing / name)
+                if not claimed:
+                    await _first_of(stop.wait(), self._changed.wait(), within=self._poll)
+        finally:
+            watcher.cancel()
+            await asyncio.gather(watcher, return_exceptions=True)
+
+    async def _watch(self, stop: asyncio.Event) -> None:
+        try:
+            from watchfiles import awatch
+
+            async for _ in awatch(self.inbox, stop_event=stop, recursive=False):
+                self._changed.set()
+        except Exception as e:  # no inotify here: the poll alone still finds every file
+            log.warning("inbox watch unavailable, polling", error=str(e))
+
+    async def read(self, job: ClaimedJob) -> bytes:
+        path = job.handle
+        assert isinstance(path, Path)
+        return await asyncio.to_thread(self._read, path)
+
+    def _read(self, path: Path) -> bytes:
+        if path.is_symlink():
+            raise JobFileError(
+                "job file is a symbolic link; blobferry reads only regular files in the inbox"
+            )
+        try:
+            fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+        except OSError as e:
+            raise JobFileError(f"job file cannot be opened: {e.strerror}") from None
+        with os.fdopen(fd, "rb") as f:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise JobFileError("job file is not a regular file")
+            data = f.read(self._max_bytes + 1)
+        if len(data) > self._max_bytes:
+            raise JobFileError(
+                f"job file is larger than {self._max_bytes >> 20} MiB (max_job_file_mb); "
+                "split it into several jobs"
+            )
+        return data
+
+    async def finish(
+        self, job: ClaimedJob, ok: bool, write_report: Callable[[IO[str]], object]
+    ) -> None:
+        await asyncio.to_thread(self._finish, job, ok, write_report)
+
+    def _finish(self, job: ClaimedJob, ok: bool, write_report: Callable[[IO[str]], object]) -> None:
+        target = self.done if ok else self.failed
+        stem = job.name[:-5] if job.name.endswith(".json") else job.name
+        report = target / f"{stem}.report.json"
+        tmp = target / f".{stem}.report.json.tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            write_report(f)
+        os.replace(tmp, report)
+        path = job.handle
+        assert isinstance(path, Path)
+        os.replace(path, target / job.name)
+
+
+async def _first_of(*aws: object, within: float) -> None:
+    tasks = [asyncio.ensure_future(a) for a in aws]  # type: ignore[call-overload]
+    try:
+        await asyncio.wait(tasks, timeout=within, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)

@@ -1,0 +1,239 @@
+"""The durable record of jobs and transfers (SQLite in ``state_dir``).
+
+It is a record, not the source of truth for resuming: Azure's uncommitted block list
+says which blocks exist, and the ``processing/`` folder says which jobs are unfinished.
+So writes are batched (committed on job events and by the supervisor's ticker) and
+nothing is lost that a restart could not rebuild. Transfer rows are also what a job's
+report is streamed from, so a job of 100,000 transfers never holds them all in memory.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import IO, Any
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    job TEXT PRIMARY KEY,
+    status TEXT NOT NULL,
+    started_at REAL NOT NULL,
+    finished_at REAL,
+    error TEXT
+);
+CREATE TABLE IF NOT EXISTS transfers (
+    job TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    source TEXT NOT NULL,
+    destination TEXT NOT NULL,
+    status TEXT NOT NULL,
+    bytes_total INTEGER,
+    bytes_done INTEGER NOT NULL DEFAULT 0,
+    started_at REAL NOT NULL,
+    updated_at REAL NOT NULL,
+    finished_at REAL,
+    error TEXT,
+    detail TEXT,
+    PRIMARY KEY (job, seq)
+);
+"""
+
+
+def iso(ts: float | None) -> str | None:
+    return (
+        None if ts is None else datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds")
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class JobRow:
+    job: str
+    status: str
+    started_at: float
+    finished_at: float | None
+    error: str | None
+    transfers: int
+    copied: int
+    skipped: int
+    failed: int
+    bytes_done: int
+
+
+@dataclass(frozen=True, slots=True)
+class TransferRow:
+    seq: int
+    source: str
+    destination: str
+    status: str
+    bytes_total: int | None
+    bytes_done: int
+    started_at: float
+    updated_at: float
+    finished_at: float | None
+    error: str | None
+    detail: dict[str, Any]
+
+    @property
+    def seconds(self) -> float:
+        return round((self.finished_at or self.updated_at) - self.started_at, 3)
+
+    @property
+    def rate(self) -> float:
+        return self.bytes_done / self.seconds if self.seconds > 0 else 0.0
+
+    def report(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "source": self.source,
+            "destination": self.destination,
+            "status": self.status,
+            "bytes": self.bytes_done,
+            "seconds": self.seconds,
+        }
+        if self.error:
+            out["error"] = self.error
+        out.update(self.detail)
+        return out
+
+
+class StateStore:
+    def __init__(self, path: Path | str) -> None:
+        if isinstance(path, Path):
+            path.parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(str(path), isolation_level="DEFERRED")
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.executescript(_SCHEMA)
+        self._db.commit()
+
+    @classmethod
+    def in_dir(cls, state_dir: Path) -> StateStore:
+        return cls(state_dir / "blobferry.sqlite3")
+
+    def close(self) -> None:
+        self._db.commit()
+        self._db.close()
+
+    def flush(self) -> None:
+        self._db.commit()
+
+    # -- writes ---------------------------------------------------------------------
+
+    def job_started(self, job: str) -> None:
+        # A job name seen before (a crash, or a resubmission) starts a fresh record.
+        self._db.execute("DELETE FROM transfers WHERE job = ?", (job,))
+        self._db.execute(
+            "INSERT OR REPLACE INTO jobs (job, status, started_at) VALUES (?, 'running', ?)",
+            (job, time.time()),
+        )
+        self._db.commit()
+
+    def job_finished(self, job: str, status: str, error: str | None = None) -> None:
+        self._db.execute(
+            "UPDATE jobs SET status = ?, finished_at = ?, error = ? WHERE job = ?",
+            (status, time.time(), error, job),
+        )
+        self._db.commit()
+
+    def transfer_started(self, job: str, seq: int, source: str, destination: str) -> None:
+        now = time.time()
+        self._db.execute(
+            "INSERT OR REPLACE INTO transfers (job, seq, source, destination, status, "
+            "started_at, updated_at) VALUES (?, ?, ?, ?, 'running', ?, ?)",
+            (job, seq, source, destination, now, now),
+        )
+
+    def transfer_progress(self, job: str, seq: int, done: int, total: int | None) -> None:
+        self._db.execute(
+            "UPDATE transfers SET bytes_done = ?, bytes_total = ?, updated_at = ? "
+            "WHERE job = ? AND seq = ?",
+            (done, total, time.time(), job, seq),
+        )
+
+    def transfer_finished(
+        self,
+        job: str,
+        seq: int,
+        status: str,
+        done: int,
+        error: str | None = None,
+        detail: dict[str, Any] | None = None,
+    ) -> None:
+        now = time.time()
+        self._db.execute(
+            "UPDATE transfers SET status = ?, bytes_done = ?, updated_at = ?, finished_at = ?, "
+            "error = ?, detail = ? WHERE job = ? AND seq = ?",
+            (status, done, now, now, error, json.dumps(detail or {}), job, seq),
+        )
+
+    # -- reads ----------------------------------------------------------------------
+
+    def job(self, job: str) -> JobRow | None:
+        rows = self._jobs("WHERE j.job = ?", "", (job,))
+        return rows[0] if rows else None
+
+    def jobs(self, limit: int = 50) -> list[JobRow]:
+        return self._jobs("", "ORDER BY j.started_at DESC LIMIT ?", (limit,))
+
+    def _jobs(self, where: str, order: str, args: tuple[Any, ...]) -> list[JobRow]:
+        q = (
+            "SELECT j.job, j.status, j.started_at, j.finished_at, j.error, "
+            "COUNT(t.seq), SUM(t.status = 'copied'), SUM(t.status = 'skipped'), "
+            "SUM(t.status = 'failed'), COALESCE(SUM(t.bytes_done), 0) "
+            f"FROM jobs j LEFT JOIN transfers t ON t.job = j.job {where} GROUP BY j.job {order}"
+        )
+        return [
+            JobRow(r[0], r[1], r[2], r[3], r[4], r[5], r[6] or 0, r[7] or 0, r[8] or 0, r[9])
+            for r in self._db.execute(q, args)
+        ]
+
+    def transfers(self, job: str) -> Iterator[TransferRow]:
+        cur = self._db.execute(
+            "SELECT seq, source, destination, status, bytes_total, bytes_done, started_at, "
+            "updated_at, finished_at, error, detail FROM transfers WHERE job = ? ORDER BY seq",
+            (job,),
+        )
+        for r in cur:
+            yield TransferRow(
+                seq=r[0],
+                source=r[1],
+                destination=r[2],
+                status=r[3],
+                bytes_total=r[4],
+                bytes_done=r[5],
+                started_at=r[6],
+                updated_at=r[7],
+                finished_at=r[8],
+                error=r[9],
+                detail=json.loads(r[10]) if r[10] else {},
+            )
+
+    def write_report(self, job: str, fp: IO[str]) -> str:
+        """Stream the job's report as JSON into ``fp``; returns the job's status."""
+        row = self.job(job)
+        assert row is not None, job
+        head: dict[str, Any] = {
+            "job": job,
+            "status": row.status,
+            "started_at": iso(row.started_at),
+            "finished_at": iso(row.finished_at),
+            "summary": {
+                "transfers": row.transfers,
+                "copied": row.copied,
+                "skipped": row.skipped,
+                "failed": row.failed,
+                "bytes": row.bytes_done,
+            },
+        }
+        if row.error:
+            head["error"] = row.error
+        text = json.dumps(head, indent=2, ensure_ascii=False)
+        fp.write(text[:-2] + ',\n  "transfers": [')
+        for i, t in enumerate(self.transfers(job)):
+            fp.write(("," if i else "") + "\n    " + json.dumps(t.report(), ensure_ascii=False))
+        fp.write("\n  ]\n}\n")
+        return row.status

@@ -1,0 +1,309 @@
+"""Claims jobs, bounds concurrency, records state, drains on shutdown.
+
+The bounds live here, in one place: ``max_transfers`` objects in flight across all
+jobs (a job is claimed only when a slot is free, so the inbox is never emptied into
+``processing/`` faster than it can be served), and the ByteBudget shared by every
+block of every transfer. Every task belongs to a TaskGroup; none is left behind.
+
+Shutdown has two phases. ``stop`` is set (by a signal handler, or by a test): no new
+job is claimed, no new transfer or block starts, and the blocks in flight finish
+within ``grace_s``; jobs not finished stay in ``processing/`` and resume on the next
+start. Past the grace period, or when ``force`` is set, what is left is cancelled.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+
+import structlog
+
+from daemon.errors import Interrupted, JobFileError, TransferError, redact
+from daemon.jobs import TransferSpec, parse_job
+from daemon.s3 import Listed, S3Reader
+from daemon.settings import Settings
+from daemon.sources.base import ClaimedJob, JobSource
+from daemon.state import StateStore
+from daemon.transfer import Copier, Status
+
+log = structlog.get_logger("blobferry")
+
+
+@dataclass(slots=True)
+class Tally:
+    copied: int = 0
+    skipped: int = 0
+    failed: int = 0
+    interrupted: int = 0
+
+    @property
+    def status(self) -> str:
+        if self.interrupted:
+            return "interrupted"
+        return "failed" if self.failed else "done"
+
+
+class _Tracker:
+    """One transfer's progress: a log line and a state update every few seconds."""
+
+    def __init__(self, sup: Supervisor, job: str, seq: int, total: int | None) -> None:
+        self._sup = sup
+        self._job, self._seq = job, seq
+        self.total = total
+        self.done = 0
+        self.t0 = time.monotonic()
+        self._last = self.t0
+
+    def advance(self, n: int) -> None:
+        self.done += n
+        if self._sup.on_progress is not None:
+            self._sup.on_progress(n)
+        now = time.monotonic()
+        if now - self._last >= self._sup.settings.progress_interval_s:
+            self._last = now
+            self._sup.state.transfer_progress(self._job, self._seq, self.done, self.total)
+            self._sup.flush_soon()
+            log.info("progress", bytes=self.done, total=self.total, rate=self.rate())
+
+    def rate(self) -> float:
+        seconds = time.monotonic() - self.t0
+        return round(self.done / seconds, 1) if seconds > 0 else 0.0
+
+
+class Supervisor:
+    def __init__(
+        self,
+        settings: Settings,
+        s3: S3Reader,
+        copier: Copier,
+        state: StateStore,
+        stop: asyncio.Event,
+        *,
+        grace_s: float = 30.0,
+        force: asyncio.Event | None = None,
+        on_progress: Callable[[int], None] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.state = state
+        self.on_progress = on_progress
+        self._s3 = s3
+        self._copier = copier
+        self._stop = stop
+        self._force = force or asyncio.Event()
+        self._grace_s = grace_s
+        self._slots = asyncio.Semaphore(settings.max_transfers)
+        self._last_flush = time.monotonic()
+        self.active_jobs: set[str] = set()
+
+    def flush_soon(self) -> None:
+        now = time.monotonic()
+        if now - self._last_flush >= 1.0:
+            self._last_flush = now
+            self.state.flush()
+
+    # -- the daemon -----------------------------------------------------------------
+
+    async def serve(self, source: JobSource) -> None:
+        """Run jobs from ``source`` until ``stop`` is set, then drain."""
+        async with asyncio.TaskGroup() as tg:
+            jobs: set[asyncio.Task[None]] = set()
+            claims = source.jobs(self._stop)
+            try:
+                while not self._stop.is_set():
+                    # Claim only when a transfer slot is free: back-pressure on the inbox.
+                    await self._wait_for_slot()
+                    if self._stop.is_set():
+                        break
+                    job = await anext(claims, None)
+                    if job is None:
+                        break
+                    task = tg.create_task(self._run_claimed(source, job), name=f"job {job.name}")
+                    jobs.add(task)
+                    task.add_done_callback(jobs.discard)
+            finally:
+                await claims.aclose()  # type: ignore[attr-defined]
+            await self._drain(jobs)
+        self.state.flush()
+
+    async def _wait_for_slot(self) -> None:
+        waiter = asyncio.ensure_future(self._slots.acquire())
+        stopper = asyncio.ensure_future(self._stop.wait())
+        try:
+            await asyncio.wait({waiter, stopper}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopper.cancel()
+            if waiter.done() and not waiter.cancelled():
+                self._slots.release()  # only peeked: the job's transfers take it properly
+            else:
+                waiter.cancel()
+
+    async def _drain(self, jobs: set[asyncio.Task[None]]) -> None:
+        if not jobs:
+            return
+        log.info("draining", jobs=len(jobs), grace_s=self._grace_s)
+        all_done = asyncio.ensure_future(asyncio.wait(set(jobs)))
+        force = asyncio.ensure_future(self._force.wait())
+        try:
+            await asyncio.wait(
+                {all_done, force}, timeout=self._grace_s, return_when=asyncio.FIRST_COMPLETED
+            )
+        finally:
+            all_done.cancel()
+            force.cancel()
+        if jobs:
+            log.warning("cancelling what is left", jobs=len(jobs))
+            for task in list(jobs):
+                task.cancel()
+
+    async def _run_claimed(self, source: JobSource, job: ClaimedJob) -> None:
+        structlog.contextvars.bind_contextvars(job=job.name)
+        log.info("claimed", recovered=job.recovered)
+        try:
+            specs = parse_job(await source.read(job))
+        except JobFileError as e:
+            self.state.job_started(job.name)
+            self.state.job_finished(job.name, "failed", str(e))
+            log.error("job failed", error=str(e))
+            await source.finish(job, False, partial(self.state.write_report, job.name))
+            return
+        status = await self.run_job(job.name, specs)
+        if status == "interrupted":
+            log.info("job interrupted, resumes on next start")
+            return
+        await source.finish(job, status == "done", partial(self.state.write_report, job.name))
+
+    # -- one job (the daemon's and `blobferry copy`'s) --------------------------------
+
+    async def run_job(self, name: str, specs: list[TransferSpec]) -> str:
+        """Run every transfer of a job; returns "done", "failed" or "interrupted"."""
+        structlog.contextvars.bind_contextvars(job=name)
+        self.active_jobs.add(name)
+        self.state.job_started(name)
+        tally = Tally()
+        t0 = time.monotonic()
+        seq = 0
+        try:
+            async with asyncio.TaskGroup() as tg:
+                for spec in specs:
+                    if not spec.source.is_prefix:
+                        await self._admit(tg, name, seq, spec, None, tally)
+                        seq += 1
+                        continue
+                    found = 0
+                    try:
+                        async for listed in self._s3.list(spec.source):
+                            await self._admit(
+                                tg, name, seq, spec.for_key(listed.key), listed, tally
+                            )
+                            seq += 1
+                            found += 1
+                    except TransferError as e:
+                        self._record_failure(name, seq, spec, tally, str(e))
+                        seq += 1
+                    else:
+                        if not found:
+                            self._record_failure(
+                                name,
+                                seq,
+                                spec,
+                                tally,
+                                f"no objects under {spec.source}; check the prefix",
+                            )
+                            seq += 1
+        finally:
+            self.active_jobs.discard(name)
+        status = tally.status
+        if status != "interrupted":
+            self.state.job_finished(name, status)
+        else:
+            self.state.flush()
+        log.info(
+            "job " + status,
+            copied=tally.copied,
+            skipped=tally.skipped,
+            failed=tally.failed,
+            seconds=round(time.monotonic() - t0, 3),
+        )
+        return status
+
+    async def _admit(
+        self,
+        tg: asyncio.TaskGroup,
+        job: str,
+        seq: int,
+        spec: TransferSpec,
+        listed: Listed | None,
+        tally: Tally,
+    ) -> None:
+        if self._stop.is_set():
+            tally.interrupted += 1
+            return
+        await self._slots.acquire()
+        task = tg.create_task(self._transfer(job, seq, spec, listed, tally))
+        task.add_done_callback(lambda _: self._slots.release())
+
+    def _record_failure(
+        self, job: str, seq: int, spec: TransferSpec, tally: Tally, error: str
+    ) -> None:
+        self.state.transfer_started(job, seq, str(spec.source), str(spec.destination))
+        self.state.transfer_finished(job, seq, Status.FAILED, 0, redact(error))
+        tally.failed += 1
+        log.error(
+            "failed",
+            source=str(spec.source),
+            destination=str(spec.destination),
+            error=redact(error),
+        )
+
+    async def _transfer(
+        self, job: str, seq: int, spec: TransferSpec, listed: Listed | None, tally: Tally
+    ) -> None:
+        src, dst = str(spec.source), str(spec.destination)
+        structlog.contextvars.bind_contextvars(source=src, destination=dst)
+        self.state.transfer_started(job, seq, src, dst)
+        tracker = _Tracker(self, job, seq, listed.size if listed else None)
+        log.info("transfer started", bytes=tracker.total)
+        try:
+            outcome = await self._copier.copy(spec, listed, tracker.advance)
+        except Interrupted:
+            tally.interrupted += 1
+            self.state.transfer_finished(job, seq, "interrupted", tracker.done)
+            log.info("interrupted", bytes=tracker.done)
+            return
+        except TransferError as e:
+            tally.failed += 1
+            error = redact(str(e))
+            self.state.transfer_finished(job, seq, Status.FAILED, tracker.done, error)
+            log.error("failed", error=error, bytes=tracker.done)
+            return
+        except Exception as e:  # a bug must cost one transfer, never the daemon
+            tally.failed += 1
+            error = redact(f"internal error: {type(e).__name__}: {e}")
+            self.state.transfer_finished(job, seq, Status.FAILED, tracker.done, error)
+            log.exception("failed", error=error)
+            return
+        detail: dict[str, object] = {}
+        if outcome.verified:
+            detail["verified"] = outcome.verified
+        if outcome.note:
+            detail["note"] = outcome.note
+        if outcome.renamed_metadata:
+            detail["renamed_metadata"] = outcome.renamed_metadata
+        if outcome.blocks_reused:
+            detail["blocks_reused"] = outcome.blocks_reused
+        if outcome.status is Status.SKIPPED:
+            tally.skipped += 1
+        else:
+            tally.copied += 1
+        self.state.transfer_finished(job, seq, outcome.status, outcome.bytes, None, detail)
+        self.flush_soon()
+        log.info(
+            str(outcome.status),
+            bytes=outcome.bytes,
+            seconds=round(time.monotonic() - tracker.t0, 3),
+            rate=tracker.rate(),
+            **detail,
+        )

@@ -1,0 +1,408 @@
+"""One object, S3 to Azure: plan blocks, read ranges, stage, verify, commit.
+
+Nothing here knows where a job came from or writes anything to local disk. A block's
+bytes live in one buffer, from the ranged GET that fills it until Azure has
+acknowledged it; the buffer's size is reserved in the shared ByteBudget first.
+
+Block IDs are ``<24 hex of the source's identity><6-digit index>``: the identity hashes
+bucket, key, ETag, version, size and block size, so a later run recognises blocks it
+staged for the same version of the same object and never mistakes another's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+from daemon.azure import AzureWriter, BlobHeaders, azure_metadata
+from daemon.budget import ByteBudget
+from daemon.errors import (
+    Interrupted,
+    PermanentError,
+    RetryableError,
+    TransferError,
+    VerificationError,
+)
+from daemon.jobs import AzAddress, Overwrite, TransferSpec
+from daemon.retry import retrying
+from daemon.s3 import Listed, ObjectInfo, S3Reader
+from daemon.settings import MiB, Settings
+
+MAX_BLOCKS = 50_000
+MAX_BLOCK_SIZE = 4000 * MiB
+_MD5_HEX = re.compile(r"[0-9a-f]{32}\Z")
+
+Progress = Callable[[int], None]
+
+
+class Status(StrEnum):
+    COPIED = "copied"
+    SKIPPED = "skipped"
+    FAILED = "failed"
+
+
+@dataclass(slots=True)
+class Outcome:
+    """What became of one object."""
+
+    status: Status
+    bytes: int = 0
+    verified: str | None = None
+    note: str | None = None
+    renamed_metadata: dict[str, str] = field(default_factory=dict)
+    blocks_reused: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Block:
+    index: int
+    start: int
+    length: int
+    part: int  # which S3 part the block lies in; 0 for a single-part object
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    block_size: int
+    blocks: tuple[Block, ...]
+    parts: int  # the S3 parts the blocks are aligned to; 0 when not aligned
+    id_prefix: str
+
+    def block_id(self, index: int) -> str:
+        return f"{self.id_prefix}{index:06d}"
+
+
+def choose_block_size(size: int, minimum: int) -> int:
+    """The smallest whole number of MiB, at least ``minimum``, that keeps a blob of
+    ``size`` bytes under Azure's 50,000 blocks."""
+    needed = -(-size // MAX_BLOCKS)
+    needed = -(-needed // MiB) * MiB
+    return min(max(minimum, needed), MAX_BLOCK_SIZE)
+
+
+def plan_blocks(info: ObjectInfo, minimum: int, part_sizes: list[int] | None = None) -> Plan:
+    """Cut the object into blocks; inside a multipart object no block crosses a part
+    boundary, so each part's MD5 (and so S3's composite ETag) falls out of one pass."""
+    spans: list[tuple[int, int, int]] = []  # (start, length, part)
+    aligned = bool(part_sizes) and sum(part_sizes or ()) == info.size
+    if aligned:
+        assert part_sizes is not None
+        bs = minimum
+        while sum(-(-p // bs) for p in part_sizes) > MAX_BLOCKS:
+            bs *= 2
+        # A part up to 1.5 blocks stays whole: one block per part reuses its MD5.
+        limit = min(MAX_BLOCK_SIZE, bs + bs // 2)
+        pos = 0
+        for part, psize in enumerate(part_sizes):
+            n = 1 if psize <= limit else -(-psize // bs)
+            step = -(-psize // n)
+            for off in range(0, psize, step):
+                spans.append((pos + off, min(step, psize - off), part))
+            pos += psize
+        if len(spans) > MAX_BLOCKS:
+            aligned = False
+    if not aligned:
+        bs = choose_block_size(info.size, minimum)
+        spans = [(s, min(bs, info.size - s), 0) for s in range(0, info.size, bs)]
+    identity = "\n".join(
+        (info.bucket, info.key, info.etag, info.version_id or "", str(info.size), str(bs))
+    )
+    prefix = hashlib.sha256(identity.encode()).hexdigest()[:24]
+    blocks = tuple(Block(i, s, n, p) for i, (s, n, p) in enumerate(spans))
+    return Plan(bs, blocks, len(part_sizes or ()) if aligned else 0, prefix)
+
+
+def headers_of(info: ObjectInfo) -> BlobHeaders:
+    return BlobHeaders(
+        content_type=info.content_type,
+        content_encoding=info.content_encoding,
+        content_language=info.content_language,
+        content_disposition=info.content_disposition,
+        cache_control=info.cache_control,
+    )
+
+
+def _md5(data: bytes | bytearray) -> bytes:
+    return hashlib.md5(data).digest()
+
+
+async def md5_off_loop(data: bytes | bytearray) -> bytes:
+    # hashlib releases the GIL on large buffers: a thread keeps the loop serving sockets.
+    if len(data) < 256 * 1024:
+        return _md5(data)
+    return await asyncio.to_thread(_md5, data)
+
+
+class _InOrderDigest:
+    """The whole object's MD5 and each part's MD5, fed in object order whatever order
+    the blocks arrive in. A block waits for its turn holding its buffer, which its
+    budget reservation already accounts for."""
+
+    def __init__(self, plan: Plan) -> None:
+        self._plan = plan
+        self.whole = hashlib.md5()
+        self.part_digests: list[bytes] = []
+        self._part: hashlib._Hash | None = None
+        self._next = 0
+        self._turn = asyncio.Condition()
+
+    async def feed(self, block: Block, data: bytes | bytearray, block_md5: bytes) -> None:
+        async with self._turn:
+            await self._turn.wait_for(lambda: self._next == block.index)
+        await asyncio.to_thread(self._update, block, data, block_md5)
+        async with self._turn:
+            self._next += 1
+            self._turn.notify_all()
+
+    def _update(self, block: Block, data: bytes | bytearray, block_md5: bytes) -> None:
+        self.whole.update(data)
+        if not self._plan.parts:
+            return
+        blocks = self._plan.blocks
+        first = block.index == 0 or blocks[block.index - 1].part != block.part
+        last = block.index == len(blocks) - 1 or blocks[block.index + 1].part != block.part
+        if first and last:
+            self.part_digests.append(block_md5)
+            return
+        if first:
+            self._part = hashlib.md5()
+        assert self._part is not None
+        self._part.update(data)
+        if last:
+            self.part_digests.append(self._part.digest())
+            self._part = None
+
+
+def verify(info: ObjectInfo, whole_md5: bytes | None, part_digests: list[bytes] | None) -> str:
+    """How the copy was proven equal to the source; raises VerificationError on a mismatch."""
+    etag = info.etag.strip('"')
+    if info.encrypted_etag:
+        return "size: the ETag of an SSE-KMS or SSE-C object is not an MD5"
+    if not info.parts and _MD5_HEX.match(etag):
+        if whole_md5 is None:
+            return "size: the object's MD5 could not be computed in this run"
+        if whole_md5.hex() != etag:
+            raise VerificationError(
+                f"{info.address}: MD5 of the bytes read is {whole_md5.hex()}, S3's ETag is {etag}"
+            )
+        return "etag"
+    if info.parts and part_digests is not None and len(part_digests) == info.parts:
+        composite = hashlib.md5(b"".join(part_digests)).hexdigest() + f"-{info.parts}"
+        if composite != etag:
+            raise VerificationError(
+                f"{info.address}: composite MD5 of the parts read is {composite}, "
+                f"S3's ETag is {etag}"
+            )
+        return "multipart-etag"
+    return "size: the ETag is not an MD5 and no part layout was available"
+
+
+class Copier:
+    """Copies one object at a time per call; many calls run concurrently, sharing the
+    byte budget and both sides' connection pools."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        s3: S3Reader,
+        azure: AzureWriter,
+        budget: ByteBudget,
+        stopping: asyncio.Event | None = None,
+    ) -> None:
+        self._settings = settings
+        self._s3 = s3
+        self._azure = azure
+        self._budget = budget
+        # Set when the daemon drains: no new transfer and no new block starts.
+        self._stopping = stopping or asyncio.Event()
+
+    async def copy(
+        self, spec: TransferSpec, listed: Listed | None = None, progress: Progress | None = None
+    ) -> Outcome:
+        """Copy ``spec`` (one object). Raises TransferError when it cannot."""
+        if self._stopping.is_set():
+            raise Interrupted()
+        progress = progress or (lambda n: None)
+        policy = self._settings.retry
+        src, dst = spec.source, spec.destination
+        overwrite = spec.overwrite is Overwrite.ALWAYS
+        if not overwrite:
+            existing = await retrying(lambda: self._azure.existing(dst), policy, f"check {dst}")
+            if existing is not None:
+                return Outcome(Status.SKIPPED, note="destination exists and overwrite is 'never'")
+        bs = self._settings.block_size
+        if listed is not None and listed.size <= bs:
+            # Small-object path: one GET whose headers stand in for the HEAD.
+            async with self._budget.hold(listed.size):
+                info, data = await retrying(
+                    lambda: self._s3.read_object(listed, src), policy, f"read {src}"
+                )
+                return await self._put_whole(info, data, dst, overwrite, progress)
+        info = await retrying(lambda: self._s3.head(src), policy, f"HEAD {src}")
+        info.raise_if_unreadable()
+        if info.size <= bs:
+            async with self._budget.hold(info.size):
+                data = (
+                    await retrying(
+                        lambda: self._s3.read_range(info, 0, info.size), policy, f"read {src}"
+                    )
+                    if info.size
+                    else bytearray()
+                )
+                return await self._put_whole(info, data, dst, overwrite, progress)
+        return await self._copy_blocks(info, dst, overwrite, progress)
+
+    async def _put_whole(
+        self,
+        info: ObjectInfo,
+        data: bytearray,
+        dst: AzAddress,
+        overwrite: bool,
+        progress: Progress,
+    ) -> Outcome:
+        md5 = await md5_off_loop(data)
+        verified = verify(info, md5, [md5] if info.parts == 1 else None)
+        metadata, renamed = azure_metadata(info.metadata)
+        await retrying(
+            lambda: self._azure.put(dst, data, md5, headers_of(info), metadata, overwrite),
+            self._settings.retry,
+            f"put {dst}",
+        )
+        progress(len(data))
+        return Outcome(Status.COPIED, len(data), verified, renamed_metadata=renamed)
+
+    async def _copy_blocks(
+        self, info: ObjectInfo, dst: AzAddress, overwrite: bool, progress: Progress
+    ) -> Outcome:
+        policy = self._settings.retry
+        part_sizes = (
+            await retrying(lambda: self._s3.part_sizes(info), policy, f"part sizes {info.address}")
+            if info.parts
+            else None
+        )
+        plan = plan_blocks(info, self._settings.block_size, part_sizes)
+        staged = await retrying(lambda: self._azure.staged_blocks(dst), policy, f"blocks {dst}")
+        todo = [b for b in plan.blocks if staged.get(plan.block_id(b.index)) != b.length]
+        reused = len(plan.blocks) - len(todo)
+        if reused:
+            progress(sum(b.length for b in plan.blocks) - sum(b.length for b in todo))
+        digest = _InOrderDigest(plan) if not reused else None
+        await self._stage_all(info, dst, plan, todo, digest, progress)
+        if digest is not None:
+            verified = verify(info, digest.whole.digest(), digest.part_digests)
+            md5: bytes | None = digest.whole.digest()
+        else:
+            verified = (
+                f"size: {reused} blocks were staged by an earlier run, so the MD5 "
+                "could not be computed in this one"
+            )
+            md5 = None
+        metadata, renamed = azure_metadata(info.metadata)
+        await retrying(
+            lambda: self._azure.commit(
+                dst,
+                [plan.block_id(b.index) for b in plan.blocks],
+                md5,
+                headers_of(info),
+                metadata,
+                overwrite,
+            ),
+            policy,
+            f"commit {dst}",
+        )
+        return Outcome(
+            Status.COPIED, info.size, verified, renamed_metadata=renamed, blocks_reused=reused
+        )
+
+    async def _stage_all(
+        self,
+        info: ObjectInfo,
+        dst: AzAddress,
+        plan: Plan,
+        todo: list[Block],
+        digest: _InOrderDigest | None,
+        progress: Progress,
+    ) -> None:
+        lanes = asyncio.Semaphore(self._settings.block_concurrency)
+        interrupted = False
+        try:
+            async with asyncio.TaskGroup() as tg:
+                for block in todo:
+                    # Back-pressure here, before a task exists: a huge object never has
+                    # more than block_concurrency tasks or its budget share in flight.
+                    await lanes.acquire()
+                    try:
+                        await self._budget.acquire(block.length)
+                    except BaseException:
+                        lanes.release()
+                        raise
+                    if self._stopping.is_set():
+                        self._budget.release(block.length)
+                        lanes.release()
+                        interrupted = True
+                        break
+                    tg.create_task(self._one_block(info, dst, plan, block, digest, progress, lanes))
+        except BaseExceptionGroup as eg:
+            raise _first_error(eg) from None
+        if interrupted:
+            # The blocks in flight have landed; the rest are read on the next start.
+            raise Interrupted()
+
+    async def _one_block(
+        self,
+        info: ObjectInfo,
+        dst: AzAddress,
+        plan: Plan,
+        block: Block,
+        digest: _InOrderDigest | None,
+        progress: Progress,
+        lanes: asyncio.Semaphore,
+    ) -> None:
+        block_id = plan.block_id(block.index)
+        try:
+            data = await retrying(
+                lambda: self._s3.read_range(info, block.start, block.length),
+                self._settings.retry,
+                f"read {info.address} block {block.index}",
+            )
+            md5 = await md5_off_loop(data)
+            stage = retrying(
+                lambda: self._azure.stage(dst, block_id, data, md5),
+                self._settings.retry,
+                f"stage {dst} block {block.index}",
+            )
+            if digest is None:
+                await stage
+            else:
+                async with asyncio.TaskGroup() as both:
+                    both.create_task(stage)
+                    both.create_task(digest.feed(block, data, md5))
+            progress(block.length)
+        finally:
+            self._budget.release(block.length)
+            lanes.release()
+
+
+def _first_error(eg: BaseExceptionGroup[BaseException]) -> BaseException:
+    """The error that sank a group of block tasks; the rest were cancelled because of it."""
+    errors = [e for e in _leaves(eg) if not isinstance(e, asyncio.CancelledError)]
+    for kind in (PermanentError, TransferError, RetryableError):
+        for e in errors:
+            if isinstance(e, kind):
+                return e
+    return errors[0] if errors else asyncio.CancelledError()
+
+
+def _leaves(e: BaseException) -> list[BaseException]:
+    if isinstance(e, BaseExceptionGroup):
+        return [leaf for sub in e.exceptions for leaf in _leaves(sub)]
+    return [e]
+
+
+def elapsed_since(t0: float) -> float:
+    return round(time.monotonic() - t0, 3)
