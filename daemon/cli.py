@@ -136,7 +136,9 @@ class _Bar:
 
 def _copy(args: argparse.Namespace, settings: Settings) -> int:
     spec = make_spec(args.source, args.destination, args.overwrite)
-    configure("warning" if settings.log_level == "info" else settings.log_level, json=False)
+    # stdout carries the report; people read the log lines on stderr.
+    level = "warning" if settings.log_level == "info" else settings.log_level
+    configure(level, json=False, stream=sys.stderr)
     name = f"copy-{datetime.now(UTC):%Y%m%dT%H%M%S}-{os.getpid()}"
     bar = _Bar(sys.stderr.isatty() and not args.quiet)
 

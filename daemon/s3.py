@@ -198,13 +198,15 @@ class S3Reader:
         )
 
     async def part_sizes(self, info: ObjectInfo) -> list[int]:
-        """Sizes of the parts of a multipart object, in order (HEAD ?partNumber=N)."""
+        """Sizes of the parts of a multipart object, in order (HEAD ?partNumber=N).
+
+        No If-Match here (moto compares it with the part's ETag, S3 with the object's):
+        every ranged GET carries it, and a layout taken from another version fails the
+        composite-ETag check, so a change between these HEADs cannot slip through."""
 
         async def one(n: int) -> int:
             try:
-                r = await self._client.head_object(
-                    Bucket=info.bucket, Key=info.key, PartNumber=n, IfMatch=info.etag
-                )
+                r = await self._client.head_object(Bucket=info.bucket, Key=info.key, PartNumber=n)
             except ClientError as e:
                 raise await self._explain(e, info.address) from None
             return int(r["ContentLength"])

@@ -104,7 +104,8 @@ class StateStore:
     def __init__(self, path: Path | str) -> None:
         if isinstance(path, Path):
             path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(str(path), isolation_level="DEFERRED")
+        self._path = str(path)
+        self._db = sqlite3.connect(self._path, isolation_level="DEFERRED")
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(_SCHEMA)
@@ -172,14 +173,16 @@ class StateStore:
 
     # -- reads ----------------------------------------------------------------------
 
-    def job(self, job: str) -> JobRow | None:
-        rows = self._jobs("WHERE j.job = ?", "", (job,))
+    def job(self, job: str, db: sqlite3.Connection | None = None) -> JobRow | None:
+        rows = self._jobs("WHERE j.job = ?", "", (job,), db)
         return rows[0] if rows else None
 
     def jobs(self, limit: int = 50) -> list[JobRow]:
         return self._jobs("", "ORDER BY j.started_at DESC LIMIT ?", (limit,))
 
-    def _jobs(self, where: str, order: str, args: tuple[Any, ...]) -> list[JobRow]:
+    def _jobs(
+        self, where: str, order: str, args: tuple[Any, ...], db: sqlite3.Connection | None = None
+    ) -> list[JobRow]:
         q = (
             "SELECT j.job, j.status, j.started_at, j.finished_at, j.error, "
             "COUNT(t.seq), SUM(t.status = 'copied'), SUM(t.status = 'skipped'), "
@@ -188,11 +191,11 @@ class StateStore:
         )
         return [
             JobRow(r[0], r[1], r[2], r[3], r[4], r[5], r[6] or 0, r[7] or 0, r[8] or 0, r[9])
-            for r in self._db.execute(q, args)
+            for r in (db or self._db).execute(q, args)
         ]
 
-    def transfers(self, job: str) -> Iterator[TransferRow]:
-        cur = self._db.execute(
+    def transfers(self, job: str, db: sqlite3.Connection | None = None) -> Iterator[TransferRow]:
+        cur = (db or self._db).execute(
             "SELECT seq, source, destination, status, bytes_total, bytes_done, started_at, "
             "updated_at, finished_at, error, detail FROM transfers WHERE job = ? ORDER BY seq",
             (job,),
@@ -213,8 +216,18 @@ class StateStore:
             )
 
     def write_report(self, job: str, fp: IO[str]) -> str:
-        """Stream the job's report as JSON into ``fp``; returns the job's status."""
-        row = self.job(job)
+        """Stream the job's report as JSON into ``fp``; returns the job's status.
+
+        Safe to call from a worker thread: it reads what has been committed through a
+        connection of its own, so the event loop's connection is never shared."""
+        db = sqlite3.connect(self._path)
+        try:
+            return self._write_report(job, fp, db)
+        finally:
+            db.close()
+
+    def _write_report(self, job: str, fp: IO[str], db: sqlite3.Connection) -> str:
+        row = self.job(job, db)
         assert row is not None, job
         head: dict[str, Any] = {
             "job": job,
@@ -233,7 +246,7 @@ class StateStore:
             head["error"] = row.error
         text = json.dumps(head, indent=2, ensure_ascii=False)
         fp.write(text[:-2] + ',\n  "transfers": [')
-        for i, t in enumerate(self.transfers(job)):
+        for i, t in enumerate(self.transfers(job, db)):
             fp.write(("," if i else "") + "\n    " + json.dumps(t.report(), ensure_ascii=False))
         fp.write("\n  ]\n}\n")
         return row.status

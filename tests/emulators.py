@@ -1,0 +1,100 @@
+"""Start and stop the emulators: moto's S3 server and Azurite. Used by the test fixtures
+and by the demo, each on free ports, each stopped when done."""
+
+from __future__ import annotations
+
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+AZURITE_KEY = (
+    "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw=="
+)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for_port(port: int, proc: subprocess.Popen[bytes], what: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited with {proc.returncode}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.1)
+    raise RuntimeError(f"{what} did not listen on {port} within {timeout} s")
+
+
+def _start(cmd: list[str], port: int, what: str, log: Path) -> subprocess.Popen[bytes]:
+    with open(log, "wb") as out:  # the child keeps its own descriptor
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
+    try:
+        wait_for_port(port, proc, what)
+    except BaseException:
+        proc.kill()
+        raise
+    return proc
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    proc.send_signal(signal.SIGINT)  # both emulators keep state in memory only
+    try:
+        proc.wait(3)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def azurite_command(port: int) -> list[str]:
+    exe = ROOT / "node_modules" / ".bin" / "azurite-blob"
+    if not exe.exists():
+        found = shutil.which("azurite-blob")
+        if found is None:
+            raise RuntimeError("Azurite is not installed: run `make setup` (npm ci)")
+        exe = Path(found)
+    return [
+        str(exe),
+        "--inMemoryPersistence",
+        "--blobHost",
+        "127.0.0.1",
+        "--blobPort",
+        str(port),
+        "--skipApiVersionCheck",
+        "--loose",
+    ]
+
+
+def connection_string(endpoint: str, key: str = AZURITE_KEY) -> str:
+    return (
+        "DefaultEndpointsProtocol=http;AccountName=devstoreaccount1;"
+        f"AccountKey={key};BlobEndpoint={endpoint}/devstoreaccount1;"
+    )
+
+
+def moto_command(port: int) -> list[str]:
+    return [str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)]
+
+
+@contextmanager
+def emulator(kind: str, log: Path) -> Iterator[str]:
+    """Run ``moto`` or ``azurite`` on a free port; yields its endpoint URL."""
+    port = free_port()
+    cmd = moto_command(port) if kind == "moto" else azurite_command(port)
+    proc = _start(cmd, port, kind, log)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        _stop(proc)

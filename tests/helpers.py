@@ -1,0 +1,58 @@
+from __future__ import annotations
+
+import asyncio
+import gzip
+import hashlib
+import os
+from typing import Any
+
+from azure.storage.blob import BlobServiceClient
+
+from daemon import app
+from daemon.jobs import make_spec
+from daemon.settings import Settings
+from daemon.state import TransferRow
+
+MiB = 1024 * 1024
+
+
+def payload(n: int, seed: int = 0) -> bytes:
+    """Deterministic, incompressible-looking bytes without holding a generator."""
+    if n == 0:
+        return b""
+    block = hashlib.sha256(str(seed).encode()).digest() * 2048  # 64 KiB
+    return (block * (n // len(block) + 1))[:n]
+
+
+def random_bytes(n: int) -> bytes:
+    return os.urandom(n)
+
+
+def gz(data: bytes) -> bytes:
+    return gzip.compress(data, mtime=0)
+
+
+def blob_bytes(svc: BlobServiceClient, container: str, name: str) -> bytes:
+    # decompress=False: a gzip-encoded blob must be compared as stored, not as served.
+    return svc.get_blob_client(container, name).download_blob(decompress=False).readall()
+
+
+def s3_bytes(s3: Any, bucket: str, key: str) -> bytes:
+    return bytes(s3.get_object(Bucket=bucket, Key=key)["Body"].read())
+
+
+def blob_names(svc: BlobServiceClient, container: str) -> list[str]:
+    return sorted(b.name for b in svc.get_container_client(container).list_blobs())
+
+
+async def copy(
+    settings: Settings, source: str, destination: str, overwrite: str = "always"
+) -> tuple[str, list[TransferRow]]:
+    """The engine behind `blobferry copy`, in this process."""
+    name = f"test-{os.urandom(4).hex()}"
+    status, state = await app.copy_once(
+        settings, name, [make_spec(source, destination, overwrite)], asyncio.Event()
+    )
+    rows = list(state.transfers(name))
+    state.close()
+    return status, rows

@@ -1,0 +1,156 @@
+"""The console script as a user runs it: separate processes, real exit codes."""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from azure.storage.blob import BlobServiceClient
+
+from tests.conftest import connection_string
+from tests.helpers import MiB, blob_names
+
+BLOBFERRY = str(Path(sys.executable).parent / "blobferry")
+
+
+def env_for(tmp_path: Path, moto: str, azurite: str, **extra: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(
+        BLOBFERRY_JOBS_DIR=str(tmp_path / "jobs"),
+        BLOBFERRY_STATE_DIR=str(tmp_path / "state"),
+        BLOBFERRY_S3__ENDPOINT_URL=moto,
+        AZURE_STORAGE_CONNECTION_STRING=connection_string(azurite),
+        BLOBFERRY_POLL_INTERVAL_S="0.2",
+        **extra,
+    )
+    return env
+
+
+def run(
+    args: list[str], env: dict[str, str], timeout: float = 300
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [BLOBFERRY, *args], env=env, capture_output=True, text=True, timeout=timeout
+    )
+
+
+def test_copy_300_mib_with_bounded_memory(
+    tmp_path: Path,
+    moto_endpoint: str,
+    azurite_endpoint: str,
+    s3_client: Any,
+    blob_service: BlobServiceClient,
+    bucket: str,
+    container: str,
+) -> None:
+    size = 300 * MiB
+    chunk = os.urandom(MiB)
+    mpu = s3_client.create_multipart_upload(Bucket=bucket, Key="big.bin")
+    parts = []
+    for n in range(1, 31):  # 10 MiB parts: a multipart source, as large uploads are
+        body = bytes([n]) * 16 + chunk * 10
+        body = body[: 10 * MiB]
+        r = s3_client.upload_part(
+            Bucket=bucket, Key="big.bin", UploadId=mpu["UploadId"], PartNumber=n, Body=body
+        )
+        parts.append({"ETag": r["ETag"], "PartNumber": n})
+    s3_client.complete_multipart_upload(
+        Bucket=bucket, Key="big.bin", UploadId=mpu["UploadId"], MultipartUpload={"Parts": parts}
+    )
+    env = env_for(tmp_path, moto_endpoint, azurite_endpoint)
+    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    proc = run(["copy", f"s3://{bucket}/big.bin", f"az://{container}/big.bin"], env)
+    peak_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    [t] = report["transfers"]
+    assert (t["status"], t["bytes"], t["verified"]) == ("copied", size, "multipart-etag")
+    # ru_maxrss of children is the largest child so far; this copy must be it or under it.
+    assert max(peak_kib, before) < 300 * 1024, f"peak RSS {peak_kib} KiB"
+    blob = blob_service.get_blob_client(container, "big.bin")
+    assert blob.get_blob_properties().size == size
+    got = blob.download_blob(max_concurrency=4).readall()
+    want = s3_client.get_object(Bucket=bucket, Key="big.bin")["Body"].read()
+    assert got == want
+
+
+def test_exit_codes_and_one_line_errors(
+    tmp_path: Path,
+    moto_endpoint: str,
+    azurite_endpoint: str,
+    s3_client: Any,
+    bucket: str,
+    container: str,
+) -> None:
+    env = env_for(tmp_path, moto_endpoint, azurite_endpoint)
+    s3_client.put_object(Bucket=bucket, Key="k", Body=b"data")
+    ok = run(["copy", f"s3://{bucket}/k", f"az://{container}/k", "--quiet"], env)
+    assert ok.returncode == 0 and json.loads(ok.stdout)["status"] == "done"
+    missing = run(["copy", f"s3://{bucket}/missing", f"az://{container}/m"], env)
+    assert missing.returncode == 1
+    assert "no such key" in json.loads(missing.stdout)["transfers"][0]["error"]
+    usage = run(["copy", "not-an-address", f"az://{container}/x"], env)
+    assert usage.returncode == 2 and "must start with s3://" in usage.stderr
+    bad_env = dict(env, BLOBFERRY_MEMORY_MB="lots")
+    config = run(["copy", f"s3://{bucket}/k", f"az://{container}/k"], bad_env)
+    assert config.returncode == 2
+    assert config.stderr.strip().count("\n") == 0 and "memory_mb" in config.stderr
+    no_azure = {k: v for k, v in env.items() if k != "AZURE_STORAGE_CONNECTION_STRING"}
+    unset = run(["copy", f"s3://{bucket}/k", f"az://{container}/k"], no_azure)
+    assert unset.returncode == 2 and "azure" in unset.stderr
+
+
+def test_run_submit_status_and_sigterm(
+    tmp_path: Path,
+    moto_endpoint: str,
+    azurite_endpoint: str,
+    s3_client: Any,
+    blob_service: BlobServiceClient,
+    bucket: str,
+    container: str,
+) -> None:
+    env = env_for(tmp_path, moto_endpoint, azurite_endpoint)
+    s3_client.put_object(Bucket=bucket, Key="p/a.bin", Body=b"a" * 1000)
+    s3_client.put_object(Bucket=bucket, Key="p/b.bin", Body=b"b" * 9 * MiB)
+    daemon = subprocess.Popen(
+        [BLOBFERRY, "run"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        sub = run(["submit", f"s3://{bucket}/p/", f"az://{container}/q/", "--name", "mine"], env)
+        assert sub.returncode == 0 and sub.stdout.strip() == "mine.json"
+        jobfile = tmp_path / "j.json"
+        jobfile.write_text(
+            json.dumps({"transfers": [{"source": "s3://x", "destination": "az://y"}]})
+        )
+        rejected = run(["submit", str(jobfile)], env)
+        assert rejected.returncode == 2 and "bad address" in rejected.stderr
+        report = tmp_path / "jobs" / "done" / "mine.report.json"
+        deadline = time.monotonic() + 60
+        while not report.exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert report.exists(), daemon.stderr
+        status = run(["status"], env)
+        assert "mine.json" in status.stdout and "2 copied" in status.stdout
+        detail = run(["status", "mine"], env)
+        assert f"s3://{bucket}/p/b.bin" in detail.stdout
+    finally:
+        daemon.send_signal(signal.SIGTERM)
+        out, err = daemon.communicate(timeout=30)
+    assert daemon.returncode == 0, err
+    lines = [json.loads(line) for line in out.splitlines()]
+    events = [line["event"] for line in lines]
+    assert events[0] == "ready" and events[-1] == "stopped"
+    for event in ("claimed", "transfer started", "copied", "job done"):
+        assert event in events
+    copied = [line for line in lines if line["event"] == "copied"]
+    assert {c["source"] for c in copied} == {f"s3://{bucket}/p/a.bin", f"s3://{bucket}/p/b.bin"}
+    assert all(c["job"] == "mine.json" and "rate" in c and "bytes" in c for c in copied)
+    assert "AccountKey" not in out and "Eby8" not in out
+    assert blob_names(blob_service, container) == ["q/a.bin", "q/b.bin"]

@@ -1,0 +1,188 @@
+"""Single objects and prefixes, copied by the engine against moto and Azurite."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from azure.storage.blob import BlobServiceClient
+
+from daemon.settings import Settings
+from tests.helpers import MiB, blob_bytes, blob_names, copy, gz, payload, s3_bytes
+
+
+@pytest.mark.parametrize(
+    "size",
+    [0, 1024, 8 * MiB, 8 * MiB + 1, 3 * 8 * MiB + 12345],
+    ids=["empty", "1KiB", "one-block", "one-block-plus-one", "several-blocks"],
+)
+async def test_single_object_sizes(
+    size: int,
+    settings: Settings,
+    s3_client: Any,
+    blob_service: BlobServiceClient,
+    bucket: str,
+    container: str,
+) -> None:
+    data = payload(size, seed=size)
+    s3_client.put_object(Bucket=bucket, Key="obj.bin", Body=data)
+    status, [row] = await copy(settings, f"s3://{bucket}/obj.bin", f"az://{container}/obj.bin")
+    assert status == "done", row.error
+    assert (row.status, row.bytes_done) == ("copied", size)
+    assert row.detail["verified"] == "etag"
+    assert blob_bytes(blob_service, container, "obj.bin") == data
+    props = blob_service.get_blob_client(container, "obj.bin").get_blob_properties()
+    assert props.blob_type == "BlockBlob" and props.size == size
+    assert props.content_settings.content_md5 is not None
+
+
+async def test_properties_and_metadata_arrive(
+    settings: Settings,
+    s3_client: Any,
+    blob_service: BlobServiceClient,
+    bucket: str,
+    container: str,
+) -> None:
+    for key, body in (("small.txt", b"tiny"), ("large.bin", payload(9 * MiB))):
+        s3_client.put_object(
+            Bucket=bucket,
+            Key=key,
+            Body=body,
+            ContentType="text/x-test",
+            ContentLanguage="fr",
+            ContentDisposition='attachment; filename="x"',
+            CacheControl="max-age=60",
+            Metadata={"owner": "ops", "build-id": "42"},
+        )
+        status, [row] = await copy(settings, f"s3://{bucket}/{key}", f"az://{container}/{key}")
+        assert status == "done", row.error
+        p = blob_service.get_blob_client(container, key).get_blob_properties()
+        cs = p.content_settings
+        assert (cs.content_type, cs.content_language, cs.cache_control) == (
+            "text/x-test",
+            "fr",
+            "max-age=60",
+        )
+        assert cs.content_disposition == 'attachment; filename="x"'
+        assert p.metadata == {"owner": "ops", "build_id": "42"}
+        assert row.detail["renamed_metadata"] == {"build-id": "build_id"}
+
+
+async def test_gzip_encoded_object_arrives_byte_for_byte(
+    settings: Settings,
+    s3_client: Any,
+    blob_service: BlobServiceClient,
+    bucket: str,
+    container: str,
+) -> None:
+    for key, raw in (("log.gz", payload(50_000)), ("big.gz", payload(20 * MiB, seed=3))):
+        body = gz(raw)
+        s3_client.put_object(Bucket=bucket, Key=key, Body=body, ContentEncoding="gzip")
+        status, [row] = await copy(settings, f"s3://{bucket}/{key}", f"az://{container}/{key}")
+        assert status == "done", row.error
+        assert blob_bytes(blob_service, container, key) == body
+        p = blob_service.get_blob_client(container, key).get_blob_properties()
+        assert p.content_settings.content_encoding == "gzip"
+
+
+async def test_awkward_keys(
+    settings: Settings,
+    s3_client: Any,
+    blob_service: BlobServiceClient,
+    bucket: str,
+    container: str,
+) -> None:
+    keys = ["with space/a b.txt", "unicode/žluťoučký kůň ☃.bin", "plus/a+b+c.bin", "q/what?.txt"]
+    for i, key in enumerate(keys):
+        s3_client.put_object(Bucket=bucket, Key=key, Body=payload(1000 + i, seed=i))
+    status, rows = await copy(settings, f"s3://{bucket}/", f"az://{container}/copied/")
+    assert status == "done", [r.error for r in rows]
+    assert blob_names(blob_service, container) == sorted(f"copied/{k}" for k in keys)
+    for key in keys:
+        assert blob_bytes(blob_service, container, f"copied/{key}") == s3_bytes(
+            s3_client, bucket, key
+        )
+
+
+async def test_prefix_of_100_objects(
+    settings: Settings,
+    s3_client: Any,
+    blob_service: BlobServiceClient,
+    bucket: str,
+    container: str,
+) -> None:
+    sizes = {f"data/part-{i:03d}.bin": (i * 7919) % 40_000 for i in range(100)}
+    sizes["data/sub/bigger.bin"] = 9 * MiB
+    for key, size in sizes.items():
+        s3_client.put_object(Bucket=bucket, Key=key, Body=payload(size, seed=size))
+    s3_client.put_object(Bucket=bucket, Key="data/folder/", Body=b"")  # a folder marker
+    s3_client.put_object(Bucket=bucket, Key="elsewhere.bin", Body=b"not under the prefix")
+    status, rows = await copy(settings, f"s3://{bucket}/data/", f"az://{container}/mirror/")
+    assert status == "done", [r.error for r in rows if r.error]
+    assert len(rows) == 101 and {r.status for r in rows} == {"copied"}
+    assert blob_names(blob_service, container) == sorted(
+        "mirror/" + k.removeprefix("data/") for k in sizes
+    )
+    for key in [*list(sizes)[::10], "data/sub/bigger.bin"]:
+        name = "mirror/" + key.removeprefix("data/")
+        assert blob_bytes(blob_service, container, name) == payload(sizes[key], seed=sizes[key])
+
+
+async def test_overwrite_never_skips_existing(
+    settings: Settings,
+    s3_client: Any,
+    blob_service: BlobServiceClient,
+    bucket: str,
+    container: str,
+) -> None:
+    s3_client.put_object(Bucket=bucket, Key="k", Body=b"new")
+    blob_service.get_blob_client(container, "k").upload_blob(b"old")
+    status, [row] = await copy(settings, f"s3://{bucket}/k", f"az://{container}/k", "never")
+    assert (status, row.status) == ("done", "skipped")
+    assert blob_bytes(blob_service, container, "k") == b"old"
+    status, [row] = await copy(settings, f"s3://{bucket}/k", f"az://{container}/k", "always")
+    assert (status, row.status) == ("done", "copied")
+    assert blob_bytes(blob_service, container, "k") == b"new"
+
+
+@pytest.mark.parametrize(
+    ("source", "destination", "reason"),
+    [
+        ("s3://{bucket}/missing.bin", "az://{container}/x", "no such key in bucket"),
+        (
+            "s3://no-such-bucket-here/x",
+            "az://{container}/x",
+            "bucket 'no-such-bucket-here' does not exist",
+        ),
+        ("s3://no-such-bucket-here/p/", "az://{container}/p/", "does not exist"),
+        ("s3://{bucket}/empty-prefix/", "az://{container}/p/", "no objects under"),
+        (
+            "s3://{bucket}/present.bin",
+            "az://no-such-container/x",
+            "container 'no-such-container' does not exist",
+        ),
+        (
+            "s3://{bucket}/big.bin",
+            "az://no-such-container/x",
+            "container 'no-such-container' does not exist",
+        ),
+    ],
+)
+async def test_missing_things_fail_with_a_reason(
+    source: str,
+    destination: str,
+    reason: str,
+    settings: Settings,
+    s3_client: Any,
+    blob_service: BlobServiceClient,
+    bucket: str,
+    container: str,
+) -> None:
+    s3_client.put_object(Bucket=bucket, Key="present.bin", Body=b"here")
+    s3_client.put_object(Bucket=bucket, Key="big.bin", Body=payload(9 * MiB))
+    status, [row] = await copy(
+        settings, source.format(bucket=bucket), destination.format(container=container)
+    )
+    assert (status, row.status) == ("failed", "failed")
+    assert row.error is not None and reason in row.error
+    assert blob_names(blob_service, container) == []

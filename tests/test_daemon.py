@@ -1,0 +1,181 @@
+"""The daemon in this process: jobs dropped into the inbox, reports in done/ and failed/."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from azure.storage.blob import BlobServiceClient
+
+from daemon.settings import Settings
+from tests.conftest import AZURITE_KEY, make_settings, running_daemon
+from tests.helpers import MiB, blob_bytes, blob_names, payload
+
+
+def job(source: str, destination: str, **extra: Any) -> str:
+    return json.dumps({"source": source, "destination": destination, **extra})
+
+
+async def test_thirty_jobs_dropped_at_once(
+    settings: Settings,
+    s3_client: Any,
+    blob_service: BlobServiceClient,
+    bucket: str,
+    container: str,
+) -> None:
+    for i in range(30):
+        size = 9 * MiB if i % 10 == 0 else 1000 + i
+        s3_client.put_object(Bucket=bucket, Key=f"in/{i}.bin", Body=payload(size, seed=i))
+    async with running_daemon(settings) as d:
+        for i in range(30):
+            (d.inbox / f".job-{i}.json.tmp").write_text(
+                job(f"s3://{bucket}/in/{i}.bin", f"az://{container}/out/{i}.bin")
+            )
+        for i in range(30):  # the renames land together
+            os.rename(d.inbox / f".job-{i}.json.tmp", d.inbox / f"job-{i}.json")
+        results = await asyncio.gather(*(d.wait_finished(f"job-{i}.json") for i in range(30)))
+    for i, (folder, report) in enumerate(results):
+        assert folder == "done", report
+        assert report["job"] == f"job-{i}.json" and report["status"] == "done"
+        assert report["started_at"] <= report["finished_at"]
+        [t] = report["transfers"]
+        assert t["status"] == "copied" and t["seconds"] >= 0
+        assert t["source"] == f"s3://{bucket}/in/{i}.bin"
+        size = 9 * MiB if i % 10 == 0 else 1000 + i
+        assert t["bytes"] == size
+        assert blob_bytes(blob_service, container, f"out/{i}.bin") == payload(size, seed=i)
+    assert os.listdir(settings.jobs_dir / "processing") == []
+
+
+async def test_startup_pickup_and_ignored_names(
+    settings: Settings,
+    s3_client: Any,
+    blob_service: BlobServiceClient,
+    bucket: str,
+    container: str,
+) -> None:
+    s3_client.put_object(Bucket=bucket, Key="a", Body=b"aaa")
+    inbox = settings.jobs_dir / "inbox"
+    inbox.mkdir(parents=True)
+    (inbox / "early.json").write_text(job(f"s3://{bucket}/a", f"az://{container}/early"))
+    for ignored in (".hidden.json", "writing.json.tmp", "upload.part"):
+        (inbox / ignored).write_text(job(f"s3://{bucket}/a", f"az://{container}/{ignored}"))
+    async with running_daemon(settings) as d:
+        folder, _ = await d.wait_finished("early.json")
+        assert folder == "done"
+        d.drop("late.json", job(f"s3://{bucket}/a", f"az://{container}/late"))
+        t0 = asyncio.get_running_loop().time()
+        folder, _ = await d.wait_finished("late.json", timeout=10)
+        assert folder == "done" and asyncio.get_running_loop().time() - t0 < 5
+    assert blob_names(blob_service, container) == ["early", "late"]
+    assert sorted(os.listdir(inbox)) == [".hidden.json", "upload.part", "writing.json.tmp"]
+
+
+async def test_every_bad_input_fails_alone(
+    settings: Settings,
+    s3_client: Any,
+    blob_service: BlobServiceClient,
+    bucket: str,
+    container: str,
+    tmp_path: Path,
+) -> None:
+    s3_client.put_object(Bucket=bucket, Key="good.bin", Body=payload(9 * MiB))
+    s3_client.put_object(Bucket=bucket, Key="small.bin", Body=b"small")
+    outside = tmp_path / "outside.json"
+    outside.write_text(job(f"s3://{bucket}/small.bin", f"az://{container}/via-link"))
+    bad = {
+        "malformed.json": ('{"source": "s3://x', "not valid JSON"),
+        "unknown-field.json": (
+            job(f"s3://{bucket}/good.bin", f"az://{container}/u", speed=9),
+            "speed: unknown field",
+        ),
+        "bad-address.json": (
+            job(f"gs://{bucket}/good.bin", f"az://{container}/b"),
+            "must start with s3://",
+        ),
+        "empty-list.json": ('{"transfers": []}', "transfers"),
+        "no-bucket.json": (
+            job("s3://no-such-bucket-x/k", f"az://{container}/nb"),
+            "does not exist",
+        ),
+        "no-key.json": (job(f"s3://{bucket}/nope.bin", f"az://{container}/nk"), "no such key"),
+        "no-container.json": (
+            job(f"s3://{bucket}/good.bin", "az://no-such-ctr/g"),
+            "container 'no-such-ctr' does not exist",
+        ),
+        "deep.json": ("[" * 50_000 + "]" * 50_000, "JSON"),
+    }
+    async with running_daemon(settings) as d:
+        for name, (text, _) in bad.items():
+            d.drop(name, text)
+        (d.inbox / "link.json").symlink_to(outside)
+        d.drop("good.json", job(f"s3://{bucket}/good.bin", f"az://{container}/good.bin"))
+        for name, (_, reason) in bad.items():
+            folder, report = await d.wait_finished(name)
+            assert folder == "failed", (name, report)
+            errors = [report.get("error", "")] + [t.get("error", "") for t in report["transfers"]]
+            assert any(reason in e for e in errors), (name, report)
+        folder, report = await d.wait_finished("link.json")
+        assert folder == "failed" and "symbolic link" in report["error"]
+        folder, _ = await d.wait_finished("good.json")
+        assert folder == "done"
+        # Still serving after all that.
+        d.drop("after.json", job(f"s3://{bucket}/small.bin", f"az://{container}/after"))
+        assert (await d.wait_finished("after.json"))[0] == "done"
+    assert blob_names(blob_service, container) == ["after", "good.bin"]
+    assert blob_bytes(blob_service, container, "good.bin") == payload(9 * MiB)
+    assert outside.exists()
+
+
+async def test_wrong_azure_credential_fails_the_job_with_a_reason(
+    tmp_path: Path,
+    moto_endpoint: str,
+    azurite_endpoint: str,
+    s3_client: Any,
+    blob_service: BlobServiceClient,
+    bucket: str,
+    container: str,
+) -> None:
+    wrong_key = AZURITE_KEY[:-8] + "AAAAAA=="
+    settings = make_settings(
+        tmp_path,
+        moto_endpoint,
+        azurite_endpoint,
+        azure={
+            "connection_string": (
+                f"DefaultEndpointsProtocol=http;AccountName=devstoreaccount1;AccountKey={wrong_key};"
+                f"BlobEndpoint={azurite_endpoint}/devstoreaccount1;"
+            )
+        },
+    )
+    s3_client.put_object(Bucket=bucket, Key="big.bin", Body=payload(9 * MiB))
+    s3_client.put_object(Bucket=bucket, Key="small.bin", Body=b"x")
+    async with running_daemon(settings) as d:
+        d.drop(
+            "j.json",
+            json.dumps(
+                {
+                    "transfers": [
+                        {
+                            "source": f"s3://{bucket}/big.bin",
+                            "destination": f"az://{container}/big",
+                        },
+                        {
+                            "source": f"s3://{bucket}/small.bin",
+                            "destination": f"az://{container}/small",
+                        },
+                    ]
+                }
+            ),
+        )
+        folder, report = await d.wait_finished("j.json")
+    assert folder == "failed"
+    for t in report["transfers"]:
+        assert "Azure refused the credentials" in t["error"]
+        assert wrong_key not in t["error"]
+    assert blob_names(blob_service, container) == []
+    text = (settings.jobs_dir / "failed" / "j.report.json").read_text()
+    assert wrong_key not in text

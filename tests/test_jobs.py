@@ -1,0 +1,90 @@
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from daemon.errors import AddressError, JobFileError
+from daemon.jobs import AzAddress, Overwrite, S3Address, make_spec, parse_azure, parse_job, parse_s3
+
+
+def test_s3_addresses() -> None:
+    assert parse_s3("s3://bucket/a/b.bin") == S3Address("bucket", "a/b.bin")
+    assert parse_s3("s3://bucket/a/").is_prefix
+    assert parse_s3("s3://bucket/").is_prefix
+    assert not parse_s3("s3://bucket/a").is_prefix
+    for bad in ("bucket/key", "s3:///key", "s3://ab/key", "https://bucket/key"):
+        with pytest.raises(AddressError):
+            parse_s3(bad)
+
+
+def test_azure_addresses() -> None:
+    assert parse_azure("az://ctr/x/y.bin") == AzAddress("ctr", "x/y.bin")
+    real = parse_azure("https://acct.blob.core.windows.net/ctr/dir/file%20name.bin")
+    assert real == AzAddress("ctr", "dir/file name.bin", "https://acct.blob.core.windows.net")
+    emu = parse_azure("http://127.0.0.1:10000/devstoreaccount1/ctr/blob")
+    assert emu == AzAddress("ctr", "blob", "http://127.0.0.1:10000/devstoreaccount1")
+    for bad in (
+        "az://UPPER/x",
+        "az://a/x",
+        "az://has--two/x",
+        "ftp://x/y",
+        "az:///blob",
+        "https://acct.blob.core.windows.net/ctr/b?sv=secret",
+    ):
+        with pytest.raises(AddressError):
+            parse_azure(bad)
+
+
+def test_specs_prefixes_and_folders() -> None:
+    spec = make_spec("s3://bucket/in/", "az://ctr/out/")
+    assert spec.for_key("in/a/b c+d.bin").destination == AzAddress("ctr", "out/a/b c+d.bin")
+    one = make_spec("s3://bucket/in/file.bin", "az://ctr/out/")
+    assert one.destination == AzAddress("ctr", "out/file.bin")
+    with pytest.raises(AddressError, match="must be one too"):
+        make_spec("s3://bucket/in/", "az://ctr/out")
+
+
+def test_both_job_shapes() -> None:
+    single = parse_job(
+        '{"source": "s3://bucket/k", "destination": "az://ctr/k", "overwrite": "never"}'
+    )
+    assert [s.overwrite for s in single] == [Overwrite.NEVER]
+    many = parse_job(
+        json.dumps(
+            {
+                "transfers": [
+                    {"source": "s3://bucket/a", "destination": "az://ctr/a"},
+                    {"source": "s3://bucket/p/", "destination": "az://ctr/q/"},
+                ]
+            }
+        )
+    )
+    assert len(many) == 2 and many[1].source.is_prefix
+
+
+@pytest.mark.parametrize(
+    ("text", "reason"),
+    [
+        ("{not json", "not valid JSON"),
+        ("[1, 2]", "must hold a JSON object"),
+        (
+            '{"source": "s3://bucket/k", "destination": "az://ctr/k", "colour": 1}',
+            "colour: unknown field",
+        ),
+        ('{"transfers": []}', "transfers"),
+        ('{"source": "s3://bucket/k"}', "both source and destination"),
+        ('{"source": "gs://bucket/k", "destination": "az://ctr/k"}', "must start with s3://"),
+        ('{"transfers": [{"source": "s3://bucket/k", "destination": "az://C/k"}]}', "transfers.0"),
+        (
+            '{"source": "s3://bucket/k", "destination": "az://ctr/k", "overwrite": "sometimes"}',
+            "overwrite",
+        ),
+        ('{"source": 5, "destination": "az://ctr/k"}', "source"),
+        ("[" * 100000 + "]" * 100000, "JSON"),
+        (b"\xff\xfe not utf8", "not valid JSON"),
+    ],
+)
+def test_bad_job_files_say_why(text: str | bytes, reason: str) -> None:
+    with pytest.raises(JobFileError, match=reason.replace("(", r"\(")):
+        parse_job(text)

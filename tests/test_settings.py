@@ -1,0 +1,73 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from daemon.errors import ConfigError
+from daemon.settings import load_settings
+
+
+def test_environment_nested_and_toml(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    toml = tmp_path / "blobferry.toml"
+    toml.write_text('max_transfers = 7\nblock_size_mb = 16\n[s3]\nregion = "eu-west-1"\n')
+    monkeypatch.setenv("BLOBFERRY_CONFIG", str(toml))
+    monkeypatch.setenv("BLOBFERRY_MEMORY_MB", "64")
+    monkeypatch.setenv("BLOBFERRY_S3__ENDPOINT_URL", "http://127.0.0.1:9")
+    monkeypatch.setenv("BLOBFERRY_BLOCK_SIZE_MB", "32")  # the environment beats the file
+    s = load_settings()
+    assert (s.max_transfers, s.memory_mb, s.block_size_mb) == (7, 64, 32)
+    assert s.s3.region == "eu-west-1" and s.s3.endpoint_url == "http://127.0.0.1:9"
+    assert s.jobs_dir.is_absolute() and s.state_dir.is_absolute()
+
+
+def test_connection_string_from_azure_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AZURE_STORAGE_CONNECTION_STRING", "AccountName=a;AccountKey=sekrit")
+    s = load_settings()
+    assert s.azure.connection_string is not None
+    assert "sekrit" not in repr(s) and "sekrit" not in str(s.model_dump())
+
+
+@pytest.mark.parametrize(
+    ("env", "named"),
+    [
+        ({"BLOBFERRY_MAX_TRANSFERS": "zero"}, "max_transfers"),
+        ({"BLOBFERRY_MAX_TRANSFERS": "0"}, "max_transfers"),
+        (
+            {
+                "BLOBFERRY_AZURE__CONNECTION_STRING": "x",
+                "BLOBFERRY_AZURE__ACCOUNT_URL": "https://a",
+            },
+            "azure.connection_string contradicts azure.account_url",
+        ),
+        ({"BLOBFERRY_AZURE__ACCOUNT_KEY": "k"}, "need azure.account_url"),
+        (
+            {
+                "BLOBFERRY_AZURE__ACCOUNT_URL": "https://a",
+                "BLOBFERRY_AZURE__ACCOUNT_KEY": "k",
+                "BLOBFERRY_AZURE__SAS_TOKEN": "s",
+            },
+            "account_key contradicts azure.sas_token",
+        ),
+        ({"BLOBFERRY_S3__PRESIGN_EXPIRES_S": "700000"}, "s3.presign_expires_s"),
+    ],
+)
+def test_bad_settings_are_one_clear_line(
+    env: dict[str, str], named: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    with pytest.raises(ConfigError) as info:
+        load_settings()
+    message = str(info.value)
+    assert named in message and "\n" not in message
+    assert "sekrit" not in message
+
+
+def test_unknown_setting_in_toml(tmp_path: Path) -> None:
+    toml = tmp_path / "c.toml"
+    toml.write_text("max_transfer = 3\n")
+    with pytest.raises(ConfigError, match="max_transfer: unknown setting"):
+        load_settings(toml)
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_settings(tmp_path / "missing.toml")
