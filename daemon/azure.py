@@ -212,7 +212,9 @@ class AzureWriter:
     ) -> None:
         try:
             await self._blob(dst).stage_block(
-                block_id, cast(bytes, _slices(data)), length=len(data),
+                block_id,
+                cast(bytes, _slices(data)),
+                length=len(data),
                 transactional_content_md5=md5,
             )
         except AzureError as e:
