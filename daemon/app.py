@@ -26,6 +26,7 @@ from daemon.settings import Settings, require_azure
 from daemon.sources.directory import DirectorySource
 from daemon.state import StateStore
 from daemon.supervisor import Supervisor
+from daemon.systemd import Notifier
 from daemon.transfer import Copier
 
 log = structlog.get_logger("blobferry")
@@ -71,6 +72,7 @@ async def serve(
 ) -> None:
     """The daemon: watch ``jobs_dir`` and run what arrives until ``stop`` is set."""
     lock = _lock_state_dir(settings)
+    notifier = Notifier()
     state = StateStore.in_dir(settings.state_dir)
     source = DirectorySource(
         settings.jobs_dir, settings.poll_interval_s, settings.max_job_file_mb << 20
@@ -94,13 +96,24 @@ async def serve(
                 max_transfers=settings.max_transfers,
                 memory_mb=settings.memory_mb,
             )
+            notifier.ready(sup.summary())
             if on_ready is not None:
                 on_ready()
-            await sup.serve(source)
+            async with asyncio.TaskGroup() as tg:
+                keepalive = tg.create_task(notifier.keepalive(sup.summary))
+                tg.create_task(_announce_stop(stop, notifier, sup))
+                await sup.serve(source)
+                keepalive.cancel()
     finally:
         state.close()
         lock.close()
+        notifier.close()
     log.info("stopped")
+
+
+async def _announce_stop(stop: asyncio.Event, notifier: Notifier, sup: Supervisor) -> None:
+    await stop.wait()
+    notifier.stopping("draining: " + sup.summary())
 
 
 async def copy_once(

@@ -97,6 +97,15 @@ class Supervisor:
         self._slots = asyncio.Semaphore(settings.max_transfers)
         self._last_flush = time.monotonic()
         self.active_jobs: set[str] = set()
+        self.copied = self.failed = self.bytes_copied = self.running = 0
+
+    def summary(self) -> str:
+        """One line for systemd's STATUS=."""
+        return (
+            f"{len(self.active_jobs)} jobs, {self.running} transfers running; "
+            f"{self.copied} copied, {self.failed} failed, {self.bytes_copied / 2**20:.0f} MiB "
+            "since start"
+        )
 
     def flush_soon(self) -> None:
         now = time.monotonic()
@@ -242,8 +251,13 @@ class Supervisor:
             tally.interrupted += 1
             return
         await self._slots.acquire()
+        self.running += 1
         task = tg.create_task(self._transfer(job, seq, spec, listed, tally))
-        task.add_done_callback(lambda _: self._slots.release())
+        task.add_done_callback(self._transfer_done)
+
+    def _transfer_done(self, _: asyncio.Task[None]) -> None:
+        self.running -= 1
+        self._slots.release()
 
     def _record_failure(
         self, job: str, seq: int, spec: TransferSpec, tally: Tally, error: str
@@ -275,6 +289,7 @@ class Supervisor:
             return
         except TransferError as e:
             tally.failed += 1
+            self.failed += 1
             error = redact(str(e))
             self.state.transfer_finished(job, seq, Status.FAILED, tracker.done, error)
             log.error("failed", error=error, bytes=tracker.done)
@@ -298,6 +313,8 @@ class Supervisor:
             tally.skipped += 1
         else:
             tally.copied += 1
+            self.copied += 1
+            self.bytes_copied += outcome.bytes
         self.state.transfer_finished(job, seq, outcome.status, outcome.bytes, None, detail)
         self.flush_soon()
         log.info(

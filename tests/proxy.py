@@ -1,0 +1,180 @@
+"""A small TCP proxy that injects real faults between blobferry and an emulator.
+
+It forwards bytes both ways and, on the way back (server to client), can: cap each
+connection's rate, delay, stall after N bytes, reset a connection after N bytes, and
+flip one byte. Faults pick their victims by connection number, so "every third
+connection" is exact. It counts what it forwards, so a test can measure how many
+bytes blobferry really read from S3.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import re
+import socket
+import struct
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+
+@dataclass
+class Faults:
+    rate_bps: float | None = None  # per connection, server to client
+    delay_s: float = 0.0  # before each chunk goes back
+    reset_every: int = 0  # reset every Nth connection ...
+    reset_after: int = 0  # ... after this many bytes back
+    stall_every: int = 0  # stall every Nth connection ...
+    stall_after: int = 0  # ... after this many bytes back
+    flip_at: int | None = None  # flip the byte at this offset of one response stream
+    # Refuse presigned requests past X-Amz-Date + X-Amz-Expires, as S3 does (moto does not).
+    enforce_expiry: bool = False
+
+
+class FaultProxy:
+    def __init__(self, upstream: str, faults: Faults | None = None) -> None:
+        host, _, port = upstream.removeprefix("http://").partition(":")
+        self.upstream = (host, int(port))
+        self.faults = faults or Faults()
+        self.connections = 0
+        self.bytes_down = 0  # server to client, all connections
+        self.resets = 0
+        self.stalls = 0
+        self.flips = 0
+        self.expired = 0
+        self._server: asyncio.Server | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._client_writer: dict[int, asyncio.StreamWriter] = {}
+
+    @property
+    def endpoint(self) -> str:
+        assert self._server is not None
+        port = self._server.sockets[0].getsockname()[1]
+        return f"http://127.0.0.1:{port}"
+
+    async def __aenter__(self) -> FaultProxy:
+        self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._server is not None
+        self._server.close()
+        for t in list(self._tasks):
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._server.wait_closed()
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._tasks.add(task)
+        self.connections += 1
+        number = self.connections
+        try:
+            up_reader, up_writer = await asyncio.open_connection(*self.upstream)
+        except OSError:
+            writer.close()
+            self._tasks.discard(task)
+            return
+        try:
+            self._client_writer[id(reader)] = writer
+            async with asyncio.TaskGroup() as tg:
+                tg.create_task(self._pump(reader, up_writer, None))
+                tg.create_task(self._pump(up_reader, writer, number))
+        except* (ConnectionError, OSError, _Reset):
+            pass
+        finally:
+            self._client_writer.pop(id(reader), None)
+            for w in (writer, up_writer):
+                w.close()
+            self._tasks.discard(task)
+
+    async def _pump(
+        self, src: asyncio.StreamReader, dst: asyncio.StreamWriter, number: int | None
+    ) -> None:
+        f = self.faults
+        sent = 0
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        flipped = False
+        while True:
+            chunk = await src.read(64 * 1024)
+            if not chunk:
+                with contextlib.suppress(OSError):
+                    dst.write_eof()
+                return
+            if number is None and f.enforce_expiry and _expired(chunk):
+                self.expired += 1
+                body = b"<Error><Code>AccessDenied</Code><Message>Request has expired</Message></Error>"
+                reply = (
+                    b"HTTP/1.1 403 Forbidden\r\nContent-Type: application/xml\r\n"
+                    b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(body)
+                ) + body
+                back = self._client_writer.get(id(src))
+                if back is not None:
+                    back.write(reply)
+                    await back.drain()
+                raise _Reset()
+            if number is not None:  # server to client: the faults live here
+                if f.delay_s:
+                    await asyncio.sleep(f.delay_s)
+                if (
+                    f.reset_every
+                    and number % f.reset_every == 0
+                    and sent + len(chunk) > f.reset_after
+                ):
+                    self.resets += 1
+                    _abort(dst)
+                    raise _Reset()
+                if (
+                    f.stall_every
+                    and number % f.stall_every == 0
+                    and sent + len(chunk) > f.stall_after
+                ):
+                    self.stalls += 1
+                    await asyncio.sleep(3600)  # never again a byte; the client must give up
+                if (
+                    f.flip_at is not None
+                    and not flipped
+                    and self.flips == 0
+                    and sent <= f.flip_at < sent + len(chunk)
+                ):
+                    b = bytearray(chunk)
+                    b[f.flip_at - sent] ^= 0x01
+                    chunk = bytes(b)
+                    flipped = True
+                    self.flips += 1
+                sent += len(chunk)
+                self.bytes_down += len(chunk)
+                if f.rate_bps:
+                    ahead = sent / f.rate_bps - (loop.time() - t0)
+                    if ahead > 0:
+                        await asyncio.sleep(ahead)
+            dst.write(chunk)
+            await dst.drain()
+
+
+_DATE = re.compile(rb"X-Amz-Date=(\d{8}T\d{6}Z)")
+_EXPIRES = re.compile(rb"X-Amz-Expires=(\d+)")
+
+
+def _expired(request: bytes) -> bool:
+    line = request.split(b"\r\n", 1)[0]
+    date, expires = _DATE.search(line), _EXPIRES.search(line)
+    if not date or not expires:
+        return False
+    signed = datetime.strptime(date.group(1).decode(), "%Y%m%dT%H%M%SZ").replace(tzinfo=UTC)
+    return datetime.now(UTC).timestamp() > signed.timestamp() + int(expires.group(1))
+
+
+class _Reset(Exception):
+    pass
+
+
+def _abort(writer: asyncio.StreamWriter) -> None:
+    """Close with a TCP RST, as a dropped connection looks from the client."""
+    sock = writer.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    writer.transport.abort()

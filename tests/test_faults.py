@@ -1,0 +1,389 @@
+"""Real faults: a TCP proxy between blobferry and moto, kill -9, SIGTERM, the notify socket."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from azure.storage.blob import BlobServiceClient
+
+from daemon.settings import Settings
+from daemon.systemd import Notifier
+from tests.conftest import connection_string, make_settings
+from tests.helpers import MiB, blob_bytes, blob_names, copy, payload
+from tests.proxy import FaultProxy, Faults
+
+BLOBFERRY = str(Path(sys.executable).parent / "blobferry")
+
+
+def through(settings: Settings, proxy: FaultProxy, **changes: Any) -> Settings:
+    retry = {"backoff_s": 0.05, "backoff_max_s": 0.3, **changes.pop("retry", {})}
+    s3 = {"endpoint_url": proxy.endpoint, **changes.pop("s3", {})}
+    return settings.model_copy(
+        update={
+            "s3": settings.s3.model_copy(update=s3),
+            "retry": settings.retry.model_copy(update=retry),
+            **changes,
+        }
+    )
+
+
+async def test_resets_of_every_third_connection(
+    settings: Settings,
+    moto_endpoint: str,
+    s3_client: Any,
+    blob_service: BlobServiceClient,
+    bucket: str,
+    container: str,
+) -> None:
+    objects = {"big.bin": payload(40 * MiB + 3, seed=1)}
+    objects.update({f"small/{i}.bin": payload(30_000 + i, seed=i) for i in range(10)})
+    for key, body in objects.items():
+        s3_client.put_object(Bucket=bucket, Key=f"src/{key}", Body=body)
+    async with FaultProxy(moto_endpoint, Faults(reset_every=3, reset_after=20_000)) as proxy:
+        status, rows = await copy(
+            through(settings, proxy), f"s3://{bucket}/src/", f"az://{container}/dst/"
+        )
+    assert status == "done", [r.error for r in rows]
+    assert proxy.resets >= 3
+    for key, body in objects.items():
+        assert blob_bytes(blob_service, container, f"dst/{key}") == body
+
+
+async def test_a_stalled_connection_is_abandoned_and_retried(
+    settings: Settings,
+    moto_endpoint: str,
+    s3_client: Any,
+    blob_service: BlobServiceClient,
+    bucket: str,
+    container: str,
+) -> None:
+    body = payload(24 * MiB, seed=5)
+    s3_client.put_object(Bucket=bucket, Key="s.bin", Body=body)
+    async with FaultProxy(moto_endpoint, Faults(stall_every=2, stall_after=100_000)) as proxy:
+        tuned = through(settings, proxy, retry={"stall_timeout_s": 1.0})
+        status, [row] = await copy(tuned, f"s3://{bucket}/s.bin", f"az://{container}/s.bin")
+    assert status == "done", row.error
+    assert proxy.stalls >= 1
+    assert blob_bytes(blob_service, container, "s.bin") == body
+
+
+async def test_transfer_outlives_its_presigned_urls(
+    settings: Settings,
+    moto_endpoint: str,
+    s3_client: Any,
+    blob_service: BlobServiceClient,
+    bucket: str,
+    container: str,
+) -> None:
+    body = payload(20 * MiB, seed=7)
+    s3_client.put_object(Bucket=bucket, Key="slow.bin", Body=body)
+    # 1 s URLs, and a link slow enough that the copy takes several times that:
+    # a URL signed once up front would be refused half-way (the proxy checks expiry).
+    faults = Faults(rate_bps=2 * MiB, enforce_expiry=True)
+    async with FaultProxy(moto_endpoint, faults) as proxy:
+        tuned = through(settings, proxy, s3={"presign_expires_s": 1}, block_concurrency=2)
+        t0 = time.monotonic()
+        status, [row] = await copy(tuned, f"s3://{bucket}/slow.bin", f"az://{container}/slow.bin")
+        took = time.monotonic() - t0
+    assert status == "done", row.error
+    assert took > 3, "the copy must outlive a URL for this test to mean anything"
+    assert proxy.expired == 0
+    assert blob_bytes(blob_service, container, "slow.bin") == body
+
+
+async def test_proxy_refuses_an_expired_url(
+    moto_endpoint: str, s3_client: Any, bucket: str
+) -> None:
+    """The expiry check the test above relies on really refuses stale URLs."""
+    import aiohttp
+
+    s3_client.put_object(Bucket=bucket, Key="k", Body=b"x")
+    async with FaultProxy(moto_endpoint, Faults(enforce_expiry=True)) as proxy:
+        import boto3
+        from botocore.config import Config
+
+        signer = boto3.client(
+            "s3",
+            endpoint_url=proxy.endpoint,
+            region_name="us-east-1",
+            config=Config(signature_version="s3v4"),
+        )
+        url = signer.generate_presigned_url(
+            "get_object", Params={"Bucket": bucket, "Key": "k"}, ExpiresIn=1
+        )
+        async with aiohttp.ClientSession() as http:
+            async with http.get(url) as r:
+                assert r.status == 200
+            await asyncio.sleep(2.1)
+            async with http.get(url) as r:
+                assert r.status == 403 and "expired" in await r.text()
+    assert proxy.expired == 1
+
+
+async def test_source_overwritten_mid_copy_never_yields_a_mixed_blob(
+    settings: Settings,
+    moto_endpoint: str,
+    s3_client: Any,
+    blob_service: BlobServiceClient,
+    bucket: str,
+    container: str,
+) -> None:
+    s3_client.put_object(Bucket=bucket, Key="v.bin", Body=payload(32 * MiB, seed=1))
+    async with FaultProxy(moto_endpoint, Faults(rate_bps=4 * MiB)) as proxy:
+        tuned = through(settings, proxy, block_concurrency=2)
+        task = asyncio.create_task(copy(tuned, f"s3://{bucket}/v.bin", f"az://{container}/v.bin"))
+        while proxy.bytes_down < 10 * MiB:
+            await asyncio.sleep(0.05)
+        await asyncio.to_thread(
+            s3_client.put_object, Bucket=bucket, Key="v.bin", Body=payload(32 * MiB, seed=2)
+        )
+        status, [row] = await task
+    assert (status, row.status) == ("failed", "failed")
+    assert row.error is not None and "changed while it was being copied" in row.error
+    assert blob_names(blob_service, container) == []
+
+
+# -- the daemon as a process -------------------------------------------------------
+
+
+def daemon_env(settings: Settings, s3_endpoint: str, azurite: str, **extra: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(
+        BLOBFERRY_JOBS_DIR=str(settings.jobs_dir),
+        BLOBFERRY_STATE_DIR=str(settings.state_dir),
+        BLOBFERRY_S3__ENDPOINT_URL=s3_endpoint,
+        AZURE_STORAGE_CONNECTION_STRING=connection_string(azurite),
+        BLOBFERRY_POLL_INTERVAL_S="0.2",
+        BLOBFERRY_RETRY__BACKOFF_S="0.05",
+        **extra,
+    )
+    return env
+
+
+async def start_daemon(env: dict[str, str]) -> asyncio.subprocess.Process:
+    return await asyncio.create_subprocess_exec(
+        BLOBFERRY, "run", env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+    )
+
+
+async def wait_report(jobs_dir: Path, name: str, timeout: float = 120) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    for folder in ("done", "failed") * 1_000_000:
+        report = jobs_dir / folder / f"{name}.report.json"
+        if report.exists():
+            return dict(json.loads(report.read_text()), folder=folder)
+        if time.monotonic() > deadline:
+            break
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"{name} did not finish")
+
+
+def multipart_object(s3_client: Any, bucket: str, key: str, size: int, part: int) -> bytes:
+    body = payload(size, seed=size)
+    mpu = s3_client.create_multipart_upload(Bucket=bucket, Key=key)
+    parts = []
+    for n, start in enumerate(range(0, size, part), 1):
+        r = s3_client.upload_part(
+            Bucket=bucket,
+            Key=key,
+            UploadId=mpu["UploadId"],
+            PartNumber=n,
+            Body=body[start : start + part],
+        )
+        parts.append({"ETag": r["ETag"], "PartNumber": n})
+    s3_client.complete_multipart_upload(
+        Bucket=bucket, Key=key, UploadId=mpu["UploadId"], MultipartUpload={"Parts": parts}
+    )
+    return body
+
+
+async def test_kill_9_mid_transfer_then_restart_rereads_only_blocks_in_flight(
+    settings: Settings,
+    moto_endpoint: str,
+    azurite_endpoint: str,
+    s3_client: Any,
+    blob_service: BlobServiceClient,
+    bucket: str,
+    container: str,
+) -> None:
+    size, block = 256 * MiB, 8 * MiB
+    body = multipart_object(s3_client, bucket, "huge.bin", size, block)
+    async with FaultProxy(moto_endpoint, Faults(rate_bps=6 * MiB)) as proxy:
+        env = daemon_env(settings, proxy.endpoint, azurite_endpoint)
+        first = await start_daemon(env)
+        inbox = settings.jobs_dir / "inbox"
+        while not inbox.exists():
+            await asyncio.sleep(0.05)
+        (inbox / "huge.json").write_text(
+            json.dumps(
+                {"source": f"s3://{bucket}/huge.bin", "destination": f"az://{container}/huge.bin"}
+            )
+        )
+        while proxy.bytes_down < size // 2:
+            await asyncio.sleep(0.02)
+        first.kill()  # SIGKILL: no drain, no cleanup
+        await first.wait()
+        read_before = proxy.bytes_down
+        staged = blob_service.get_blob_client(container, "huge.bin").get_block_list("uncommitted")[
+            1
+        ]
+        assert (settings.jobs_dir / "processing" / "huge.json").exists()
+        proxy.faults.rate_bps = None
+        second = await start_daemon(env)
+        report = await wait_report(settings.jobs_dir, "huge")
+        second.send_signal(signal.SIGTERM)
+        await second.communicate()
+        read_after = proxy.bytes_down - read_before
+    assert report["folder"] == "done", report
+    [t] = report["transfers"]
+    assert t["blocks_reused"] == len(staged) > 0
+    # After the restart, only what was not yet staged is read again: the blocks in
+    # flight at the kill (at most block_concurrency of them) and those never started.
+    unstaged = size - sum(b.size for b in staged)
+    overhead = 256 * 1024  # response headers of the GETs, part HEADs and listings
+    assert read_after <= unstaged + overhead
+    assert read_before + read_after <= size + settings.block_concurrency * block + 2 * overhead
+    print(
+        f"\nkill -9 at {read_before / MiB:.1f} MiB read; {len(staged)} blocks staged "
+        f"({sum(b.size for b in staged) / MiB:.0f} MiB); after restart read "
+        f"{read_after / MiB:.1f} MiB; total {(read_before + read_after) / MiB:.1f} MiB "
+        f"for a {size / MiB:.0f} MiB object"
+    )
+    assert blob_bytes(blob_service, container, "huge.bin") == body
+
+
+async def test_sigterm_drains_within_grace_and_the_job_resumes(
+    settings: Settings,
+    moto_endpoint: str,
+    azurite_endpoint: str,
+    s3_client: Any,
+    blob_service: BlobServiceClient,
+    bucket: str,
+    container: str,
+) -> None:
+    size = 96 * MiB
+    body = payload(size, seed=11)
+    s3_client.put_object(Bucket=bucket, Key="t.bin", Body=body)
+    async with FaultProxy(moto_endpoint, Faults(rate_bps=4 * MiB)) as proxy:
+        env = daemon_env(settings, proxy.endpoint, azurite_endpoint, BLOBFERRY_GRACE_PERIOD_S="20")
+        first = await start_daemon(env)
+        inbox = settings.jobs_dir / "inbox"
+        while not inbox.exists():
+            await asyncio.sleep(0.05)
+        (inbox / "t.json").write_text(
+            json.dumps({"source": f"s3://{bucket}/t.bin", "destination": f"az://{container}/t.bin"})
+        )
+        while proxy.bytes_down < 20 * MiB:
+            await asyncio.sleep(0.02)
+        t0 = time.monotonic()
+        first.send_signal(signal.SIGTERM)
+        out, _ = await first.communicate()
+        took = time.monotonic() - t0
+        assert first.returncode == 0
+        assert took < 20
+        events = [json.loads(line)["event"] for line in out.decode().splitlines()]
+        assert "draining" in events and "stopped" in events and "job done" not in events
+        assert (settings.jobs_dir / "processing" / "t.json").exists()
+        assert blob_names(blob_service, container) == []  # nothing committed yet
+        staged = blob_service.get_blob_client(container, "t.bin").get_block_list("uncommitted")[1]
+        assert staged, "the blocks in flight were allowed to land"
+        proxy.faults.rate_bps = None
+        second = await start_daemon(env)
+        report = await wait_report(settings.jobs_dir, "t")
+        second.send_signal(signal.SIGTERM)
+        await second.communicate()
+    assert report["folder"] == "done"
+    assert report["transfers"][0]["blocks_reused"] == len(staged)
+    assert blob_bytes(blob_service, container, "t.bin") == body
+
+
+async def test_second_signal_stops_at_once(
+    settings: Settings,
+    moto_endpoint: str,
+    azurite_endpoint: str,
+    s3_client: Any,
+    bucket: str,
+    container: str,
+) -> None:
+    s3_client.put_object(Bucket=bucket, Key="t.bin", Body=payload(64 * MiB, seed=3))
+    async with FaultProxy(moto_endpoint, Faults(rate_bps=1 * MiB)) as proxy:
+        env = daemon_env(settings, proxy.endpoint, azurite_endpoint, BLOBFERRY_GRACE_PERIOD_S="60")
+        proc = await start_daemon(env)
+        inbox = settings.jobs_dir / "inbox"
+        while not inbox.exists():
+            await asyncio.sleep(0.05)
+        (inbox / "t.json").write_text(
+            json.dumps({"source": f"s3://{bucket}/t.bin", "destination": f"az://{container}/t.bin"})
+        )
+        while proxy.bytes_down < 2 * MiB:
+            await asyncio.sleep(0.02)
+        proc.send_signal(signal.SIGTERM)
+        await asyncio.sleep(0.5)
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        await proc.communicate()
+        assert time.monotonic() - t0 < 10 and proc.returncode == 0
+    assert (settings.jobs_dir / "processing" / "t.json").exists()
+
+
+async def test_notify_socket_protocol(
+    tmp_path: Path,
+    moto_endpoint: str,
+    azurite_endpoint: str,
+) -> None:
+    settings = make_settings(tmp_path, moto_endpoint, azurite_endpoint)
+    path = str(tmp_path / "notify.sock")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(path)
+    sock.setblocking(False)
+    env = daemon_env(
+        settings, moto_endpoint, azurite_endpoint, NOTIFY_SOCKET=path, WATCHDOG_USEC="400000"
+    )
+    proc = await start_daemon(env)
+    loop = asyncio.get_running_loop()
+    messages: list[str] = []
+    try:
+        while (
+            not any("READY=1" in m for m in messages)
+            or sum("WATCHDOG=1" in m for m in messages) < 3
+        ):
+            messages.append((await asyncio.wait_for(loop.sock_recv(sock, 4096), 30)).decode())
+        proc.send_signal(signal.SIGTERM)
+        while not any("STOPPING=1" in m for m in messages):
+            messages.append((await asyncio.wait_for(loop.sock_recv(sock, 4096), 30)).decode())
+    finally:
+        if proc.returncode is None:
+            proc.send_signal(signal.SIGTERM)
+        await proc.communicate()
+        sock.close()
+    ready = next(m for m in messages if "READY=1" in m)
+    assert "STATUS=" in ready and "jobs" in ready
+    assert proc.returncode == 0
+
+
+def test_notifier_abstract_namespace_and_outside_systemd() -> None:
+    name = f"blobferry-test-{os.getpid()}"
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind("\0" + name)
+    n = Notifier(
+        {"NOTIFY_SOCKET": "@" + name, "WATCHDOG_USEC": "2000000", "WATCHDOG_PID": str(os.getpid())}
+    )
+    assert n.watchdog_interval == 1.0
+    n.ready("hello")
+    assert sock.recv(100) == b"READY=1\nSTATUS=hello"
+    n.close()
+    sock.close()
+    off = Notifier({})
+    assert not off.enabled and off.watchdog_interval is None
+    off.ready("nothing happens")
+    other = Notifier({"NOTIFY_SOCKET": "/nonexistent", "WATCHDOG_USEC": "1", "WATCHDOG_PID": "1"})
+    assert other.watchdog_interval is None  # the watchdog is another process's
+    other.close()
