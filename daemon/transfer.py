@@ -4,9 +4,11 @@ Nothing here knows where a job came from or writes anything to local disk. A blo
 bytes live in one buffer, from the ranged GET that fills it until Azure has
 acknowledged it; the buffer's size is reserved in the shared ByteBudget first.
 
-Block IDs are ``<24 hex of the source's identity><6-digit index>``: the identity hashes
-bucket, key, ETag, version, size and block size, so a later run recognises blocks it
-staged for the same version of the same object and never mistakes another's.
+Block IDs are ``<24 hex of the source's identity><6-digit index><32 hex MD5>``. The
+identity hashes bucket, key, ETag, version, size and block size, so a later run
+recognises blocks it staged for the same version of the same object and never mistakes
+another's; the MD5 (which Azure checked when the block arrived) lets that run rebuild a
+multipart object's composite ETag from Azure's block list alone, without re-reading.
 """
 
 from __future__ import annotations
@@ -14,10 +16,11 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import re
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
+
+import structlog
 
 from daemon.azure import AzureWriter, BlobHeaders, azure_metadata
 from daemon.budget import ByteBudget
@@ -36,8 +39,10 @@ from daemon.settings import MiB, Settings
 MAX_BLOCKS = 50_000
 MAX_BLOCK_SIZE = 4000 * MiB
 _MD5_HEX = re.compile(r"[0-9a-f]{32}\Z")
+_ID_LENGTH = 24 + 6 + 32  # identity, index, MD5: every ID the same length, as Azure requires
 
 Progress = Callable[[int], None]
+log = structlog.get_logger("blobferry.transfer")
 
 
 class Status(StrEnum):
@@ -73,8 +78,21 @@ class Plan:
     parts: int  # the S3 parts the blocks are aligned to; 0 when not aligned
     id_prefix: str
 
-    def block_id(self, index: int) -> str:
-        return f"{self.id_prefix}{index:06d}"
+    def block_id(self, index: int, md5: bytes | None) -> str:
+        assert md5 is not None, "every block has been staged before its ID is needed"
+        return f"{self.id_prefix}{index:06d}{md5.hex()}"
+
+    def parse_id(self, block_id: str) -> tuple[int, bytes] | None:
+        """(index, MD5) of a block this plan staged, or None for anyone else's."""
+        if len(block_id) != _ID_LENGTH or not block_id.startswith(self.id_prefix):
+            return None
+        index, md5 = block_id[24:30], block_id[30:]
+        if not index.isdigit() or int(index) >= len(self.blocks):
+            return None
+        try:
+            return int(index), bytes.fromhex(md5)
+        except ValueError:
+            return None
 
 
 def choose_block_size(size: int, minimum: int) -> int:
@@ -287,36 +305,71 @@ class Copier:
         )
         plan = plan_blocks(info, self._settings.block_size, part_sizes)
         staged = await retrying(lambda: self._azure.staged_blocks(dst), policy, f"blocks {dst}")
-        todo = [b for b in plan.blocks if staged.get(plan.block_id(b.index)) != b.length]
-        reused = len(plan.blocks) - len(todo)
+        # Azure's own record says which blocks exist; their IDs carry their MD5s.
+        md5s: list[bytes | None] = [None] * len(plan.blocks)
+        for block_id, size in staged.items():
+            found = plan.parse_id(block_id)
+            if found is not None and plan.blocks[found[0]].length == size:
+                md5s[found[0]] = found[1]
+        reused = sum(m is not None for m in md5s)
+        todo = [b for b in plan.blocks if md5s[b.index] is None]
         if reused:
             progress(sum(b.length for b in plan.blocks) - sum(b.length for b in todo))
+        # A full in-order pass is only possible when every block passes through here.
         digest = _InOrderDigest(plan) if not reused else None
-        await self._stage_all(info, dst, plan, todo, digest, progress)
-        if digest is not None:
-            verified = verify(info, digest.whole.digest(), digest.part_digests)
-            md5: bytes | None = digest.whole.digest()
-        else:
-            verified = (
-                f"size: {reused} blocks were staged by an earlier run, so the MD5 "
-                "could not be computed in this one"
+        await self._stage_all(info, dst, plan, todo, md5s, digest, progress)
+        note = None
+        try:
+            verified, md5 = self._proof(info, plan, md5s, digest, reused)
+        except VerificationError as e:
+            if reused:
+                raise
+            # Something was damaged between S3 and us (Azure checked the rest). Read the
+            # whole object once more; only blocks whose bytes differ are staged again.
+            log.warning("verification failed, reading again", error=str(e))
+            first = list(md5s)
+            digest = _InOrderDigest(plan)
+            await self._stage_all(
+                info, dst, plan, list(plan.blocks), md5s, digest, lambda n: None, first
             )
-            md5 = None
+            damaged = sum(a != b for a, b in zip(first, md5s, strict=True))
+            verified, md5 = self._proof(info, plan, md5s, digest, reused)
+            note = f"{damaged} block(s) arrived damaged from S3 and were read again"
         metadata, renamed = azure_metadata(info.metadata)
+        ids = [plan.block_id(b.index, m) for b, m in zip(plan.blocks, md5s, strict=True)]
         await retrying(
-            lambda: self._azure.commit(
-                dst,
-                [plan.block_id(b.index) for b in plan.blocks],
-                md5,
-                headers_of(info),
-                metadata,
-                overwrite,
-            ),
+            lambda: self._azure.commit(dst, ids, md5, headers_of(info), metadata, overwrite),
             policy,
             f"commit {dst}",
         )
         return Outcome(
-            Status.COPIED, info.size, verified, renamed_metadata=renamed, blocks_reused=reused
+            Status.COPIED,
+            info.size,
+            verified,
+            note,
+            renamed_metadata=renamed,
+            blocks_reused=reused,
+        )
+
+    @staticmethod
+    def _proof(
+        info: ObjectInfo,
+        plan: Plan,
+        md5s: list[bytes | None],
+        digest: _InOrderDigest | None,
+        reused: int,
+    ) -> tuple[str, bytes | None]:
+        """How the staged blocks prove the copy, and the blob's Content-MD5 if known."""
+        if digest is not None:
+            whole = digest.whole.digest()
+            return verify(info, whole, digest.part_digests), whole
+        if plan.parts and plan.parts == len(plan.blocks):
+            # One block per part: the part MD5s are the block MD5s, from the block IDs.
+            return verify(info, None, [m for m in md5s if m is not None]), None
+        return (
+            f"size: {reused} blocks were staged by an earlier run, so the object's "
+            "MD5 could not be computed in this one",
+            None,
         )
 
     async def _stage_all(
@@ -325,9 +378,13 @@ class Copier:
         dst: AzAddress,
         plan: Plan,
         todo: list[Block],
+        md5s: list[bytes | None],
         digest: _InOrderDigest | None,
         progress: Progress,
+        known: list[bytes | None] | None = None,
     ) -> None:
+        """Read, stage and digest ``todo``, filling ``md5s``. With ``known`` (a repair
+        pass), a block whose MD5 matches the one already staged is not sent again."""
         lanes = asyncio.Semaphore(self._settings.block_concurrency)
         interrupted = False
         try:
@@ -346,7 +403,19 @@ class Copier:
                         lanes.release()
                         interrupted = True
                         break
-                    tg.create_task(self._one_block(info, dst, plan, block, digest, progress, lanes))
+                    tg.create_task(
+                        self._one_block(
+                            info,
+                            dst,
+                            plan,
+                            block,
+                            md5s,
+                            digest,
+                            progress,
+                            lanes,
+                            known[block.index] if known else None,
+                        )
+                    )
         except BaseExceptionGroup as eg:
             raise _first_error(eg) from None
         if interrupted:
@@ -359,11 +428,12 @@ class Copier:
         dst: AzAddress,
         plan: Plan,
         block: Block,
+        md5s: list[bytes | None],
         digest: _InOrderDigest | None,
         progress: Progress,
         lanes: asyncio.Semaphore,
+        known: bytes | None,
     ) -> None:
-        block_id = plan.block_id(block.index)
         try:
             data = await retrying(
                 lambda: self._s3.read_range(info, block.start, block.length),
@@ -371,17 +441,19 @@ class Copier:
                 f"read {info.address} block {block.index}",
             )
             md5 = await md5_off_loop(data)
-            stage = retrying(
-                lambda: self._azure.stage(dst, block_id, data, md5),
-                self._settings.retry,
-                f"stage {dst} block {block.index}",
-            )
-            if digest is None:
-                await stage
-            else:
-                async with asyncio.TaskGroup() as both:
-                    both.create_task(stage)
+            block_id = plan.block_id(block.index, md5)
+            async with asyncio.TaskGroup() as both:
+                if md5 != known:
+                    both.create_task(
+                        retrying(
+                            lambda: self._azure.stage(dst, block_id, data, md5),
+                            self._settings.retry,
+                            f"stage {dst} block {block.index}",
+                        )
+                    )
+                if digest is not None:
                     both.create_task(digest.feed(block, data, md5))
+            md5s[block.index] = md5
             progress(block.length)
         finally:
             self._budget.release(block.length)
@@ -402,7 +474,3 @@ def _leaves(e: BaseException) -> list[BaseException]:
     if isinstance(e, BaseExceptionGroup):
         return [leaf for sub in e.exceptions for leaf in _leaves(sub)]
     return [e]
-
-
-def elapsed_since(t0: float) -> float:
-    return round(time.monotonic() - t0, 3)

@@ -27,6 +27,7 @@ class Faults:
     stall_every: int = 0  # stall every Nth connection ...
     stall_after: int = 0  # ... after this many bytes back
     flip_at: int | None = None  # flip the byte at this offset of one response stream
+    flip_period: int | None = None  # flip a byte at every multiple of this, in every stream
     # Refuse presigned requests past X-Amz-Date + X-Amz-Expires, as S3 does (moto does not).
     enforce_expiry: bool = False
 
@@ -144,6 +145,14 @@ class FaultProxy:
                     chunk = bytes(b)
                     flipped = True
                     self.flips += 1
+                if f.flip_period:
+                    first = -(-max(sent, 1) // f.flip_period) * f.flip_period
+                    if first < sent + len(chunk):
+                        b = bytearray(chunk)
+                        for at in range(first, sent + len(chunk), f.flip_period):
+                            b[at - sent] ^= 0x01
+                            self.flips += 1
+                        chunk = bytes(b)
                 sent += len(chunk)
                 self.bytes_down += len(chunk)
                 if f.rate_bps:

@@ -1,0 +1,62 @@
+"""Every byte verified: damaged bytes from S3 are caught and re-read, never committed."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from azure.storage.blob import BlobServiceClient
+
+from daemon.settings import Settings
+from tests.helpers import MiB, blob_bytes, copy, payload
+from tests.proxy import FaultProxy, Faults
+from tests.test_faults import multipart_object, through
+
+
+@pytest.mark.parametrize("multipart", [False, True], ids=["single-part", "multipart"])
+async def test_a_flipped_byte_from_s3_is_caught_and_read_again(
+    multipart: bool,
+    settings: Settings,
+    moto_endpoint: str,
+    s3_client: Any,
+    blob_service: BlobServiceClient,
+    bucket: str,
+    container: str,
+) -> None:
+    size = 40 * MiB
+    if multipart:
+        body = multipart_object(s3_client, bucket, "f.bin", size, 8 * MiB)
+    else:
+        body = payload(size, seed=21)
+        s3_client.put_object(Bucket=bucket, Key="f.bin", Body=body)
+    # One byte, deep inside the first block's body, flipped once on its way from S3.
+    async with FaultProxy(moto_endpoint, Faults(flip_at=3 * MiB)) as proxy:
+        status, [row] = await copy(
+            through(settings, proxy), f"s3://{bucket}/f.bin", f"az://{container}/f.bin"
+        )
+    assert proxy.flips == 1
+    assert status == "done", row.error
+    assert row.detail["verified"] == ("multipart-etag" if multipart else "etag")
+    assert "1 block(s) arrived damaged" in row.detail["note"]
+    assert blob_bytes(blob_service, container, "f.bin") == body
+
+
+async def test_damage_on_every_read_fails_without_committing(
+    settings: Settings,
+    moto_endpoint: str,
+    s3_client: Any,
+    blob_service: BlobServiceClient,
+    bucket: str,
+    container: str,
+) -> None:
+    s3_client.put_object(Bucket=bucket, Key="g.bin", Body=payload(20 * MiB, seed=4))
+
+    # A byte damaged in every MiB of every response: the re-read is damaged too.
+    async with FaultProxy(moto_endpoint, Faults(flip_period=1 * MiB)) as proxy:
+        status, [row] = await copy(
+            through(settings, proxy), f"s3://{bucket}/g.bin", f"az://{container}/g.bin"
+        )
+    assert proxy.flips > 20
+    assert (status, row.status) == ("failed", "failed")
+    assert row.error is not None and "MD5 of the bytes read" in row.error
+    assert not blob_service.get_blob_client(container, "g.bin").exists()
