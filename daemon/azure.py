@@ -28,7 +28,7 @@ from azure.core.exceptions import (
     ServiceResponseError,
 )
 from azure.core.pipeline.transport import AioHttpTransport
-from azure.storage.blob import BlobBlock, ContentSettings
+from azure.storage.blob import BlobBlock, ContentSettings, StandardBlobTier
 from azure.storage.blob.aio import BlobClient, BlobServiceClient
 
 from daemon.errors import CorruptBlockError, PermanentError, RetryableError
@@ -191,6 +191,7 @@ class AzureWriter:
         headers: BlobHeaders,
         metadata: dict[str, str],
         overwrite: bool,
+        tier: str | None = None,
     ) -> None:
         """The whole blob in one Put Blob, checked by Azure against ``md5``."""
         try:
@@ -201,6 +202,7 @@ class AzureWriter:
                 content_settings=headers.settings(md5),
                 metadata=metadata,
                 transactional_content_md5=md5,
+                standard_blob_tier=StandardBlobTier(tier) if tier else None,
             )
         except ResourceExistsError:
             raise DestinationExistsError(dst) from None
@@ -240,6 +242,7 @@ class AzureWriter:
         headers: BlobHeaders,
         metadata: dict[str, str],
         overwrite: bool,
+        tier: str | None = None,
     ) -> None:
         conditions: dict[str, Any] = (
             {} if overwrite else {"etag": "*", "match_condition": MatchConditions.IfMissing}
@@ -249,6 +252,7 @@ class AzureWriter:
                 [BlobBlock(block_id=i) for i in block_ids],
                 content_settings=headers.settings(md5),
                 metadata=metadata,
+                standard_blob_tier=StandardBlobTier(tier) if tier else None,
                 **conditions,
             )
         except ResourceExistsError:

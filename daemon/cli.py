@@ -22,7 +22,7 @@ import structlog
 
 from daemon import __version__, app
 from daemon.errors import BlobferryError, ConfigError, JobFileError
-from daemon.jobs import make_spec, parse_job
+from daemon.jobs import TIERS, parse_job
 from daemon.logs import configure
 from daemon.settings import Settings, load_settings
 from daemon.state import StateStore, iso
@@ -48,16 +48,49 @@ def _parser() -> argparse.ArgumentParser:
     c = sub.add_parser("copy", help="copy now, in this process, and exit")
     c.add_argument("source", help="s3://BUCKET/KEY or s3://BUCKET/PREFIX/")
     c.add_argument("destination", help="az://CONTAINER/BLOB, az://CONTAINER/PREFIX/ or https://...")
-    c.add_argument("--overwrite", choices=["always", "never"], default="always")
+    _option_flags(c)
     c.add_argument("--quiet", action="store_true", help="no progress bar")
     s = sub.add_parser("submit", help="validate a job and drop it into the inbox")
     s.add_argument("args", nargs="+", metavar="FILE.json | SOURCE DESTINATION")
-    s.add_argument("--overwrite", choices=["always", "never"], default="always")
+    _option_flags(s)
     s.add_argument("--name", help="job name (default: derived)")
     st = sub.add_parser("status", help="jobs and their transfers")
     st.add_argument("job", nargs="?")
     st.add_argument("--json", action="store_true")
     return p
+
+
+def _option_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--overwrite",
+        choices=["if-changed", "always", "never"],
+        default="if-changed",
+        help="if-changed (default): skip a blob that already holds this version of the object",
+    )
+    p.add_argument("--content-type", help="replace the source's Content-Type")
+    p.add_argument("--tier", choices=list(TIERS), help="access tier of the new blobs")
+    p.add_argument(
+        "--metadata",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="metadata to set on the blobs (repeatable)",
+    )
+
+
+def _options_doc(args: argparse.Namespace) -> dict[str, object]:
+    """The job-file fields the flags stand for (validated by parse_job)."""
+    doc: dict[str, object] = {"overwrite": args.overwrite}
+    if args.content_type is not None:
+        doc["content_type"] = args.content_type
+    if args.tier is not None:
+        doc["tier"] = args.tier
+    if args.metadata:
+        pairs = [m.partition("=") for m in args.metadata]
+        if any(not sep for _, sep, _ in pairs):
+            raise JobFileError("--metadata takes NAME=VALUE")
+        doc["metadata"] = {k: v for k, _, v in pairs}
+    return doc
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -135,7 +168,9 @@ class _Bar:
 
 
 def _copy(args: argparse.Namespace, settings: Settings) -> int:
-    spec = make_spec(args.source, args.destination, args.overwrite)
+    [spec] = parse_job(
+        json.dumps({"source": args.source, "destination": args.destination, **_options_doc(args)})
+    )
     # stdout carries the report; people read the log lines on stderr.
     level = "warning" if settings.log_level == "info" else settings.log_level
     configure(level, json=False, stream=sys.stderr)
@@ -164,9 +199,9 @@ def _submit(args: argparse.Namespace, settings: Settings) -> int:
         parse_job(raw)  # validate before it reaches the daemon
         name = args.name or path.name
     elif len(args.args) == 2:
-        make_spec(args.args[0], args.args[1], args.overwrite)
-        doc = {"source": args.args[0], "destination": args.args[1], "overwrite": args.overwrite}
+        doc = {"source": args.args[0], "destination": args.args[1], **_options_doc(args)}
         raw = json.dumps(doc, indent=2).encode()
+        parse_job(raw)
         name = args.name or f"submit-{datetime.now(UTC):%Y%m%dT%H%M%S}-{secrets.token_hex(3)}"
     else:
         raise JobFileError("submit takes FILE.json, or SOURCE DESTINATION")

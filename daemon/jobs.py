@@ -8,12 +8,21 @@ silently falls back to a default is the kind of mistake that costs a day.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Annotated, Any, Literal
 from urllib.parse import unquote, urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from daemon.errors import AddressError, JobFileError
 
@@ -28,6 +37,12 @@ _AZURE_HOST_SUFFIXES = (
 class Overwrite(StrEnum):
     ALWAYS = "always"
     NEVER = "never"
+    IF_CHANGED = "if-changed"  # skip a blob whose recorded source fingerprint still matches
+
+
+TIERS = ("Hot", "Cool", "Cold", "Archive")
+Tier = Literal["Hot", "Cool", "Cold", "Archive"]
+_METADATA_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,12 +136,26 @@ def _checked(address: str, az: AzAddress) -> AzAddress:
 
 
 @dataclass(frozen=True, slots=True)
+class Options:
+    """What a job may say about how objects land, beyond where."""
+
+    overwrite: Overwrite = Overwrite.IF_CHANGED
+    metadata: Mapping[str, str] = field(default_factory=dict)  # merged over the source's
+    content_type: str | None = None  # replaces the source's
+    tier: Tier | None = None  # otherwise the storage-class map in settings, or the default
+
+
+@dataclass(frozen=True, slots=True)
 class TransferSpec:
-    """One source address (an object or a prefix) and where it goes."""
+    """One source address (an object or a prefix), where it goes, and how."""
 
     source: S3Address
     destination: AzAddress
-    overwrite: Overwrite = Overwrite.ALWAYS
+    options: Options = Options()
+
+    @property
+    def overwrite(self) -> Overwrite:
+        return self.options.overwrite
 
     def for_key(self, key: str) -> TransferSpec:
         """The spec of one object found under a prefix source."""
@@ -134,24 +163,50 @@ class TransferSpec:
         return TransferSpec(
             self.source.child(key),
             self.destination.child(self.destination.blob + rest),
-            self.overwrite,
+            self.options,
         )
 
 
-class _TransferIn(BaseModel):
+class _OptionsIn(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
+    overwrite: Literal["always", "never", "if-changed"] | None = None
+    metadata: dict[str, str] | None = None
+    content_type: str | None = None
+    tier: Tier | None = None
+
+    @field_validator("metadata")
+    @classmethod
+    def _names(cls, v: dict[str, str] | None) -> dict[str, str] | None:
+        for name in v or ():
+            if not _METADATA_NAME.match(name) or name.lower().startswith("blobferry_"):
+                raise ValueError(
+                    f"metadata name {name!r} must be a C# identifier (letters, digits, _) "
+                    "and not start with blobferry_"
+                )
+        return v
+
+    def over(self, base: Options) -> Options:
+        """These options, falling back to ``base`` where not given."""
+        return Options(
+            overwrite=Overwrite(self.overwrite) if self.overwrite else base.overwrite,
+            metadata={**base.metadata, **(self.metadata or {})},
+            content_type=self.content_type if self.content_type is not None else base.content_type,
+            tier=self.tier or base.tier,
+        )
+
+
+class _TransferIn(_OptionsIn):
     source: str
     destination: str
-    overwrite: Literal["always", "never"] = "always"
 
 
-class _JobIn(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
+class _JobIn(_OptionsIn):
+    """Either one transfer (source, destination) or a list; options at the top level
+    apply to every transfer, and a transfer's own options win."""
 
     source: str | None = None
     destination: str | None = None
-    overwrite: Literal["always", "never"] | None = None
     transfers: Annotated[list[_TransferIn], Field(min_length=1)] | None = None
 
     @model_validator(mode="after")
@@ -163,12 +218,10 @@ class _JobIn(BaseModel):
             raise ValueError("a job needs source and destination, or a transfers list")
         if single and (self.source is None or self.destination is None):
             raise ValueError("a job needs both source and destination")
-        if self.overwrite is not None and not single:
-            raise ValueError("overwrite goes inside each transfer")
         return self
 
 
-def make_spec(source: str, destination: str, overwrite: str = "always") -> TransferSpec:
+def make_spec(source: str, destination: str, options: Options | None = None) -> TransferSpec:
     src = parse_s3(source)
     dst = parse_azure(destination)
     if src.is_prefix and not dst.is_prefix:
@@ -178,7 +231,7 @@ def make_spec(source: str, destination: str, overwrite: str = "always") -> Trans
     if not src.is_prefix and dst.is_prefix:
         # Copying one object "into" a folder keeps its name, as cp does.
         dst = dst.child(dst.blob + src.key.rsplit("/", 1)[-1])
-    return TransferSpec(src, dst, Overwrite(overwrite))
+    return TransferSpec(src, dst, options or Options())
 
 
 def parse_job(raw: bytes | str) -> list[TransferSpec]:
@@ -200,13 +253,14 @@ def parse_job(raw: bytes | str) -> list[TransferSpec]:
         if first["type"] == "extra_forbidden":
             msg = "unknown field"
         raise JobFileError(f"job file: {where + ': ' if where else ''}{msg}") from None
+    defaults = job.over(Options())
     if job.transfers is None:
         assert job.source is not None and job.destination is not None
-        return [make_spec(job.source, job.destination, job.overwrite or "always")]
+        return [make_spec(job.source, job.destination, defaults)]
     specs = []
     for i, t in enumerate(job.transfers):
         try:
-            specs.append(make_spec(t.source, t.destination, t.overwrite))
+            specs.append(make_spec(t.source, t.destination, t.over(defaults)))
         except AddressError as e:
             raise JobFileError(f"job file: transfers.{i}: {e}") from None
     return specs

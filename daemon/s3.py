@@ -81,7 +81,7 @@ class ObjectInfo:
 
     def raise_if_unreadable(self) -> None:
         if self.archived:
-            raise ArchivedObjectError(self)
+            raise ArchivedObjectError(self.address, self.storage_class)
 
     @property
     def address(self) -> S3Address:
@@ -100,6 +100,7 @@ class Listed:
     key: str
     size: int
     etag: str
+    storage_class: str | None = None
 
 
 def info_from_headers(bucket: str, key: str, headers: Mapping[str, str]) -> ObjectInfo:
@@ -225,7 +226,7 @@ class S3Reader:
                 for o in page.get("Contents", ()):
                     if o["Key"].endswith("/") and o["Size"] == 0:
                         continue
-                    yield Listed(o["Key"], o["Size"], o["ETag"])
+                    yield Listed(o["Key"], o["Size"], o["ETag"], o.get("StorageClass"))
         except ClientError as e:
             raise await self._explain(e, prefix) from None
         except (NoCredentialsError, PartialCredentialsError):
@@ -328,9 +329,7 @@ class S3Reader:
         if resp.status == 412:
             raise SourceChangedError(str(address))
         if code == "InvalidObjectState":
-            raise PermanentError(
-                f"{what}: the object is archived and not restored; restore it first"
-            )
+            raise ArchivedObjectError(address, None)
         if resp.status == 200:
             raise PermanentError(f"{what}: the endpoint ignored the Range header")
         if resp.status == 416:
@@ -350,10 +349,10 @@ class S3Reader:
 
 
 class ArchivedObjectError(PermanentError):
-    def __init__(self, info: ObjectInfo) -> None:
+    def __init__(self, address: S3Address, storage_class: str | None) -> None:
         super().__init__(
-            f"{info.address} is in {info.storage_class} and not restored; "
-            "restore it in S3 first, then submit the job again"
+            f"{address} is archived ({storage_class or 'InvalidObjectState'}) and not "
+            "restored; restore it in S3 first, then submit the job again"
         )
 
 

@@ -58,6 +58,11 @@ class AzureSettings(BaseModel):
     account_key: SecretStr | None = None
     sas_token: SecretStr | None = None
     max_connections: int = Field(default=64, ge=1)
+    tiers: dict[str, Literal["Hot", "Cool", "Cold", "Archive"]] = Field(
+        default_factory=dict,
+        description='S3 storage class -> access tier, e.g. {STANDARD_IA = "Cool"}; '
+        "a job's own tier wins; unmapped classes get the account's default tier.",
+    )
 
     @model_validator(mode="after")
     def _one_way_in(self) -> AzureSettings:
@@ -128,6 +133,16 @@ class Settings(BaseSettings):
     )
     max_job_file_mb: int = Field(default=64, ge=1)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    verify: bool = Field(
+        default=True,
+        description="Compute each object's MD5 (and part MD5s) while streaming and prove "
+        "the copy against S3's ETag. Per-block transactional MD5s are always sent.",
+    )
+    archived: Literal["skip", "fail"] = Field(
+        default="skip",
+        description="Objects in Glacier or Deep Archive that are not restored: reported "
+        "as skipped (the job still succeeds) or failed.",
+    )
     s3: S3Settings = S3Settings()
     azure: AzureSettings = AzureSettings()
     retry: RetrySettings = RetrySettings()

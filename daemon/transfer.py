@@ -14,6 +14,7 @@ multipart object's composite ETag from Azure's block list alone, without re-read
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import re
 from collections.abc import Callable
@@ -31,9 +32,9 @@ from daemon.errors import (
     TransferError,
     VerificationError,
 )
-from daemon.jobs import AzAddress, Overwrite, TransferSpec
+from daemon.jobs import AzAddress, Overwrite, S3Address, TransferSpec
 from daemon.retry import retrying
-from daemon.s3 import Listed, ObjectInfo, S3Reader
+from daemon.s3 import ArchivedObjectError, Listed, ObjectInfo, S3Reader
 from daemon.settings import MiB, Settings
 
 MAX_BLOCKS = 50_000
@@ -133,6 +134,16 @@ def plan_blocks(info: ObjectInfo, minimum: int, part_sizes: list[int] | None = N
     prefix = hashlib.sha256(identity.encode()).hexdigest()[:24]
     blocks = tuple(Block(i, s, n, p) for i, (s, n, p) in enumerate(spans))
     return Plan(bs, blocks, len(part_sizes or ()) if aligned else 0, prefix)
+
+
+FINGERPRINT_KEY = "blobferry_fingerprint"
+ETAG_KEY = "blobferry_source_etag"
+
+
+def fingerprint(source: S3Address, etag: str, size: int) -> str:
+    """The source version a blob was copied from: bucket, key, ETag and size."""
+    text = "\n".join((source.bucket, source.key, etag.strip('"'), str(size)))
+    return hashlib.sha256(text.encode()).hexdigest()[:32]
 
 
 def headers_of(info: ObjectInfo) -> BlobHeaders:
@@ -245,59 +256,113 @@ class Copier:
         """Copy ``spec`` (one object). Raises TransferError when it cannot."""
         if self._stopping.is_set():
             raise Interrupted()
-        progress = progress or (lambda n: None)
+        try:
+            return await self._copy(spec, listed, progress or (lambda n: None))
+        except ArchivedObjectError as e:
+            if self._settings.archived == "skip":
+                return Outcome(Status.SKIPPED, note=str(e))
+            raise
+
+    async def _copy(self, spec: TransferSpec, listed: Listed | None, progress: Progress) -> Outcome:
         policy = self._settings.retry
-        src, dst = spec.source, spec.destination
-        overwrite = spec.overwrite is Overwrite.ALWAYS
-        if not overwrite:
-            existing = await retrying(lambda: self._azure.existing(dst), policy, f"check {dst}")
-            if existing is not None:
-                return Outcome(Status.SKIPPED, note="destination exists and overwrite is 'never'")
+        src = spec.source
         bs = self._settings.block_size
-        if listed is not None and listed.size <= bs:
-            # Small-object path: one GET whose headers stand in for the HEAD.
+        info: ObjectInfo | None = None
+        if listed is None:
+            info = await retrying(lambda: self._s3.head(src), policy, f"HEAD {src}")
+            info.raise_if_unreadable()
+            fp = fingerprint(src, info.etag, info.size)
+        else:
+            # A listing gives ETag and size: enough to skip an unchanged object without
+            # a single request to S3 for it.
+            fp = fingerprint(src, listed.etag, listed.size)
+        skip = await self._skip_reason(spec, fp)
+        if skip:
+            return Outcome(Status.SKIPPED, note=skip)
+        if listed is not None and listed.size > bs:
+            info = await retrying(lambda: self._s3.head(src), policy, f"HEAD {src}")
+            info.raise_if_unreadable()
+            fp = fingerprint(src, info.etag, info.size)  # the version actually copied
+        if info is None:
+            assert listed is not None
+            # Small-object path: one GET whose headers stand in for the HEAD, one PUT.
             async with self._budget.hold(listed.size):
-                info, data = await retrying(
+                got, data = await retrying(
                     lambda: self._s3.read_object(listed, src), policy, f"read {src}"
                 )
-                return await self._put_whole(info, data, dst, overwrite, progress)
-        info = await retrying(lambda: self._s3.head(src), policy, f"HEAD {src}")
-        info.raise_if_unreadable()
+                return await self._put_whole(got, data, spec, fp, progress)
         if info.size <= bs:
+            whole = info
             async with self._budget.hold(info.size):
                 data = (
                     await retrying(
-                        lambda: self._s3.read_range(info, 0, info.size), policy, f"read {src}"
+                        lambda: self._s3.read_range(whole, 0, whole.size), policy, f"read {src}"
                     )
                     if info.size
                     else bytearray()
                 )
-                return await self._put_whole(info, data, dst, overwrite, progress)
-        return await self._copy_blocks(info, dst, overwrite, progress)
+                return await self._put_whole(info, data, spec, fp, progress)
+        return await self._copy_blocks(info, spec, fp, progress)
+
+    async def _skip_reason(self, spec: TransferSpec, fp: str) -> str | None:
+        if spec.overwrite is Overwrite.ALWAYS:
+            return None
+        dst = spec.destination
+        existing = await retrying(
+            lambda: self._azure.existing(dst), self._settings.retry, f"check {dst}"
+        )
+        if existing is None:
+            return None
+        if spec.overwrite is Overwrite.NEVER:
+            return "destination exists and overwrite is 'never'"
+        if existing.metadata.get(FINGERPRINT_KEY) == fp:
+            return "unchanged: the blob already holds this version of the object"
+        return None
+
+    def _landing(
+        self, info: ObjectInfo, spec: TransferSpec, fp: str
+    ) -> tuple[BlobHeaders, dict[str, str], dict[str, str], str | None]:
+        """Headers, metadata, renamed metadata keys and tier for the blob."""
+        opts = spec.options
+        headers = headers_of(info)
+        if opts.content_type is not None:
+            headers = dataclasses.replace(headers, content_type=opts.content_type)
+        metadata, renamed = azure_metadata(info.metadata)
+        metadata.update(opts.metadata)
+        metadata[FINGERPRINT_KEY] = fp
+        metadata[ETAG_KEY] = info.etag.strip('"')
+        tier = opts.tier or self._settings.azure.tiers.get(info.storage_class or "STANDARD")
+        return headers, metadata, renamed, tier
 
     async def _put_whole(
         self,
         info: ObjectInfo,
         data: bytearray,
-        dst: AzAddress,
-        overwrite: bool,
+        spec: TransferSpec,
+        fp: str,
         progress: Progress,
     ) -> Outcome:
+        # The MD5 is needed for the transactional check anyway, so small objects are
+        # always verified, whatever the verify setting says.
         md5 = await md5_off_loop(data)
         verified = verify(info, md5, [md5] if info.parts == 1 else None)
-        metadata, renamed = azure_metadata(info.metadata)
+        headers, metadata, renamed, tier = self._landing(info, spec, fp)
+        overwrite = spec.overwrite is not Overwrite.NEVER
         await retrying(
-            lambda: self._azure.put(dst, data, md5, headers_of(info), metadata, overwrite),
+            lambda: self._azure.put(
+                spec.destination, data, md5, headers, metadata, overwrite, tier
+            ),
             self._settings.retry,
-            f"put {dst}",
+            f"put {spec.destination}",
         )
         progress(len(data))
         return Outcome(Status.COPIED, len(data), verified, renamed_metadata=renamed)
 
     async def _copy_blocks(
-        self, info: ObjectInfo, dst: AzAddress, overwrite: bool, progress: Progress
+        self, info: ObjectInfo, spec: TransferSpec, fp: str, progress: Progress
     ) -> Outcome:
         policy = self._settings.retry
+        dst = spec.destination
         part_sizes = (
             await retrying(lambda: self._s3.part_sizes(info), policy, f"part sizes {info.address}")
             if info.parts
@@ -316,13 +381,13 @@ class Copier:
         if reused:
             progress(sum(b.length for b in plan.blocks) - sum(b.length for b in todo))
         # A full in-order pass is only possible when every block passes through here.
-        digest = _InOrderDigest(plan) if not reused else None
+        digest = _InOrderDigest(plan) if not reused and self._settings.verify else None
         await self._stage_all(info, dst, plan, todo, md5s, digest, progress)
         note = None
         try:
             verified, md5 = self._proof(info, plan, md5s, digest, reused)
         except VerificationError as e:
-            if reused:
+            if reused or digest is None:
                 raise
             # Something was damaged between S3 and us (Azure checked the rest). Read the
             # whole object once more; only blocks whose bytes differ are staged again.
@@ -335,10 +400,11 @@ class Copier:
             damaged = sum(a != b for a, b in zip(first, md5s, strict=True))
             verified, md5 = self._proof(info, plan, md5s, digest, reused)
             note = f"{damaged} block(s) arrived damaged from S3 and were read again"
-        metadata, renamed = azure_metadata(info.metadata)
+        headers, metadata, renamed, tier = self._landing(info, spec, fp)
         ids = [plan.block_id(b.index, m) for b, m in zip(plan.blocks, md5s, strict=True)]
+        overwrite = spec.overwrite is not Overwrite.NEVER
         await retrying(
-            lambda: self._azure.commit(dst, ids, md5, headers_of(info), metadata, overwrite),
+            lambda: self._azure.commit(dst, ids, md5, headers, metadata, overwrite, tier),
             policy,
             f"commit {dst}",
         )
@@ -366,11 +432,14 @@ class Copier:
         if plan.parts and plan.parts == len(plan.blocks):
             # One block per part: the part MD5s are the block MD5s, from the block IDs.
             return verify(info, None, [m for m in md5s if m is not None]), None
-        return (
-            f"size: {reused} blocks were staged by an earlier run, so the object's "
-            "MD5 could not be computed in this one",
-            None,
-        )
+        if reused:
+            why = (
+                f"{reused} blocks were staged by an earlier run, so the object's MD5 "
+                "could not be computed in this one"
+            )
+        else:
+            why = "verification is off (verify = false)"
+        return f"size: {why}", None
 
     async def _stage_all(
         self,

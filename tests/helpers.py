@@ -3,13 +3,14 @@ from __future__ import annotations
 import asyncio
 import gzip
 import hashlib
+import json
 import os
 from typing import Any
 
 from azure.storage.blob import BlobServiceClient
 
 from daemon import app
-from daemon.jobs import make_spec
+from daemon.jobs import parse_job
 from daemon.settings import Settings
 from daemon.state import TransferRow
 
@@ -46,13 +47,16 @@ def blob_names(svc: BlobServiceClient, container: str) -> list[str]:
 
 
 async def copy(
-    settings: Settings, source: str, destination: str, overwrite: str = "always"
+    settings: Settings, source: str, destination: str, overwrite: str = "if-changed", **options: Any
 ) -> tuple[str, list[TransferRow]]:
     """The engine behind `blobferry copy`, in this process."""
     name = f"test-{os.urandom(4).hex()}"
-    status, state = await app.copy_once(
-        settings, name, [make_spec(source, destination, overwrite)], asyncio.Event()
+    [spec] = parse_job(
+        json.dumps(
+            {"source": source, "destination": destination, "overwrite": overwrite, **options}
+        )
     )
+    status, state = await app.copy_once(settings, name, [spec], asyncio.Event())
     rows = list(state.transfers(name))
     state.close()
     return status, rows

@@ -43,6 +43,7 @@ class FaultProxy:
         self.stalls = 0
         self.flips = 0
         self.expired = 0
+        self.requests: list[str] = []  # "METHOD /path" of every request seen
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._client_writer: dict[int, asyncio.StreamWriter] = {}
@@ -104,6 +105,8 @@ class FaultProxy:
                 with contextlib.suppress(OSError):
                     dst.write_eof()
                 return
+            if number is None and (m := _REQUEST.match(chunk)):
+                self.requests.append(f"{m.group(1).decode()} {m.group(2).decode()}")
             if number is None and f.enforce_expiry and _expired(chunk):
                 self.expired += 1
                 body = b"<Error><Code>AccessDenied</Code><Message>Request has expired</Message></Error>"
@@ -163,6 +166,7 @@ class FaultProxy:
             await dst.drain()
 
 
+_REQUEST = re.compile(rb"(GET|HEAD|PUT|POST|DELETE) (\S+) HTTP/1")
 _DATE = re.compile(rb"X-Amz-Date=(\d{8}T\d{6}Z)")
 _EXPIRES = re.compile(rb"X-Amz-Expires=(\d+)")
 

@@ -50,6 +50,10 @@ def test_both_job_shapes() -> None:
         '{"source": "s3://bucket/k", "destination": "az://ctr/k", "overwrite": "never"}'
     )
     assert [s.overwrite for s in single] == [Overwrite.NEVER]
+    assert (
+        parse_job('{"source": "s3://bucket/k", "destination": "az://ctr/k"}')[0].overwrite
+        is Overwrite.IF_CHANGED
+    )
     many = parse_job(
         json.dumps(
             {
@@ -81,6 +85,11 @@ def test_both_job_shapes() -> None:
             "overwrite",
         ),
         ('{"source": 5, "destination": "az://ctr/k"}', "source"),
+        (
+            '{"source": "s3://bucket/k", "destination": "az://ctr/k", "metadata": {"bad-name": "x"}}',
+            "C# identifier",
+        ),
+        ('{"source": "s3://bucket/k", "destination": "az://ctr/k", "tier": "Frozen"}', "tier"),
         ("[" * 100000 + "]" * 100000, "JSON"),
         (b"\xff\xfe not utf8", "not valid JSON"),
     ],
@@ -88,3 +97,35 @@ def test_both_job_shapes() -> None:
 def test_bad_job_files_say_why(text: str | bytes, reason: str) -> None:
     with pytest.raises(JobFileError, match=reason.replace("(", r"\(")):
         parse_job(text)
+
+
+def test_job_level_options_are_defaults_for_each_transfer() -> None:
+    [a, b] = parse_job(
+        json.dumps(
+            {
+                "metadata": {"team": "ops", "env": "prod"},
+                "content_type": "text/csv",
+                "tier": "Cool",
+                "transfers": [
+                    {"source": "s3://bucket/a", "destination": "az://ctr/a"},
+                    {
+                        "source": "s3://bucket/b",
+                        "destination": "az://ctr/b",
+                        "tier": "Archive",
+                        "metadata": {"env": "dev"},
+                        "overwrite": "always",
+                    },
+                ],
+            }
+        )
+    )
+    assert (a.options.tier, a.options.content_type, dict(a.options.metadata)) == (
+        "Cool",
+        "text/csv",
+        {"team": "ops", "env": "prod"},
+    )
+    assert (b.options.tier, b.overwrite, dict(b.options.metadata)) == (
+        "Archive",
+        Overwrite.ALWAYS,
+        {"team": "ops", "env": "dev"},
+    )
