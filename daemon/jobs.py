@@ -207,7 +207,9 @@ class _JobIn(_OptionsIn):
 
     source: str | None = None
     destination: str | None = None
-    transfers: Annotated[list[_TransferIn], Field(min_length=1)] | None = None
+    # Items are validated one by one in parse_job, straight into compact specs: a job
+    # of 100,000 transfers never exists as 100,000 pydantic models at once.
+    transfers: Annotated[list[Any], Field(min_length=1)] | None = None
 
     @model_validator(mode="after")
     def _one_shape(self) -> _JobIn:
@@ -247,20 +249,30 @@ def parse_job(raw: bytes | str) -> list[TransferSpec]:
     try:
         job = _JobIn.model_validate(data)
     except ValidationError as e:
-        first = e.errors()[0]
-        where = ".".join(str(p) for p in first["loc"])
-        msg = first["msg"].removeprefix("Value error, ")
-        if first["type"] == "extra_forbidden":
-            msg = "unknown field"
-        raise JobFileError(f"job file: {where + ': ' if where else ''}{msg}") from None
+        raise JobFileError(f"job file: {_first_problem(e)}") from None
     defaults = job.over(Options())
     if job.transfers is None:
         assert job.source is not None and job.destination is not None
         return [make_spec(job.source, job.destination, defaults)]
+    items, job.transfers = job.transfers, None
+    del data
     specs = []
-    for i, t in enumerate(job.transfers):
+    for i, item in enumerate(items):
         try:
-            specs.append(make_spec(t.source, t.destination, t.over(defaults)))
+            t = _TransferIn.model_validate(item)
+            own = t.model_fields_set - {"source", "destination"}
+            specs.append(make_spec(t.source, t.destination, t.over(defaults) if own else defaults))
+        except ValidationError as e:
+            raise JobFileError(f"job file: transfers.{i}.{_first_problem(e)}") from None
         except AddressError as e:
             raise JobFileError(f"job file: transfers.{i}: {e}") from None
     return specs
+
+
+def _first_problem(e: ValidationError) -> str:
+    first = e.errors()[0]
+    where = ".".join(str(p) for p in first["loc"])
+    msg = first["msg"].removeprefix("Value error, ")
+    if first["type"] == "extra_forbidden":
+        msg = "unknown field"
+    return f"{where}: {msg}" if where else msg

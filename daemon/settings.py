@@ -131,7 +131,9 @@ class Settings(BaseSettings):
         description="On SIGTERM, how long blocks in flight may take to land. Keep it "
         "under the unit's TimeoutStopSec.",
     )
-    max_job_file_mb: int = Field(default=64, ge=1)
+    max_job_file_mb: int = Field(
+        default=16, ge=1, description="Larger job files fail; 100,000 transfers take ~12 MiB."
+    )
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     verify: bool = Field(
         default=True,

@@ -171,7 +171,8 @@ class Supervisor:
         structlog.contextvars.bind_contextvars(job=job.name)
         log.info("claimed", recovered=job.recovered)
         try:
-            specs = parse_job(await source.read(job))
+            # A large job file takes seconds to parse: not on the loop serving sockets.
+            specs = await asyncio.to_thread(parse_job, await source.read(job))
         except JobFileError as e:
             self.state.job_started(job.name)
             self.state.job_finished(job.name, "failed", str(e))

@@ -28,6 +28,13 @@ class Faults:
     stall_after: int = 0  # ... after this many bytes back
     flip_at: int | None = None  # flip the byte at this offset of one response stream
     flip_period: int | None = None  # flip a byte at every multiple of this, in every stream
+    # Answer every Nth request (matching error_match) with this status and body instead of
+    # forwarding it: S3's SlowDown, Azure's ServerBusy, a permanent 403 ...
+    error_every: int = 0
+    error_status: int = 503
+    error_body: bytes = b""
+    error_headers: str = ""
+    error_match: bytes = b""
     # Refuse presigned requests past X-Amz-Date + X-Amz-Expires, as S3 does (moto does not).
     enforce_expiry: bool = False
 
@@ -44,6 +51,8 @@ class FaultProxy:
         self.flips = 0
         self.expired = 0
         self.requests: list[str] = []  # "METHOD /path" of every request seen
+        self.errors = 0
+        self._matching = 0
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._client_writer: dict[int, asyncio.StreamWriter] = {}
@@ -91,6 +100,19 @@ class FaultProxy:
                 w.close()
             self._tasks.discard(task)
 
+    async def _refuse(self, src: asyncio.StreamReader, chunk: bytes) -> None:
+        """Swallow the request (and its body), answer with the configured error."""
+        f = self.faults
+        await _drain_body(src, chunk)
+        reply = (
+            f"HTTP/1.1 {f.error_status} Injected\r\nContent-Type: application/xml\r\n"
+            f"{f.error_headers}Content-Length: {len(f.error_body)}\r\nConnection: close\r\n\r\n"
+        ).encode() + f.error_body
+        back = self._client_writer.get(id(src))
+        if back is not None:
+            back.write(reply)
+            await back.drain()
+
     async def _pump(
         self, src: asyncio.StreamReader, dst: asyncio.StreamWriter, number: int | None
     ) -> None:
@@ -107,6 +129,17 @@ class FaultProxy:
                 return
             if number is None and (m := _REQUEST.match(chunk)):
                 self.requests.append(f"{m.group(1).decode()} {m.group(2).decode()}")
+            if (
+                number is None
+                and f.error_every
+                and _REQUEST.match(chunk)
+                and f.error_match in chunk
+            ):
+                self._matching += 1
+                if self._matching % f.error_every == 0:
+                    self.errors += 1
+                    await self._refuse(src, chunk)
+                    raise _Reset()
             if number is None and f.enforce_expiry and _expired(chunk):
                 self.expired += 1
                 body = b"<Error><Code>AccessDenied</Code><Message>Request has expired</Message></Error>"
@@ -178,6 +211,17 @@ def _expired(request: bytes) -> bool:
         return False
     signed = datetime.strptime(date.group(1).decode(), "%Y%m%dT%H%M%SZ").replace(tzinfo=UTC)
     return datetime.now(UTC).timestamp() > signed.timestamp() + int(expires.group(1))
+
+
+async def _drain_body(src: asyncio.StreamReader, first: bytes) -> None:
+    head, sep, rest = first.partition(b"\r\n\r\n")
+    m = re.search(rb"(?im)^content-length:\s*(\d+)", head)
+    remaining = (int(m.group(1)) if m else 0) - len(rest)
+    while sep and remaining > 0:
+        chunk = await src.read(min(remaining, 1 << 20))
+        if not chunk:
+            return
+        remaining -= len(chunk)
 
 
 class _Reset(Exception):

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from azure.storage.blob import BlobServiceClient
+from pydantic import SecretStr
 
 from daemon.settings import Settings
 from daemon.systemd import Notifier
@@ -26,9 +27,11 @@ BLOBFERRY = str(Path(sys.executable).parent / "blobferry")
 def through(settings: Settings, proxy: FaultProxy, **changes: Any) -> Settings:
     retry = {"backoff_s": 0.05, "backoff_max_s": 0.3, **changes.pop("retry", {})}
     s3 = {"endpoint_url": proxy.endpoint, **changes.pop("s3", {})}
+    azure = changes.pop("azure", {})
     return settings.model_copy(
         update={
             "s3": settings.s3.model_copy(update=s3),
+            "azure": settings.azure.model_copy(update=azure),
             "retry": settings.retry.model_copy(update=retry),
             **changes,
         }
@@ -391,3 +394,77 @@ def test_notifier_abstract_namespace_and_outside_systemd() -> None:
     other = Notifier({"NOTIFY_SOCKET": "/nonexistent", "WATCHDOG_USEC": "1", "WATCHDOG_PID": "1"})
     assert other.watchdog_interval is None  # the watchdog is another process's
     other.close()
+
+
+SLOWDOWN = (
+    b"<Error><Code>SlowDown</Code><Message>Please reduce your request rate.</Message></Error>"
+)
+SERVERBUSY = (
+    b'<?xml version="1.0" encoding="utf-8"?><Error><Code>ServerBusy</Code>'
+    b"<Message>The server is busy.</Message></Error>"
+)
+
+
+async def test_throttling_on_both_sides_is_retried_per_request(
+    settings: Settings,
+    moto_endpoint: str,
+    azurite_endpoint: str,
+    s3_client: Any,
+    blob_service: BlobServiceClient,
+    bucket: str,
+    container: str,
+) -> None:
+    objects = {"big.bin": payload(24 * MiB, seed=8)}
+    objects.update({f"s{i}.bin": payload(2000 + i, seed=i) for i in range(6)})
+    for key, body in objects.items():
+        s3_client.put_object(Bucket=bucket, Key=f"t/{key}", Body=body)
+    s3_faults = Faults(
+        error_every=3,
+        error_status=503,
+        error_body=SLOWDOWN,
+        error_match=f"GET /{bucket}/t/".encode(),
+    )
+    az_faults = Faults(
+        error_every=3,
+        error_status=503,
+        error_body=SERVERBUSY,
+        error_headers="x-ms-error-code: ServerBusy\r\n",
+        error_match=b"PUT ",
+    )
+    async with (
+        FaultProxy(moto_endpoint, s3_faults) as s3p,
+        FaultProxy(azurite_endpoint, az_faults) as azp,
+    ):
+        tuned = through(
+            settings, s3p, azure={"connection_string": SecretStr(connection_string(azp.endpoint))}
+        )
+        status, rows = await copy(tuned, f"s3://{bucket}/t/", f"az://{container}/t/")
+    assert status == "done", [r.error for r in rows]
+    assert s3p.errors >= 2 and azp.errors >= 2
+    for key, body in objects.items():
+        assert blob_bytes(blob_service, container, f"t/{key}") == body
+
+
+async def test_a_permanent_error_fails_at_once_without_retrying(
+    settings: Settings,
+    moto_endpoint: str,
+    s3_client: Any,
+    blob_service: BlobServiceClient,
+    bucket: str,
+    container: str,
+) -> None:
+    s3_client.put_object(Bucket=bucket, Key="denied.bin", Body=payload(20 * MiB))
+    denied = b"<Error><Code>AccessDenied</Code><Message>Access Denied</Message></Error>"
+    faults = Faults(
+        error_every=1,
+        error_status=403,
+        error_body=denied,
+        error_match=f"GET /{bucket}/denied".encode(),
+    )
+    async with FaultProxy(moto_endpoint, faults) as proxy:
+        tuned = through(settings, proxy, block_concurrency=1)
+        status, [row] = await copy(tuned, f"s3://{bucket}/denied.bin", f"az://{container}/d.bin")
+    assert (status, row.status) == ("failed", "failed")
+    assert row.error is not None and "access denied by S3" in row.error
+    assert proxy.errors == 1  # one refused GET, no retry
+    assert blob_names(blob_service, container) == []

@@ -7,7 +7,8 @@
 
 A claim is a rename from inbox/ to processing/, atomic on one file system, so two
 daemons can never both claim a file. Files whose names start with ``.`` or end in
-``.tmp`` or ``.part`` are still being written and are left alone. New files are
+``.tmp`` or ``.part`` are still being written and are left alone; so is any file
+modified in the last ``settle_s`` (a writer that does not rename). New files are
 noticed through watchfiles (inotify); a scan every ``poll_interval_s`` backs it up.
 """
 
@@ -16,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import os
 import stat
+import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import IO
@@ -35,29 +37,42 @@ def is_job_name(name: str) -> bool:
 
 
 class DirectorySource:
-    def __init__(self, jobs_dir: Path, poll_interval_s: float = 1.0, max_bytes: int = 64 << 20):
+    def __init__(
+        self,
+        jobs_dir: Path,
+        poll_interval_s: float = 1.0,
+        max_bytes: int = 16 << 20,
+        settle_s: float = 0.5,
+    ) -> None:
         self.root = jobs_dir
         self.inbox, self.processing, self.done, self.failed = (jobs_dir / f for f in FOLDERS)
         self._poll = poll_interval_s
         self._max_bytes = max_bytes
+        self._settle_s = settle_s
         self._changed = asyncio.Event()
 
     def prepare(self) -> None:
         for folder in (self.inbox, self.processing, self.done, self.failed):
             folder.mkdir(parents=True, exist_ok=True)
 
-    def _waiting(self, folder: Path) -> list[str]:
+    def _waiting(self, folder: Path) -> list[tuple[float, str]]:
+        """(mtime, name) of the job files in ``folder``, oldest first."""
+        found = []
         try:
-            entries = list(os.scandir(folder))
+            with os.scandir(folder) as it:
+                for e in it:
+                    if is_job_name(e.name):
+                        try:
+                            found.append((e.stat(follow_symlinks=False).st_mtime, e.name))
+                        except FileNotFoundError:
+                            continue
         except FileNotFoundError:
             return []
-        entries = [e for e in entries if is_job_name(e.name)]
-        entries.sort(key=lambda e: (e.stat(follow_symlinks=False).st_mtime, e.name))
-        return [e.name for e in entries]
+        return sorted(found)
 
     async def jobs(self, stop: asyncio.Event) -> AsyncIterator[ClaimedJob]:
         self.prepare()
-        for name in self._waiting(self.processing):
+        for _, name in self._waiting(self.processing):
             log.info("job recovered", job=name)
             yield ClaimedJob(name, self.processing / name, recovered=True)
         watcher = asyncio.create_task(self._watch(stop), name="inbox-watch")
@@ -65,9 +80,16 @@ class DirectorySource:
             while not stop.is_set():
                 self._changed.clear()
                 claimed = False
-                for name in self._waiting(self.inbox):
+                wait = self._poll
+                for mtime, name in self._waiting(self.inbox):
                     if stop.is_set():
                         return
+                    # A file written in place (not renamed in) may still be growing:
+                    # leave it until it has been still for settle_s.
+                    young = mtime + self._settle_s - time.time()
+                    if young > 0:
+                        wait = min(wait, young + 0.01)
+                        continue
                     try:
                         os.rename(self.inbox / name, self.processing / name)
                     except FileNotFoundError:
@@ -75,7 +97,7 @@ class DirectorySource:
                     claimed = True
                     yield ClaimedJob(name, self.processing / name)
                 if not claimed:
-                    await _first_of(stop.wait(), self._changed.wait(), within=self._poll)
+                    await _first_of(stop.wait(), self._changed.wait(), within=wait)
         finally:
             watcher.cancel()
             await asyncio.gather(watcher, return_exceptions=True)

@@ -1,0 +1,104 @@
+"""Hostile job files: each gets a clear outcome, memory stays bounded, nothing else is disturbed."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+from pathlib import Path
+from typing import Any
+
+from azure.storage.blob import BlobServiceClient
+
+from daemon.settings import Settings
+from tests.conftest import running_daemon
+from tests.helpers import blob_bytes
+from tests.test_faults import daemon_env, start_daemon, wait_report
+
+
+def one(bucket: str, container: str, blob: str) -> str:
+    return json.dumps({"source": f"s3://{bucket}/k", "destination": f"az://{container}/{blob}"})
+
+
+async def test_oversized_half_written_and_oddly_named_job_files(
+    settings: Settings,
+    s3_client: Any,
+    blob_service: BlobServiceClient,
+    bucket: str,
+    container: str,
+) -> None:
+    s3_client.put_object(Bucket=bucket, Key="k", Body=b"payload")
+    async with running_daemon(settings) as d:
+        # 50 MB of otherwise valid JSON.
+        padding = " " * (50 * 1024 * 1024)
+        d.drop("huge.json", one(bucket, container, "huge")[:-1] + padding + "}")
+        # Written in place, in two halves, with a pause: must not be read half-way.
+        text = one(bucket, container, "slow")
+        slow = d.inbox / "slow.json"
+        with open(slow, "w") as f:
+            f.write(text[:20])
+            f.flush()
+            await asyncio.sleep(0.3)
+            f.write(text[20:])
+        odd = ["wéird ☃ name (1) & $x;'.json", "-dash.json", "spa ce.json", "tab\there.json"]
+        for i, name in enumerate(odd):
+            d.drop(name, one(bucket, container, f"odd-{i}"))
+        folder, report = await d.wait_finished("huge.json")
+        assert folder == "failed" and "larger than 16 MiB" in report["error"]
+        assert (await d.wait_finished("slow.json"))[0] == "done"
+        for name in odd:
+            folder, report = await d.wait_finished(name)
+            assert folder == "done" and report["job"] == name
+    assert blob_bytes(blob_service, container, "slow") == b"payload"
+
+
+async def test_a_hundred_thousand_transfers_stay_bounded_and_starve_no_one(
+    settings: Settings,
+    moto_endpoint: str,
+    azurite_endpoint: str,
+    s3_client: Any,
+    blob_service: BlobServiceClient,
+    bucket: str,
+    container: str,
+    tmp_path: Path,
+) -> None:
+    s3_client.put_object(Bucket=bucket, Key="k", Body=b"payload")
+    big = {
+        "transfers": [
+            {"source": f"s3://{bucket}/k", "destination": f"az://{container}/same"}
+            for _ in range(100_000)
+        ]
+    }
+    env = daemon_env(
+        settings,
+        moto_endpoint,
+        azurite_endpoint,
+        BLOBFERRY_LOG_LEVEL="warning",
+        BLOBFERRY_MAX_TRANSFERS="8",
+    )
+    proc = await start_daemon(env)
+    try:
+        inbox = settings.jobs_dir / "inbox"
+        while not inbox.exists():
+            await asyncio.sleep(0.05)
+        (tmp_path / "big.json").write_text(json.dumps(big))
+        (tmp_path / "big.json").rename(inbox / "big.json")
+        while not (settings.jobs_dir / "processing" / "big.json").exists():
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(3)  # parsed and well under way
+        (inbox / "small.json").write_text(one(bucket, container, "small"))
+        # Starved, it would wait behind 100,000 transfers (many minutes), not seconds.
+        report = await wait_report(settings.jobs_dir, "small", timeout=60)
+        assert report["folder"] == "done"
+        status = Path(f"/proc/{proc.pid}/status").read_text()
+        peak_kib = int(
+            next(line for line in status.splitlines() if line.startswith("VmHWM")).split()[1]
+        )
+        assert peak_kib < 300 * 1024, f"peak RSS {peak_kib} KiB"
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == 0
+    # Unfinished, so it waits in processing/ for the next start.
+    assert (settings.jobs_dir / "processing" / "big.json").exists()
+    assert blob_bytes(blob_service, container, "small") == b"payload"
