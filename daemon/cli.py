@@ -14,9 +14,10 @@ import secrets
 import signal
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any, TypeVar
 
 import structlog
 
@@ -28,6 +29,7 @@ from daemon.settings import Settings, load_settings
 from daemon.state import StateStore, iso
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+T = TypeVar("T")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -132,6 +134,23 @@ def _signals(stop: asyncio.Event, force: asyncio.Event) -> None:
         loop.add_signal_handler(sig, handler, sig.name)
 
 
+def _arun(settings: Settings, main: Coroutine[Any, Any, T]) -> T:
+    """asyncio.run, on uvloop unless told otherwise: its socket I/O costs far less CPU."""
+    factory: Callable[[], asyncio.AbstractEventLoop] | None = None
+    if settings.event_loop != "asyncio":
+        try:
+            import uvloop
+
+            factory = uvloop.new_event_loop
+        except ImportError:
+            if settings.event_loop == "uvloop":
+                raise ConfigError(
+                    "configuration error: event_loop: uvloop is not installed"
+                ) from None
+    with asyncio.Runner(loop_factory=factory) as runner:
+        return runner.run(main)
+
+
 def _run(args: argparse.Namespace, settings: Settings) -> int:
     configure(settings.log_level)
 
@@ -140,7 +159,7 @@ def _run(args: argparse.Namespace, settings: Settings) -> int:
         _signals(stop, force)
         await app.serve(settings, stop, force)
 
-    asyncio.run(main())
+    _arun(settings, main())
     return EXIT_OK
 
 
@@ -182,7 +201,7 @@ def _copy(args: argparse.Namespace, settings: Settings) -> int:
         _signals(stop, force)
         return await app.copy_once(settings, name, [spec], stop, bar)
 
-    status, state = asyncio.run(main())
+    status, state = _arun(settings, main())
     bar.close()
     state.write_report(name, sys.stdout)
     state.close()

@@ -135,6 +135,9 @@ class Settings(BaseSettings):
         default=16, ge=1, description="Larger job files fail; 100,000 transfers take ~12 MiB."
     )
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    event_loop: Literal["auto", "asyncio", "uvloop"] = Field(
+        default="auto", description="auto: uvloop when it is installed (it is a dependency)."
+    )
     verify: bool = Field(
         default=True,
         description="Compute each object's MD5 (and part MD5s) while streaming and prove "

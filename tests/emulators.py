@@ -88,11 +88,24 @@ def moto_command(port: int) -> list[str]:
     return [str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)]
 
 
+def s3rver_command(port: int, data: Path) -> list[str]:
+    """s3rver serves ranges from files, where moto copies the object on every GET."""
+    exe = ROOT / "node_modules" / ".bin" / "s3rver"
+    return [str(exe), "-d", str(data), "-p", str(port), "-a", "127.0.0.1", "--silent"]
+
+
 @contextmanager
 def emulator(kind: str, log: Path) -> Iterator[str]:
-    """Run ``moto`` or ``azurite`` on a free port; yields its endpoint URL."""
+    """Run ``moto``, ``azurite`` or ``s3rver`` on a free port; yields its endpoint URL."""
     port = free_port()
-    cmd = moto_command(port) if kind == "moto" else azurite_command(port)
+    if kind == "moto":
+        cmd = moto_command(port)
+    elif kind == "azurite":
+        cmd = azurite_command(port)
+    else:
+        data = log.parent / "s3rver-data"
+        data.mkdir(parents=True, exist_ok=True)
+        cmd = s3rver_command(port, data)
     proc = _start(cmd, port, kind, log)
     try:
         yield f"http://127.0.0.1:{port}"

@@ -1,0 +1,1 @@
+"""Side-by-side benchmark of blobferry, rclone and the naive method on local emulators."""

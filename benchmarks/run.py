@@ -1,0 +1,364 @@
+"""blobferry vs rclone vs the naive method, on the same emulators, in one run.
+
+    make bench                                   # every scenario, 2 rounds
+    python -m benchmarks.run --scenarios large,wan-many --rounds 3
+
+Per tool and scenario: MB/s, objects/s, CPU seconds per GiB (user + system of the tool's
+process, from wait4), peak RSS, and blobferry's figures as ratios to rclone's. Tools run
+alternately, in a rotating order, round after round. Every copied blob is checked
+against its object's MD5; a tool whose copy is wrong is reported as WRONG and gets no
+figures. S3 is s3rver for the large scenarios (it serves ranges from files) and moto for
+many small objects; Azure is Azurite. The wan-* scenarios put a userland proxy (20 ms
+one-way, 8 MB/s per connection each way) in front of both. Timings are printed, never
+asserted. Results also go to bench-results/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import boto3
+from azure.storage.blob import BlobServiceClient
+from boto3.s3.transfer import TransferConfig
+
+from tests.emulators import AZURITE_KEY, ROOT, connection_string, emulator
+
+MiB = 1024 * 1024
+BIN = Path(sys.executable).parent
+BUCKET = "bench"
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    store: str  # "s3rver" or "moto"
+    prefix: str
+    sizes: tuple[int, ...]
+    wan: bool = False
+
+
+SCENARIOS = {
+    s.name: s
+    for s in (
+        Scenario("large", "s3rver", "large/", (192 * MiB,) * 2),
+        Scenario("huge", "s3rver", "huge/", (1024 * MiB,)),
+        Scenario("many", "moto", "many/", (48 * 1024,) * 400 + (4 * MiB,) * 8),
+        Scenario("wan-large", "s3rver", "large/", (192 * MiB,) * 2, wan=True),
+        Scenario("wan-many", "moto", "many/", (48 * 1024,) * 400 + (4 * MiB,) * 8, wan=True),
+    )
+}
+TOOLS = ("blobferry", "rclone", "naive")
+
+
+@dataclass
+class Result:
+    scenario: str
+    tool: str
+    round: int
+    seconds: float
+    bytes: int
+    objects: int
+    cpu_s: float
+    rss_mib: float
+    ok: bool
+    problem: str = ""
+
+    @property
+    def mbps(self) -> float:
+        return self.bytes / 1e6 / self.seconds
+
+    @property
+    def objps(self) -> float:
+        return self.objects / self.seconds
+
+    @property
+    def cpu_per_gib(self) -> float:
+        return self.cpu_s / (self.bytes / 2**30)
+
+
+# -- the stage ------------------------------------------------------------------------
+
+
+@contextmanager
+def wan(upstream: str) -> Iterator[str]:
+    host_port = upstream.removeprefix("http://").split("/")[0]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "benchmarks.wanproxy", "--upstream", host_port],
+        stdout=subprocess.PIPE,
+        cwd=ROOT,
+        text=True,
+    )
+    assert proc.stdout is not None
+    port = int(proc.stdout.readline())
+    try:
+        yield upstream.replace(host_port, f"127.0.0.1:{port}")
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def s3_client(endpoint: str, store: str) -> object:
+    key = "S3RVER" if store == "s3rver" else "bench"
+    return boto3.client(
+        "s3",
+        endpoint_url=endpoint,
+        region_name="us-east-1",
+        aws_access_key_id=key,
+        aws_secret_access_key=key,
+    )
+
+
+def fill(endpoint: str, store: str, scenarios: list[Scenario]) -> dict[str, str]:
+    """Put each scenario's objects (random bytes, multipart above 8 MiB as uploads are);
+    return {key: md5}."""
+    s3 = s3_client(endpoint, store)
+    s3.create_bucket(Bucket=BUCKET)  # type: ignore[attr-defined]
+    md5s: dict[str, str] = {}
+    config = TransferConfig(multipart_threshold=8 * MiB, multipart_chunksize=8 * MiB)
+    for sc in scenarios:
+        for i, size in enumerate(sc.sizes):
+            key = f"{sc.prefix}{i:04d}.bin"
+            if key in md5s:
+                continue
+            body = os.urandom(size)
+            md5s[key] = hashlib.md5(body).hexdigest()
+            s3.upload_fileobj(io.BytesIO(body), BUCKET, key, Config=config)  # type: ignore[attr-defined]
+    return md5s
+
+
+# -- the tools --------------------------------------------------------------------------
+
+
+def command(
+    tool: str, sc: Scenario, s3: str, az: str, dest: str, container: str
+) -> tuple[list[str], dict[str, str]]:
+    key = "S3RVER" if sc.store == "s3rver" else "bench"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("BLOBFERRY_", "RCLONE_"))}
+    env.pop("AWS_CA_BUNDLE", None)  # rclone's S3 backend fails on plain http with it set
+    env.update(
+        AWS_ACCESS_KEY_ID=key,
+        AWS_SECRET_ACCESS_KEY=key,
+        AWS_DEFAULT_REGION="us-east-1",
+        AWS_EC2_METADATA_DISABLED="true",
+    )
+    cs = connection_string(az)
+    if tool == "blobferry":
+        tmp = tempfile.mkdtemp(prefix="bf-bench-")
+        env.update(
+            BLOBFERRY_S3__ENDPOINT_URL=s3,
+            AZURE_STORAGE_CONNECTION_STRING=cs,
+            BLOBFERRY_STATE_DIR=tmp,
+            BLOBFERRY_JOBS_DIR=tmp,
+        )
+        return [
+            str(BIN / "blobferry"),
+            "copy",
+            f"s3://{BUCKET}/{sc.prefix}",
+            f"az://{container}/{dest}",
+            "--quiet",
+            "--overwrite",
+            "always",
+        ], env
+    if tool == "rclone":
+        env.update(
+            RCLONE_CONFIG_SRC_TYPE="s3",
+            RCLONE_CONFIG_SRC_PROVIDER="Other",
+            RCLONE_CONFIG_SRC_ENDPOINT=s3,
+            RCLONE_CONFIG_SRC_ACCESS_KEY_ID=key,
+            RCLONE_CONFIG_SRC_SECRET_ACCESS_KEY=key,
+            RCLONE_CONFIG_SRC_REGION="us-east-1",
+            RCLONE_CONFIG_DST_TYPE="azureblob",
+            RCLONE_CONFIG_DST_ACCOUNT="devstoreaccount1",
+            RCLONE_CONFIG_DST_KEY=AZURITE_KEY,
+            RCLONE_CONFIG_DST_ENDPOINT=f"{az}/devstoreaccount1",
+        )
+        return [
+            str(BIN / "rclone"),
+            "copy",
+            f"src:{BUCKET}/{sc.prefix}",
+            f"dst:{container}/{dest}",
+        ], env
+    env.update(NAIVE_S3_ENDPOINT=s3, AZURE_STORAGE_CONNECTION_STRING=cs)
+    return [sys.executable, "-m", "benchmarks.naive", BUCKET, sc.prefix, container, dest], env
+
+
+def run_tool(cmd: list[str], env: dict[str, str]) -> tuple[float, float, float, int, str]:
+    """Wall seconds, CPU seconds, peak RSS (MiB), exit code and stderr's tail.
+
+    Measured by /usr/bin/time, not by wait4 here: a child forked from this process
+    inherits its high-water mark in ru_maxrss, and this process holds the test data."""
+    with tempfile.NamedTemporaryFile("r", suffix=".time") as times:
+        t0 = time.monotonic()
+        proc = subprocess.run(
+            ["/usr/bin/time", "-f", "%U %S %M", "-o", times.name, *cmd],
+            env=env,
+            cwd=ROOT,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        seconds = time.monotonic() - t0
+        user, system, rss_kib = times.read().split()[-3:]
+    err = proc.stderr.decode(errors="replace")[-2000:]
+    return seconds, float(user) + float(system), int(rss_kib) / 1024, proc.returncode, err
+
+
+def check(
+    svc: BlobServiceClient, container: str, dest: str, sc: Scenario, md5s: dict[str, str]
+) -> str:
+    """'' if every blob equals its object, else what is wrong."""
+    cc = svc.get_container_client(container)
+    names = sorted(b.name for b in cc.list_blobs(name_starts_with=dest))
+    want = sorted(dest + f"{i:04d}.bin" for i in range(len(sc.sizes)))
+    if names != want:
+        return f"{len(names)} blobs, expected {len(want)}"
+    for name in names:
+        digest = hashlib.md5()
+        for chunk in cc.get_blob_client(name).download_blob(max_concurrency=4).chunks():
+            digest.update(chunk)
+        if digest.hexdigest() != md5s[sc.prefix + name[len(dest) :]]:
+            return f"{name}: bytes differ from the object"
+    return ""
+
+
+# -- the run ----------------------------------------------------------------------------
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--scenarios", default=",".join(SCENARIOS))
+    p.add_argument("--tools", default=",".join(TOOLS))
+    p.add_argument("--rounds", type=int, default=2)
+    a = p.parse_args()
+    scenarios = [SCENARIOS[n] for n in a.scenarios.split(",")]
+    tools = a.tools.split(",")
+    out = ROOT / "bench-results"
+    out.mkdir(exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="blobferry-bench-"))
+    results: list[Result] = []
+    try:
+        with ExitStack() as stack:
+            az = stack.enter_context(emulator("azurite", work / "azurite.log"))
+            stores: dict[str, str] = {}
+            for store in sorted({sc.store for sc in scenarios}):
+                (work / store).mkdir()
+                stores[store] = stack.enter_context(emulator(store, work / store / f"{store}.log"))
+            md5s: dict[str, str] = {}
+            for store, endpoint in stores.items():
+                print(f"filling {store} ...", flush=True)
+                md5s |= fill(endpoint, store, [sc for sc in scenarios if sc.store == store])
+            svc = BlobServiceClient.from_connection_string(connection_string(az))
+            for sc in scenarios:
+                with ExitStack() as links:
+                    s3 = links.enter_context(wan(stores[sc.store])) if sc.wan else stores[sc.store]
+                    azurl = links.enter_context(wan(az)) if sc.wan else az
+                    for r in range(a.rounds):
+                        order = tools[r % len(tools) :] + tools[: r % len(tools)]
+                        for tool in order:
+                            results.append(one_run(sc, tool, r + 1, s3, azurl, svc, md5s))
+                            print(row(results[-1]), flush=True)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    print()
+    print(summary(results, scenarios, tools))
+    stamp = time.strftime("%Y%m%dT%H%M%S")
+    (out / f"bench-{stamp}.json").write_text(json.dumps([asdict(r) for r in results], indent=1))
+    (out / f"bench-{stamp}.txt").write_text(summary(results, scenarios, tools) + "\n")
+    return 0
+
+
+def one_run(
+    sc: Scenario,
+    tool: str,
+    rnd: int,
+    s3: str,
+    az: str,
+    svc: BlobServiceClient,
+    md5s: dict[str, str],
+) -> Result:
+    container = f"{sc.name}-{tool}-{rnd}".replace("_", "-")
+    svc.create_container(container)
+    try:
+        cmd, env = command(tool, sc, s3, az, "out/", container)
+        seconds, cpu, rss, code, err = run_tool(cmd, env)
+        problem = (
+            f"exit {code}: {err.strip().splitlines()[-1] if err.strip() else ''}" if code else ""
+        )
+        problem = problem or check(svc, container, "out/", sc, md5s)
+    finally:
+        svc.delete_container(container)
+    return Result(
+        sc.name, tool, rnd, seconds, sum(sc.sizes), len(sc.sizes), cpu, rss, not problem, problem
+    )
+
+
+HEAD = f"{'scenario':<10} {'tool':<10} {'rnd':>3} {'MB/s':>8} {'obj/s':>8} {'CPU s/GiB':>10} {'RSS MiB':>8}"
+
+
+def row(r: Result) -> str:
+    if not r.ok:
+        return f"{r.scenario:<10} {r.tool:<10} {r.round:>3}   WRONG: {r.problem}"
+    return (
+        f"{r.scenario:<10} {r.tool:<10} {r.round:>3} {r.mbps:8.1f} {r.objps:8.1f} "
+        f"{r.cpu_per_gib:10.2f} {r.rss_mib:8.0f}"
+    )
+
+
+def summary(results: list[Result], scenarios: list[Scenario], tools: list[str]) -> str:
+    lines = [
+        "Median over rounds; the spread of MB/s per round is the machine's noise.",
+        HEAD + f" {'MB/s x':>8} {'obj/s x':>8} {'CPU x':>7}  per round MB/s",
+    ]
+    for sc in scenarios:
+        med: dict[str, dict[str, float]] = {}
+        spread: dict[str, str] = {}
+        for tool in tools:
+            rs = [r for r in results if r.scenario == sc.name and r.tool == tool]
+            good = [r for r in rs if r.ok]
+            if not rs:
+                continue
+            if len(good) < len(rs):
+                bad = next(r.problem for r in rs if not r.ok)
+                lines.append(
+                    f"{sc.name:<10} {tool:<10}   WRONG in {len(rs) - len(good)} of {len(rs)} rounds: {bad}"
+                )
+                continue
+            med[tool] = {
+                "mbps": statistics.median(r.mbps for r in good),
+                "objps": statistics.median(r.objps for r in good),
+                "cpu": statistics.median(r.cpu_per_gib for r in good),
+                "rss": max(r.rss_mib for r in good),
+            }
+            spread[tool] = "/".join(f"{r.mbps:.0f}" for r in good)
+        base = med.get("rclone")
+        for tool, m in med.items():
+            ratio = ""
+            if base is not None:
+                ratio = (
+                    f" {m['mbps'] / base['mbps']:8.2f} {m['objps'] / base['objps']:8.2f} "
+                    f"{m['cpu'] / base['cpu']:7.2f}"
+                )
+            lines.append(
+                f"{sc.name:<10} {tool:<10} {'med':>3} {m['mbps']:8.1f} {m['objps']:8.1f} "
+                f"{m['cpu']:10.2f} {m['rss']:8.0f}{ratio}  {spread[tool]}"
+            )
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
