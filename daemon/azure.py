@@ -66,6 +66,14 @@ class ExistingBlob:
     metadata: dict[str, str]
 
 
+class SourceUnreachableError(PermanentError):
+    """Azure could not fetch the source URL itself (Put Block From URL)."""
+
+    def __init__(self, dst: AzAddress, code: str) -> None:
+        super().__init__(f"{dst}: Azure could not read the source URL ({code})")
+        self.code = code
+
+
 class DestinationExistsError(PermanentError):
     def __init__(self, destination: AzAddress) -> None:
         super().__init__(f"{destination} already exists and overwrite is 'never'")
@@ -221,6 +229,20 @@ class AzureWriter:
             )
         except AzureError as e:
             raise _translate(e, dst, f"stage block {block_id}") from None
+
+    async def stage_from_url(
+        self, dst: AzAddress, block_id: str, url: str, offset: int, length: int
+    ) -> None:
+        """Azure fetches the range itself: no payload byte passes through this host."""
+        try:
+            await self._blob(dst).stage_block_from_url(
+                block_id, url, source_offset=offset, source_length=length
+            )
+        except AzureError as e:
+            code = _code(e)
+            if code.startswith("CannotVerifyCopySource") or code == "CannotVerifyCopySource":
+                raise SourceUnreachableError(dst, code) from None
+            raise _translate(e, dst, f"stage block {block_id} from URL") from None
 
     async def staged_blocks(self, dst: AzAddress) -> dict[str, int]:
         """Uncommitted blocks already on the destination: {block id: size}."""

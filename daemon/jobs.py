@@ -42,6 +42,7 @@ class Overwrite(StrEnum):
 
 TIERS = ("Hot", "Cool", "Cold", "Archive")
 Tier = Literal["Hot", "Cool", "Cold", "Archive"]
+Mode = Literal["stream", "server-side"]
 _METADATA_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 
 
@@ -143,6 +144,7 @@ class Options:
     metadata: Mapping[str, str] = field(default_factory=dict)  # merged over the source's
     content_type: str | None = None  # replaces the source's
     tier: Tier | None = None  # otherwise the storage-class map in settings, or the default
+    mode: Mode | None = None  # otherwise the mode setting
 
 
 @dataclass(frozen=True, slots=True)
@@ -174,6 +176,7 @@ class _OptionsIn(BaseModel):
     metadata: dict[str, str] | None = None
     content_type: str | None = None
     tier: Tier | None = None
+    mode: Mode | None = None
 
     @field_validator("metadata")
     @classmethod
@@ -193,6 +196,7 @@ class _OptionsIn(BaseModel):
             metadata={**base.metadata, **(self.metadata or {})},
             content_type=self.content_type if self.content_type is not None else base.content_type,
             tier=self.tier or base.tier,
+            mode=self.mode or base.mode,
         )
 
 

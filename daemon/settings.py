@@ -138,6 +138,11 @@ class Settings(BaseSettings):
     event_loop: Literal["auto", "asyncio", "uvloop"] = Field(
         default="auto", description="auto: uvloop when it is installed (it is a dependency)."
     )
+    mode: Literal["stream", "server-side"] = Field(
+        default="stream",
+        description="server-side: Azure fetches each block from a freshly presigned S3 "
+        "range (Put Block From URL); falls back to stream when Azure cannot reach S3.",
+    )
     verify: bool = Field(
         default=True,
         description="Compute each object's MD5 (and part MD5s) while streaming and prove "

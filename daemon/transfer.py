@@ -17,13 +17,13 @@ import asyncio
 import dataclasses
 import hashlib
 import re
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
 
 import structlog
 
-from daemon.azure import AzureWriter, BlobHeaders, azure_metadata
+from daemon.azure import AzureWriter, BlobHeaders, SourceUnreachableError, azure_metadata
 from daemon.budget import ByteBudget
 from daemon.errors import (
     Interrupted,
@@ -43,6 +43,8 @@ _MD5_HEX = re.compile(r"[0-9a-f]{32}\Z")
 _ID_LENGTH = 24 + 6 + 32  # identity, index, MD5: every ID the same length, as Azure requires
 
 Progress = Callable[[int], None]
+SourceUrls = Callable[[ObjectInfo], Awaitable[str]]
+SERVER_SIDE_MD5 = bytes(16)  # server-side blocks: no bytes here, so no MD5 in the ID
 log = structlog.get_logger("blobferry.transfer")
 
 
@@ -104,7 +106,9 @@ def choose_block_size(size: int, minimum: int) -> int:
     return min(max(minimum, needed), MAX_BLOCK_SIZE)
 
 
-def plan_blocks(info: ObjectInfo, minimum: int, part_sizes: list[int] | None = None) -> Plan:
+def plan_blocks(
+    info: ObjectInfo, minimum: int, part_sizes: list[int] | None = None, flavour: str = "stream"
+) -> Plan:
     """Cut the object into blocks; inside a multipart object no block crosses a part
     boundary, so each part's MD5 (and so S3's composite ETag) falls out of one pass."""
     spans: list[tuple[int, int, int]] = []  # (start, length, part)
@@ -130,7 +134,7 @@ def plan_blocks(info: ObjectInfo, minimum: int, part_sizes: list[int] | None = N
         spans = [(s, min(bs, info.size - s), 0) for s in range(0, info.size, bs)]
     identity = "\n".join(
         (info.bucket, info.key, info.etag, info.version_id or "", str(info.size), str(bs))
-    )
+    ) + ("" if flavour == "stream" else "\n" + flavour)
     prefix = hashlib.sha256(identity.encode()).hexdigest()[:24]
     blocks = tuple(Block(i, s, n, p) for i, (s, n, p) in enumerate(spans))
     return Plan(bs, blocks, len(part_sizes or ()) if aligned else 0, prefix)
@@ -242,8 +246,13 @@ class Copier:
         azure: AzureWriter,
         budget: ByteBudget,
         stopping: asyncio.Event | None = None,
+        source_urls: SourceUrls | None = None,
     ) -> None:
         self._settings = settings
+        # Where Azure fetches ranges from in server-side mode: a URL presigned for each
+        # block just before it is staged. A seam, so a test can point Azure at a source
+        # it can reach (Azurite only fetches from itself).
+        self._source_urls: SourceUrls = source_urls or s3.presign
         self._s3 = s3
         self._azure = azure
         self._budget = budget
@@ -359,6 +368,83 @@ class Copier:
         return Outcome(Status.COPIED, len(data), verified, renamed_metadata=renamed)
 
     async def _copy_blocks(
+        self, info: ObjectInfo, spec: TransferSpec, fp: str, progress: Progress
+    ) -> Outcome:
+        note = None
+        if (spec.options.mode or self._settings.mode) == "server-side":
+            try:
+                return await self._copy_server_side(info, spec, fp, progress)
+            except SourceUnreachableError as e:
+                note = (
+                    f"server-side copy impossible (Azure answered {e.code}: it cannot reach "
+                    "the source); streamed through this host instead"
+                )
+                log.warning("server-side copy impossible, streaming", code=e.code)
+        outcome = await self._stream_blocks(info, spec, fp, progress)
+        if note:
+            outcome.note = f"{note}; {outcome.note}" if outcome.note else note
+        return outcome
+
+    async def _copy_server_side(
+        self, info: ObjectInfo, spec: TransferSpec, fp: str, progress: Progress
+    ) -> Outcome:
+        """Put Block From URL for every block: Azure reads S3, this host reads nothing."""
+        policy = self._settings.retry
+        dst = spec.destination
+        plan = plan_blocks(info, self._settings.block_size, None, flavour="server-side")
+        staged = await retrying(lambda: self._azure.staged_blocks(dst), policy, f"blocks {dst}")
+        done = {
+            f[0]
+            for i, n in staged.items()
+            if (f := plan.parse_id(i)) and plan.blocks[f[0]].length == n
+        }
+        lanes = asyncio.Semaphore(self._settings.block_concurrency)
+
+        async def one(block: Block) -> None:
+            async with lanes:
+                if self._stopping.is_set():
+                    raise Interrupted()
+
+                async def stage() -> None:
+                    url = await self._source_urls(info)  # fresh for every request
+                    await self._azure.stage_from_url(
+                        dst,
+                        plan.block_id(block.index, SERVER_SIDE_MD5),
+                        url,
+                        block.start,
+                        block.length,
+                    )
+
+                await retrying(stage, policy, f"stage {dst} block {block.index} from URL")
+                progress(block.length)
+
+        # The first block alone: if Azure cannot reach the source, nothing else is tried.
+        todo = [b for b in plan.blocks if b.index not in done]
+        try:
+            if todo:
+                await one(todo[0])
+            async with asyncio.TaskGroup() as tg:
+                for block in todo[1:]:
+                    tg.create_task(one(block))
+        except BaseExceptionGroup as eg:
+            raise _first_error(eg) from None
+        headers, metadata, renamed, tier = self._landing(info, spec, fp)
+        ids = [plan.block_id(b.index, SERVER_SIDE_MD5) for b in plan.blocks]
+        overwrite = spec.overwrite is not Overwrite.NEVER
+        await retrying(
+            lambda: self._azure.commit(dst, ids, None, headers, metadata, overwrite, tier),
+            policy,
+            f"commit {dst}",
+        )
+        return Outcome(
+            Status.COPIED,
+            info.size,
+            "size: server-side copy, the bytes went from S3 to Azure without passing here",
+            renamed_metadata=renamed,
+            blocks_reused=len(done),
+        )
+
+    async def _stream_blocks(
         self, info: ObjectInfo, spec: TransferSpec, fp: str, progress: Progress
     ) -> Outcome:
         policy = self._settings.retry
