@@ -33,6 +33,7 @@ from azure.storage.blob.aio import BlobClient, BlobServiceClient
 
 from daemon.errors import CorruptBlockError, PermanentError, RetryableError
 from daemon.jobs import AzAddress
+from daemon.s3 import Chunks
 from daemon.settings import Settings
 
 _RETRYABLE_CODES = {"ServerBusy", "InternalError", "OperationTimedOut", "ServiceUnavailable"}
@@ -105,15 +106,13 @@ def azure_metadata(metadata: dict[str, str]) -> tuple[dict[str, str], dict[str, 
 # aiohttp warns about any raw-bytes body over 1 MiB; a Put Blob body is bounded by
 # block_size_mb and the SDK accepts nothing else there. Blocks go as slices instead.
 warnings.filterwarnings("ignore", "Sending a large body directly", ResourceWarning)
-_SLICE = 256 * 1024
 
 
-async def _slices(data: bytes | bytearray) -> AsyncIterator[memoryview]:
-    """The block as 256 KiB views: sent without a copy, and aiohttp drains the socket
-    between slices instead of queueing megabytes in the transport at once."""
-    view = memoryview(data)
-    for start in range(0, len(view), _SLICE):
-        yield view[start : start + _SLICE]
+async def _stream(chunks: Chunks) -> AsyncIterator[bytes]:
+    """The block's chunks as received: sent without a copy, and aiohttp drains the
+    socket between them instead of queueing megabytes in the transport at once."""
+    for chunk in chunks:
+        yield chunk
 
 
 class AzureWriter:
@@ -194,7 +193,7 @@ class AzureWriter:
     async def put(
         self,
         dst: AzAddress,
-        data: bytes | bytearray,
+        data: Chunks,
         md5: bytes,
         headers: BlobHeaders,
         metadata: dict[str, str],
@@ -204,8 +203,8 @@ class AzureWriter:
         """The whole blob in one Put Blob, checked by Azure against ``md5``."""
         try:
             await self._blob(dst).upload_blob(
-                bytes(data),  # the SDK streams anything but bytes element-wise
-                length=len(data),
+                data.join(),  # the SDK wants bytes here; at most one block
+                length=data.size,
                 overwrite=overwrite,
                 content_settings=headers.settings(md5),
                 metadata=metadata,
@@ -217,14 +216,12 @@ class AzureWriter:
         except AzureError as e:
             raise _translate(e, dst, "put blob") from None
 
-    async def stage(
-        self, dst: AzAddress, block_id: str, data: bytes | bytearray, md5: bytes
-    ) -> None:
+    async def stage(self, dst: AzAddress, block_id: str, data: Chunks, md5: bytes) -> None:
         try:
             await self._blob(dst).stage_block(
                 block_id,
-                cast(bytes, _slices(data)),
-                length=len(data),
+                cast(bytes, _stream(data)),
+                length=data.size,
                 transactional_content_md5=md5,
             )
         except AzureError as e:

@@ -95,6 +95,15 @@ class ObjectInfo:
         return int(tail) if "-" in bare and tail.isdigit() else 0
 
 
+class Chunks(list[bytes]):
+    """A block's bytes as received: a list of chunks, and their total size."""
+
+    size: int = 0
+
+    def join(self) -> bytes:
+        return b"".join(self)
+
+
 @dataclass(frozen=True, slots=True)
 class Listed:
     key: str
@@ -270,7 +279,7 @@ class S3Reader:
             raise _no_credentials() from None
         return url
 
-    async def read_range(self, info: ObjectInfo, start: int, length: int) -> bytearray:
+    async def read_range(self, info: ObjectInfo, start: int, length: int) -> Chunks:
         """Exactly ``length`` bytes from ``start`` of the version ``info`` describes."""
         url = await self.presign(info)
         headers = {"Range": f"bytes={start}-{start + length - 1}", "If-Match": info.etag}
@@ -289,7 +298,7 @@ class S3Reader:
         except aiohttp.ClientError as e:
             raise RetryableError(f"{what}: {type(e).__name__}: {e}") from None
 
-    async def read_object(self, listed: Listed, address: S3Address) -> tuple[ObjectInfo, bytearray]:
+    async def read_object(self, listed: Listed, address: S3Address) -> tuple[ObjectInfo, Chunks]:
         """A whole small object in one GET, its headers standing in for a HEAD."""
         url = await self.presign(address)
         what = f"GET {address}"
@@ -306,22 +315,21 @@ class S3Reader:
             raise RetryableError(f"{what}: {type(e).__name__}: {e}") from None
 
     @staticmethod
-    async def _read_exactly(resp: aiohttp.ClientResponse, length: int, what: str) -> bytearray:
-        # One buffer per block, filled in place: the block's bytes exist once.
-        buf = bytearray(length)
-        view = memoryview(buf)
-        pos = 0
-        while pos < length:
+    async def _read_exactly(resp: aiohttp.ClientResponse, length: int, what: str) -> Chunks:
+        # The block is the chunks aiohttp already allocated, kept as they are: hashing
+        # and uploading walk the list, so no byte is copied into another buffer.
+        chunks = Chunks()
+        got = 0
+        while got < length:
             chunk = await resp.content.readany()
             if not chunk:
-                raise RetryableError(f"{what}: connection closed after {pos} of {length} bytes")
-            end = pos + len(chunk)
-            if end > length:
+                raise RetryableError(f"{what}: connection closed after {got} of {length} bytes")
+            got += len(chunk)
+            if got > length:
                 raise RetryableError(f"{what}: more bytes than asked for")
-            view[pos:end] = chunk
-            pos = end
-        view.release()
-        return buf
+            chunks.append(chunk)
+        chunks.size = got
+        return chunks
 
     async def _raise_for(self, resp: aiohttp.ClientResponse, address: S3Address, what: str) -> None:
         body = await resp.read()

@@ -113,7 +113,12 @@ class Settings(BaseSettings):
 
     jobs_dir: Path = Path("jobs")
     state_dir: Path = Path("state")
-    max_transfers: int = Field(default=4, ge=1, description="Objects in flight at once.")
+    max_transfers: int = Field(
+        default=16,
+        ge=1,
+        description="Objects in flight at once. Small objects are latency-bound, so many "
+        "in flight is what makes them fast; memory is bounded by memory_mb regardless.",
+    )
     memory_mb: int = Field(
         default=128, ge=1, description="One budget for the bytes of all blocks in flight."
     )

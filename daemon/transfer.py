@@ -34,7 +34,7 @@ from daemon.errors import (
 )
 from daemon.jobs import AzAddress, Overwrite, S3Address, TransferSpec
 from daemon.retry import retrying
-from daemon.s3 import ArchivedObjectError, Listed, ObjectInfo, S3Reader
+from daemon.s3 import ArchivedObjectError, Chunks, Listed, ObjectInfo, S3Reader
 from daemon.settings import MiB, Settings
 
 MAX_BLOCKS = 50_000
@@ -160,13 +160,16 @@ def headers_of(info: ObjectInfo) -> BlobHeaders:
     )
 
 
-def _md5(data: bytes | bytearray) -> bytes:
-    return hashlib.md5(data).digest()
+def _md5(data: Chunks) -> bytes:
+    h = hashlib.md5()
+    for chunk in data:
+        h.update(chunk)
+    return h.digest()
 
 
-async def md5_off_loop(data: bytes | bytearray) -> bytes:
+async def md5_off_loop(data: Chunks) -> bytes:
     # hashlib releases the GIL on large buffers: a thread keeps the loop serving sockets.
-    if len(data) < 256 * 1024:
+    if data.size < 256 * 1024:
         return _md5(data)
     return await asyncio.to_thread(_md5, data)
 
@@ -184,7 +187,7 @@ class _InOrderDigest:
         self._next = 0
         self._turn = asyncio.Condition()
 
-    async def feed(self, block: Block, data: bytes | bytearray, block_md5: bytes) -> None:
+    async def feed(self, block: Block, data: Chunks, block_md5: bytes) -> None:
         async with self._turn:
             await self._turn.wait_for(lambda: self._next == block.index)
         await asyncio.to_thread(self._update, block, data, block_md5)
@@ -192,8 +195,9 @@ class _InOrderDigest:
             self._next += 1
             self._turn.notify_all()
 
-    def _update(self, block: Block, data: bytes | bytearray, block_md5: bytes) -> None:
-        self.whole.update(data)
+    def _update(self, block: Block, data: Chunks, block_md5: bytes) -> None:
+        for chunk in data:
+            self.whole.update(chunk)
         if not self._plan.parts:
             return
         blocks = self._plan.blocks
@@ -205,7 +209,8 @@ class _InOrderDigest:
         if first:
             self._part = hashlib.md5()
         assert self._part is not None
-        self._part.update(data)
+        for chunk in data:
+            self._part.update(chunk)
         if last:
             self.part_digests.append(self._part.digest())
             self._part = None
@@ -308,7 +313,7 @@ class Copier:
                         lambda: self._s3.read_range(whole, 0, whole.size), policy, f"read {src}"
                     )
                     if info.size
-                    else bytearray()
+                    else Chunks()
                 )
                 return await self._put_whole(info, data, spec, fp, progress)
         return await self._copy_blocks(info, spec, fp, progress)
@@ -346,7 +351,7 @@ class Copier:
     async def _put_whole(
         self,
         info: ObjectInfo,
-        data: bytearray,
+        data: Chunks,
         spec: TransferSpec,
         fp: str,
         progress: Progress,
@@ -364,8 +369,8 @@ class Copier:
             self._settings.retry,
             f"put {spec.destination}",
         )
-        progress(len(data))
-        return Outcome(Status.COPIED, len(data), verified, renamed_metadata=renamed)
+        progress(data.size)
+        return Outcome(Status.COPIED, data.size, verified, renamed_metadata=renamed)
 
     async def _copy_blocks(
         self, info: ObjectInfo, spec: TransferSpec, fp: str, progress: Progress
