@@ -7,14 +7,16 @@
 
 A claim is a rename from inbox/ to processing/, atomic on one file system, so two
 daemons can never both claim a file. Files whose names start with ``.`` or end in
-``.tmp`` or ``.part`` are still being written and are left alone; so is any file
-modified in the last ``settle_s`` (a writer that does not rename). New files are
+``.tmp`` or ``.part`` are still being written and are left alone; so is a file
+modified in the last ``settle_s`` that does not yet hold complete JSON (a writer that
+does not rename). New files are
 noticed through watchfiles (inotify); a scan every ``poll_interval_s`` backs it up.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import stat
 import time
@@ -84,10 +86,12 @@ class DirectorySource:
                 for mtime, name in self._waiting(self.inbox):
                     if stop.is_set():
                         return
-                    # A file written in place (not renamed in) may still be growing:
-                    # leave it until it has been still for settle_s.
+                    # A file written in place (not renamed in) may still be growing.
+                    # A young file is taken at once if it already holds complete JSON
+                    # (a truncated document never parses); otherwise it is left until
+                    # it has been still for settle_s, then taken whatever it holds.
                     young = mtime + self._settle_s - time.time()
-                    if young > 0:
+                    if young > 0 and not await asyncio.to_thread(self._complete, name):
                         wait = min(wait, young + 0.01)
                         continue
                     try:
@@ -110,6 +114,20 @@ class DirectorySource:
                 self._changed.set()
         except Exception as e:  # no inotify here: the poll alone still finds every file
             log.warning("inbox watch unavailable, polling", error=str(e))
+
+    def _complete(self, name: str) -> bool:
+        try:
+            with open(self.inbox / name, "rb") as f:
+                data = f.read(self._max_bytes + 1)
+        except OSError:
+            return False
+        if len(data) > self._max_bytes:
+            return True  # too large whatever happens next: take it and say so
+        try:
+            json.loads(data)
+        except (ValueError, RecursionError):
+            return False
+        return True
 
     async def read(self, job: ClaimedJob) -> bytes:
         path = job.handle
