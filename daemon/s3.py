@@ -9,12 +9,16 @@ temporary credentials dies with them, whatever its expiry says.
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import hmac
 import re
 from collections.abc import AsyncIterator, Mapping
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from types import TracebackType
 from typing import Any
+from urllib.parse import parse_qsl, quote, urlsplit
 from xml.etree import ElementTree
 
 import aiohttp
@@ -138,6 +142,126 @@ def info_from_headers(bucket: str, key: str, headers: Mapping[str, str]) -> Obje
     )
 
 
+class QuerySigner:
+    """SigV4 query presigning of object GETs, done here for each request.
+
+    botocore resolves a bucket's URL once (endpoint rules, addressing style, region)
+    by presigning a placeholder key; after that each URL is signed locally with the
+    client's current credentials (frozen anew each time, so refreshed instance-role
+    credentials are used as soon as botocore has them) in microseconds, where a full
+    botocore presign costs about a millisecond. Anything unexpected in the resolved URL
+    and the bucket is presigned by botocore every time instead.
+    """
+
+    PLACEHOLDER = "__blobferry_key__"
+
+    def __init__(self, client: Any, expires: int) -> None:
+        self._client = client
+        self._expires = expires
+        self._shapes: dict[str, _Shape | None] = {}
+        self._keys: dict[tuple[str, str, str], bytes] = {}
+
+    async def url(self, bucket: str, key: str, now: datetime | None = None) -> str:
+        shape = self._shapes.get(bucket, _UNKNOWN)
+        if shape is _UNKNOWN:
+            shape = self._shapes[bucket] = await self._learn(bucket)
+        if shape is None:
+            return await self._botocore(bucket, key)
+        credentials = self._client._get_credentials()
+        if credentials is None:
+            raise NoCredentialsError()
+        creds = await credentials.get_frozen_credentials()
+        return self.sign(shape, key, creds.access_key, creds.secret_key, creds.token, now)
+
+    async def _botocore(self, bucket: str, key: str) -> str:
+        url: str = await self._client.generate_presigned_url(
+            "get_object", Params={"Bucket": bucket, "Key": key}, ExpiresIn=self._expires
+        )
+        return url
+
+    async def _learn(self, bucket: str) -> _Shape | None:
+        url = urlsplit(await self._botocore(bucket, self.PLACEHOLDER))
+        query = dict(parse_qsl(url.query))
+        scope = query.get("X-Amz-Credential", "").split("/")
+        if (
+            query.get("X-Amz-Algorithm") != "AWS4-HMAC-SHA256"
+            or query.get("X-Amz-SignedHeaders") != "host"
+            or len(scope) != 5
+            or url.path.count(self.PLACEHOLDER) != 1
+            or set(query) - _SIGV4_PARAMS
+        ):
+            return None
+        before, after = url.path.split(self.PLACEHOLDER)
+        return _Shape(url.scheme, url.netloc, before, after, scope[2], scope[3])
+
+    def sign(
+        self,
+        shape: _Shape,
+        key: str,
+        access_key: str,
+        secret_key: str,
+        token: str | None,
+        now: datetime | None = None,
+    ) -> str:
+        now = now or datetime.now(UTC)
+        amz_date, day = now.strftime("%Y%m%dT%H%M%SZ"), now.strftime("%Y%m%d")
+        scope = f"{day}/{shape.region}/{shape.service}/aws4_request"
+        params = {
+            "X-Amz-Algorithm": "AWS4-HMAC-SHA256",
+            "X-Amz-Credential": f"{access_key}/{scope}",
+            "X-Amz-Date": amz_date,
+            "X-Amz-Expires": str(self._expires),
+            "X-Amz-SignedHeaders": "host",
+        }
+        if token is not None:
+            params["X-Amz-Security-Token"] = token
+        encoded = [(quote(k, safe="-_.~"), quote(v, safe="-_.~")) for k, v in params.items()]
+        query = "&".join(f"{k}={v}" for k, v in sorted(encoded))  # canonical: sorted
+        in_url = "&".join(f"{k}={v}" for k, v in encoded)  # as botocore writes it
+        path = shape.before + quote(key, safe="/~") + shape.after
+        canonical = f"GET\n{path}\n{query}\nhost:{shape.host}\n\nhost\nUNSIGNED-PAYLOAD"
+        to_sign = (
+            f"AWS4-HMAC-SHA256\n{amz_date}\n{scope}\n"
+            + hashlib.sha256(canonical.encode()).hexdigest()
+        )
+        signing_key = self._signing_key(secret_key, day, shape)
+        signature = hmac.new(signing_key, to_sign.encode(), hashlib.sha256).hexdigest()
+        return f"{shape.scheme}://{shape.host}{path}?{in_url}&X-Amz-Signature={signature}"
+
+    def _signing_key(self, secret: str, day: str, shape: _Shape) -> bytes:
+        cache_key = (secret, day, shape.region)
+        found = self._keys.get(cache_key)
+        if found is None:
+            k = f"AWS4{secret}".encode()
+            for part in (day, shape.region, shape.service, "aws4_request"):
+                k = hmac.new(k, part.encode(), hashlib.sha256).digest()
+            self._keys = {cache_key: k}  # one day, one secret: keep only the latest
+            found = k
+        return found
+
+
+@dataclass(frozen=True, slots=True)
+class _Shape:
+    scheme: str
+    host: str
+    before: str  # the URL path up to the key
+    after: str
+    region: str
+    service: str
+
+
+_UNKNOWN: Any = object()
+_SIGV4_PARAMS = {
+    "X-Amz-Algorithm",
+    "X-Amz-Credential",
+    "X-Amz-Date",
+    "X-Amz-Expires",
+    "X-Amz-SignedHeaders",
+    "X-Amz-Security-Token",
+    "X-Amz-Signature",
+}
+
+
 def _error_code(body: bytes) -> tuple[str, str]:
     try:
         root = ElementTree.fromstring(body)
@@ -154,6 +278,7 @@ class S3Reader:
         self._stack = AsyncExitStack()
         self._client: Any = None
         self._http: aiohttp.ClientSession | None = None
+        self._signer: QuerySigner | None = None
 
     async def __aenter__(self) -> S3Reader:
         s = self._settings.s3
@@ -172,6 +297,7 @@ class S3Reader:
         self._client = await self._stack.enter_async_context(
             session.create_client("s3", endpoint_url=s.endpoint_url, config=config)
         )
+        self._signer = QuerySigner(self._client, s.presign_expires_s)
         timeout = aiohttp.ClientTimeout(
             total=None,  # a block may take long on a slow link; stalls are caught below
             connect=self._settings.retry.connect_timeout_s,
@@ -270,14 +396,12 @@ class S3Reader:
     # -- payload ----------------------------------------------------------------------
 
     async def presign(self, info: ObjectInfo | S3Address) -> str:
-        params = {"Bucket": info.bucket, "Key": info.key}
+        """A GET URL for the object, signed now: one per request, never reused."""
+        assert self._signer is not None
         try:
-            url: str = await self._client.generate_presigned_url(
-                "get_object", Params=params, ExpiresIn=self._settings.s3.presign_expires_s
-            )
+            return await self._signer.url(info.bucket, info.key)
         except (NoCredentialsError, PartialCredentialsError):
             raise _no_credentials() from None
-        return url
 
     async def read_range(self, info: ObjectInfo, start: int, length: int) -> Chunks:
         """Exactly ``length`` bytes from ``start`` of the version ``info`` describes."""

@@ -114,7 +114,7 @@ class Settings(BaseSettings):
     jobs_dir: Path = Path("jobs")
     state_dir: Path = Path("state")
     max_transfers: int = Field(
-        default=16,
+        default=32,
         ge=1,
         description="Objects in flight at once. Small objects are latency-bound, so many "
         "in flight is what makes them fast; memory is bounded by memory_mb regardless.",
