@@ -324,7 +324,6 @@ def main() -> int:
     results: list[Result] = []
     try:
         with ExitStack() as stack:
-            az = stack.enter_context(emulator("azurite", work / "azurite.log"))
             stores: dict[str, str] = {}
             for store in sorted({sc.store for sc in scenarios}):
                 (work / store).mkdir()
@@ -333,9 +332,12 @@ def main() -> int:
             for store, endpoint in stores.items():
                 print(f"filling {store} ...", flush=True)
                 md5s |= fill(endpoint, store, [sc for sc in scenarios if sc.store == store])
-            svc = BlobServiceClient.from_connection_string(connection_string(az))
             for sc in scenarios:
+                # A fresh Azurite per scenario: its in-memory store frees deleted blobs
+                # lazily, and gigabytes of copies would fill it.
                 with ExitStack() as links:
+                    az = links.enter_context(emulator("azurite", work / f"azurite-{sc.name}.log"))
+                    svc = BlobServiceClient.from_connection_string(connection_string(az))
                     s3 = links.enter_context(wan(stores[sc.store])) if sc.wan else stores[sc.store]
                     azurl = links.enter_context(wan(az)) if sc.wan else az
                     for r in range(a.rounds):

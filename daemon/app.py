@@ -75,7 +75,10 @@ async def serve(
     notifier = Notifier()
     state = StateStore.in_dir(settings.state_dir)
     source = DirectorySource(
-        settings.jobs_dir, settings.poll_interval_s, settings.max_job_file_mb << 20
+        settings.jobs_dir,
+        settings.poll_interval_s,
+        settings.max_job_file_mb << 20,
+        watch=settings.watch,
     )
     source.prepare()
     try:

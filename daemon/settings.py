@@ -120,15 +120,27 @@ class Settings(BaseSettings):
         "in flight is what makes them fast; memory is bounded by memory_mb regardless.",
     )
     memory_mb: int = Field(
-        default=128, ge=1, description="One budget for the bytes of all blocks in flight."
+        default=96,
+        ge=1,
+        description="One budget for the bytes of all blocks in flight. The process adds "
+        "about 100 MiB of its own, so 96 keeps the whole daemon near 200-250 MiB.",
     )
     block_size_mb: int = Field(
-        default=8, ge=1, le=4000, description="Smallest block; grows to stay under 50,000."
+        default=4,
+        ge=1,
+        le=4000,
+        description="Smallest block; grows to stay under 50,000. Small blocks keep many "
+        "streams in flight within memory_mb, which is what a slow, distant link needs.",
     )
     block_concurrency: int = Field(
-        default=8, ge=1, description="Blocks of one object in flight at once."
+        default=16, ge=1, description="Blocks of one object in flight at once."
     )
     poll_interval_s: float = Field(default=1.0, gt=0, le=2.0)
+    watch: bool = Field(
+        default=True,
+        description="Notice new job files through inotify (watchfiles); false polls the "
+        "inbox every poll_interval_s only (for jobs folders on NFS, where inotify is blind).",
+    )
     progress_interval_s: float = Field(default=5.0, gt=0)
     grace_period_s: float = Field(
         default=30.0,

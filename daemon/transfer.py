@@ -39,6 +39,7 @@ from daemon.settings import MiB, Settings
 
 MAX_BLOCKS = 50_000
 MAX_BLOCK_SIZE = 4000 * MiB
+WHOLE_PART_MAX = 16 * MiB
 _MD5_HEX = re.compile(r"[0-9a-f]{32}\Z")
 _ID_LENGTH = 24 + 6 + 32  # identity, index, MD5: every ID the same length, as Azure requires
 
@@ -118,8 +119,10 @@ def plan_blocks(
         bs = minimum
         while sum(-(-p // bs) for p in part_sizes) > MAX_BLOCKS:
             bs *= 2
-        # A part up to 1.5 blocks stays whole: one block per part reuses its MD5.
-        limit = min(MAX_BLOCK_SIZE, bs + bs // 2)
+        # A part up to 16 MiB (or 1.5 blocks) stays whole: one block per part, whose MD5
+        # is the part's, so one pass proves the composite ETag, even after a resume.
+        # Uploaders' parts are mostly 5-16 MiB (boto3 and the AWS CLI use 8).
+        limit = min(MAX_BLOCK_SIZE, max(bs + bs // 2, WHOLE_PART_MAX))
         pos = 0
         for part, psize in enumerate(part_sizes):
             n = 1 if psize <= limit else -(-psize // bs)
@@ -433,14 +436,8 @@ class Copier:
                     tg.create_task(one(block))
         except BaseExceptionGroup as eg:
             raise _first_error(eg) from None
-        headers, metadata, renamed, tier = self._landing(info, spec, fp)
         ids = [plan.block_id(b.index, SERVER_SIDE_MD5) for b in plan.blocks]
-        overwrite = spec.overwrite is not Overwrite.NEVER
-        await retrying(
-            lambda: self._azure.commit(dst, ids, None, headers, metadata, overwrite, tier),
-            policy,
-            f"commit {dst}",
-        )
+        renamed = await self._commit(info, spec, fp, ids, None)
         return Outcome(
             Status.COPIED,
             info.size,
@@ -491,14 +488,8 @@ class Copier:
             damaged = sum(a != b for a, b in zip(first, md5s, strict=True))
             verified, md5 = self._proof(info, plan, md5s, digest, reused)
             note = f"{damaged} block(s) arrived damaged from S3 and were read again"
-        headers, metadata, renamed, tier = self._landing(info, spec, fp)
         ids = [plan.block_id(b.index, m) for b, m in zip(plan.blocks, md5s, strict=True)]
-        overwrite = spec.overwrite is not Overwrite.NEVER
-        await retrying(
-            lambda: self._azure.commit(dst, ids, md5, headers, metadata, overwrite, tier),
-            policy,
-            f"commit {dst}",
-        )
+        renamed = await self._commit(info, spec, fp, ids, md5)
         return Outcome(
             Status.COPIED,
             info.size,
@@ -507,6 +498,20 @@ class Copier:
             renamed_metadata=renamed,
             blocks_reused=reused,
         )
+
+    async def _commit(
+        self, info: ObjectInfo, spec: TransferSpec, fp: str, ids: list[str], md5: bytes | None
+    ) -> dict[str, str]:
+        """Commit the block list with the source's properties; returns renamed metadata."""
+        headers, metadata, renamed, tier = self._landing(info, spec, fp)
+        overwrite = spec.overwrite is not Overwrite.NEVER
+        dst = spec.destination
+        await retrying(
+            lambda: self._azure.commit(dst, ids, md5, headers, metadata, overwrite, tier),
+            self._settings.retry,
+            f"commit {dst}",
+        )
+        return renamed
 
     @staticmethod
     def _proof(

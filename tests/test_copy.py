@@ -13,7 +13,7 @@ from tests.helpers import MiB, blob_bytes, blob_names, copy, gz, payload, s3_byt
 
 @pytest.mark.parametrize(
     "size",
-    [0, 1024, 8 * MiB, 8 * MiB + 1, 3 * 8 * MiB + 12345],
+    [0, 1024, 4 * MiB, 4 * MiB + 1, 3 * 4 * MiB + 12345],
     ids=["empty", "1KiB", "one-block", "one-block-plus-one", "several-blocks"],
 )
 async def test_single_object_sizes(
@@ -24,6 +24,7 @@ async def test_single_object_sizes(
     bucket: str,
     container: str,
 ) -> None:
+    assert settings.block_size == 4 * MiB  # the default the sizes above are cut around
     data = payload(size, seed=size)
     s3_client.put_object(Bucket=bucket, Key="obj.bin", Body=data)
     status, [row] = await copy(settings, f"s3://{bucket}/obj.bin", f"az://{container}/obj.bin")

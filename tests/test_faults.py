@@ -217,7 +217,7 @@ async def test_kill_9_mid_transfer_then_restart_rereads_only_blocks_in_flight(
     bucket: str,
     container: str,
 ) -> None:
-    size, block = 256 * MiB, 8 * MiB
+    size, block = 256 * MiB, 8 * MiB  # boto3's part size; each part is one block
     body = multipart_object(s3_client, bucket, "huge.bin", size, block)
     async with FaultProxy(moto_endpoint, Faults(rate_bps=6 * MiB)) as proxy:
         env = daemon_env(settings, proxy.endpoint, azurite_endpoint)
@@ -234,9 +234,11 @@ async def test_kill_9_mid_transfer_then_restart_rereads_only_blocks_in_flight(
             await asyncio.sleep(0.02)
         first.kill()  # SIGKILL: no drain, no cleanup
         await first.wait()
-        read_before = proxy.bytes_down
-        # A Put Block whose body reached Azurite before the kill may still be landing.
+        # A Put Block whose body reached Azurite before the kill may still be landing,
+        # and the proxy is still pushing chunks it had in hand to the dead sockets:
+        # let both settle, then count what the first run read.
         await asyncio.sleep(1)
+        read_before = proxy.bytes_down
         staged = blob_service.get_blob_client(container, "huge.bin").get_block_list("uncommitted")[
             1
         ]

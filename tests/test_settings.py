@@ -71,3 +71,14 @@ def test_unknown_setting_in_toml(tmp_path: Path) -> None:
         load_settings(toml)
     with pytest.raises(ConfigError, match="does not exist"):
         load_settings(tmp_path / "missing.toml")
+
+
+def test_the_example_config_is_valid() -> None:
+    root = Path(__file__).resolve().parent.parent
+    s = load_settings(root / "config" / "blobferry.example.toml")
+    assert s.jobs_dir == Path("/var/lib/blobferry/jobs") and s.azure.account_url
+    unit = (root / "config" / "blobferry.service").read_text()
+    assert "Type=notify" in unit and "WatchdogSec=" in unit
+    # The drain must finish before systemd's SIGKILL.
+    stop = int(next(x for x in unit.splitlines() if x.startswith("TimeoutStopSec=")).split("=")[1])
+    assert s.grace_period_s < stop

@@ -45,12 +45,14 @@ class DirectorySource:
         poll_interval_s: float = 1.0,
         max_bytes: int = 16 << 20,
         settle_s: float = 0.5,
+        watch: bool = True,
     ) -> None:
         self.root = jobs_dir
         self.inbox, self.processing, self.done, self.failed = (jobs_dir / f for f in FOLDERS)
         self._poll = poll_interval_s
         self._max_bytes = max_bytes
         self._settle_s = settle_s
+        self._watch_enabled = watch
         self._changed = asyncio.Event()
 
     def prepare(self) -> None:
@@ -107,6 +109,8 @@ class DirectorySource:
             await asyncio.gather(watcher, return_exceptions=True)
 
     async def _watch(self, stop: asyncio.Event) -> None:
+        if not self._watch_enabled:
+            return
         try:
             from watchfiles import awatch
 
