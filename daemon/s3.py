@@ -71,6 +71,15 @@ class ObjectInfo:
     restore: str | None = None
     sse: str | None = None
     sse_customer: bool = False
+    checksums: dict[str, str] = field(default_factory=dict)  # algorithm -> base64 value
+    checksum_type: str | None = None  # FULL_OBJECT or COMPOSITE
+
+    @property
+    def etag_is_md5(self) -> bool:
+        """Whether the ETag can prove the bytes: an MD5, or a multipart composite of them."""
+        bare = self.etag.strip('"')
+        md5_like = len(bare) == 32 and all(c in "0123456789abcdef" for c in bare)
+        return not self.encrypted_etag and (md5_like or self.parts > 0)
 
     @property
     def encrypted_etag(self) -> bool:
@@ -139,6 +148,12 @@ def info_from_headers(bucket: str, key: str, headers: Mapping[str, str]) -> Obje
         restore=h.get("x-amz-restore"),
         sse=h.get("x-amz-server-side-encryption"),
         sse_customer="x-amz-server-side-encryption-customer-algorithm" in h,
+        checksums={
+            k[15:]: v
+            for k, v in h.items()
+            if k.startswith("x-amz-checksum-") and k != "x-amz-checksum-type"
+        },
+        checksum_type=h.get("x-amz-checksum-type"),
     )
 
 
@@ -320,9 +335,11 @@ class S3Reader:
 
     # -- control calls --------------------------------------------------------------
 
-    async def head(self, address: S3Address) -> ObjectInfo:
+    async def head(self, address: S3Address, checksums: bool = False) -> ObjectInfo:
+        """HEAD the object; with ``checksums``, ask for S3's additional checksums too."""
+        extra = {"ChecksumMode": "ENABLED"} if checksums else {}
         try:
-            resp = await self._client.head_object(Bucket=address.bucket, Key=address.key)
+            resp = await self._client.head_object(Bucket=address.bucket, Key=address.key, **extra)
         except ClientError as e:
             raise await self._explain(e, address) from None
         except (NoCredentialsError, PartialCredentialsError):

@@ -14,9 +14,11 @@ multipart object's composite ETag from Azure's block list alone, without re-read
 from __future__ import annotations
 
 import asyncio
+import base64
 import dataclasses
 import hashlib
 import re
+import zlib
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -177,13 +179,45 @@ async def md5_off_loop(data: Chunks) -> bytes:
     return await asyncio.to_thread(_md5, data)
 
 
+class Checksum:
+    """One of S3's additional full-object checksums, computed here in object order."""
+
+    ALGORITHMS = ("crc32", "sha256", "sha1")  # what the standard library computes
+
+    def __init__(self, algorithm: str) -> None:
+        self.algorithm = algorithm
+        self._crc = 0
+        self._hash = None if algorithm == "crc32" else hashlib.new(algorithm)
+
+    @classmethod
+    def for_object(cls, info: ObjectInfo) -> Checksum | None:
+        if info.etag_is_md5 or info.checksum_type == "COMPOSITE":
+            return None
+        for algorithm in cls.ALGORITHMS:
+            if algorithm in info.checksums:
+                return cls(algorithm)
+        return None
+
+    def update(self, data: Chunks) -> None:
+        for chunk in data:
+            if self._hash is None:
+                self._crc = zlib.crc32(chunk, self._crc)
+            else:
+                self._hash.update(chunk)
+
+    def value(self) -> str:
+        raw = self._crc.to_bytes(4, "big") if self._hash is None else self._hash.digest()
+        return base64.b64encode(raw).decode()
+
+
 class _InOrderDigest:
     """The whole object's MD5 and each part's MD5, fed in object order whatever order
     the blocks arrive in. A block waits for its turn holding its buffer, which its
     budget reservation already accounts for."""
 
-    def __init__(self, plan: Plan) -> None:
+    def __init__(self, plan: Plan, checksum: Checksum | None = None) -> None:
         self._plan = plan
+        self.checksum = checksum
         self.whole = hashlib.md5()
         self.part_digests: list[bytes] = []
         self._part: hashlib._Hash | None = None
@@ -201,6 +235,8 @@ class _InOrderDigest:
     def _update(self, block: Block, data: Chunks, block_md5: bytes) -> None:
         for chunk in data:
             self.whole.update(chunk)
+        if self.checksum is not None:
+            self.checksum.update(data)
         if not self._plan.parts:
             return
         blocks = self._plan.blocks
@@ -219,11 +255,25 @@ class _InOrderDigest:
             self._part = None
 
 
-def verify(info: ObjectInfo, whole_md5: bytes | None, part_digests: list[bytes] | None) -> str:
+def verify(
+    info: ObjectInfo,
+    whole_md5: bytes | None,
+    part_digests: list[bytes] | None,
+    checksum: Checksum | None = None,
+) -> str:
     """How the copy was proven equal to the source; raises VerificationError on a mismatch."""
     etag = info.etag.strip('"')
+    if checksum is not None:
+        want = info.checksums[checksum.algorithm]
+        if checksum.value() != want:
+            raise VerificationError(
+                f"{info.address}: {checksum.algorithm.upper()} of the bytes read is "
+                f"{checksum.value()}, S3's checksum is {want}"
+            )
+        return f"checksum-{checksum.algorithm}"
     if info.encrypted_etag:
-        return "size: the ETag of an SSE-KMS or SSE-C object is not an MD5"
+        kinds = ", ".join(sorted(info.checksums)) or "none"
+        return f"size: the ETag of an SSE-KMS or SSE-C object is not an MD5 (checksums: {kinds})"
     if not info.parts and _MD5_HEX.match(etag):
         if whole_md5 is None:
             return "size: the object's MD5 could not be computed in this run"
@@ -240,6 +290,9 @@ def verify(info: ObjectInfo, whole_md5: bytes | None, part_digests: list[bytes] 
                 f"S3's ETag is {etag}"
             )
         return "multipart-etag"
+    if info.checksums:
+        kinds = ", ".join(sorted(info.checksums))
+        return f"size: the ETag cannot serve and S3's checksum ({kinds}) needs a native library"
     return "size: the ETag is not an MD5 and no part layout was available"
 
 
@@ -286,8 +339,7 @@ class Copier:
         bs = self._settings.block_size
         info: ObjectInfo | None = None
         if listed is None:
-            info = await retrying(lambda: self._s3.head(src), policy, f"HEAD {src}")
-            info.raise_if_unreadable()
+            info = await self._head(src)
             fp = fingerprint(src, info.etag, info.size)
         else:
             # A listing gives ETag and size: enough to skip an unchanged object without
@@ -297,8 +349,7 @@ class Copier:
         if skip:
             return Outcome(Status.SKIPPED, note=skip)
         if listed is not None and listed.size > bs:
-            info = await retrying(lambda: self._s3.head(src), policy, f"HEAD {src}")
-            info.raise_if_unreadable()
+            info = await self._head(src)
             fp = fingerprint(src, info.etag, info.size)  # the version actually copied
         if info is None:
             assert listed is not None
@@ -320,6 +371,15 @@ class Copier:
                 )
                 return await self._put_whole(info, data, spec, fp, progress)
         return await self._copy_blocks(info, spec, fp, progress)
+
+    async def _head(self, src: S3Address) -> ObjectInfo:
+        policy = self._settings.retry
+        info = await retrying(lambda: self._s3.head(src), policy, f"HEAD {src}")
+        info.raise_if_unreadable()
+        if not info.etag_is_md5 and self._settings.verify:
+            # Only now ask for S3's additional checksums: the ETag cannot prove the copy.
+            info = await retrying(lambda: self._s3.head(src, True), policy, f"HEAD {src}")
+        return info
 
     async def _skip_reason(self, spec: TransferSpec, fp: str) -> str | None:
         if spec.overwrite is Overwrite.ALWAYS:
@@ -362,7 +422,10 @@ class Copier:
         # The MD5 is needed for the transactional check anyway, so small objects are
         # always verified, whatever the verify setting says.
         md5 = await md5_off_loop(data)
-        verified = verify(info, md5, [md5] if info.parts == 1 else None)
+        checksum = Checksum.for_object(info)
+        if checksum is not None:
+            checksum.update(data)
+        verified = verify(info, md5, [md5] if info.parts == 1 else None, checksum)
         headers, metadata, renamed, tier = self._landing(info, spec, fp)
         overwrite = spec.overwrite is not Overwrite.NEVER
         await retrying(
@@ -469,7 +532,11 @@ class Copier:
         if reused:
             progress(sum(b.length for b in plan.blocks) - sum(b.length for b in todo))
         # A full in-order pass is only possible when every block passes through here.
-        digest = _InOrderDigest(plan) if not reused and self._settings.verify else None
+        digest = (
+            _InOrderDigest(plan, Checksum.for_object(info))
+            if not reused and self._settings.verify
+            else None
+        )
         await self._stage_all(info, dst, plan, todo, md5s, digest, progress)
         note = None
         try:
@@ -481,7 +548,7 @@ class Copier:
             # whole object once more; only blocks whose bytes differ are staged again.
             log.warning("verification failed, reading again", error=str(e))
             first = list(md5s)
-            digest = _InOrderDigest(plan)
+            digest = _InOrderDigest(plan, Checksum.for_object(info))
             await self._stage_all(
                 info, dst, plan, list(plan.blocks), md5s, digest, lambda n: None, first
             )
@@ -524,7 +591,7 @@ class Copier:
         """How the staged blocks prove the copy, and the blob's Content-MD5 if known."""
         if digest is not None:
             whole = digest.whole.digest()
-            return verify(info, whole, digest.part_digests), whole
+            return verify(info, whole, digest.part_digests, digest.checksum), whole
         if plan.parts and plan.parts == len(plan.blocks):
             # One block per part: the part MD5s are the block MD5s, from the block IDs.
             return verify(info, None, [m for m in md5s if m is not None]), None

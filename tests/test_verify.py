@@ -60,3 +60,56 @@ async def test_damage_on_every_read_fails_without_committing(
     assert (status, row.status) == ("failed", "failed")
     assert row.error is not None and "MD5 of the bytes read" in row.error
     assert not blob_service.get_blob_client(container, "g.bin").exists()
+
+
+async def test_s3_checksum_proves_the_copy_when_the_etag_cannot(
+    settings: Settings,
+    s3_client: Any,
+    blob_service: BlobServiceClient,
+    bucket: str,
+    container: str,
+) -> None:
+    """An SSE-KMS object's ETag is not an MD5: its CRC32 or SHA-256 checksum serves."""
+    kms = s3_client_kms_key(s3_client)
+    for key, algorithm, size in (("crc.bin", "CRC32", 9 * MiB + 1), ("sha.bin", "SHA256", 1000)):
+        body = payload(size, seed=size)
+        s3_client.put_object(
+            Bucket=bucket,
+            Key=key,
+            Body=body,
+            ChecksumAlgorithm=algorithm,
+            ServerSideEncryption="aws:kms",
+            SSEKMSKeyId=kms,
+        )
+        status, [row] = await copy(settings, f"s3://{bucket}/{key}", f"az://{container}/{key}")
+        assert status == "done", row.error
+        assert row.detail["verified"] == f"checksum-{algorithm.lower()}"
+        assert blob_bytes(blob_service, container, key) == body
+
+
+def test_a_checksum_mismatch_is_caught() -> None:
+    from daemon.errors import VerificationError
+    from daemon.s3 import Chunks, ObjectInfo
+    from daemon.transfer import Checksum, verify
+
+    info = ObjectInfo(
+        bucket="bkt",
+        key="k",
+        size=3,
+        etag='"x"',
+        sse="aws:kms",
+        checksums={"crc32": "AAAAAA=="},
+        checksum_type="FULL_OBJECT",
+    )
+    checksum = Checksum.for_object(info)
+    assert checksum is not None
+    checksum.update(Chunks([b"abc"]))
+    with pytest.raises(VerificationError, match="CRC32 of the bytes read"):
+        verify(info, None, None, checksum)
+
+
+def s3_client_kms_key(s3_client: Any) -> str:
+    import boto3
+
+    kms = boto3.client("kms", endpoint_url=s3_client.meta.endpoint_url, region_name="us-east-1")
+    return str(kms.create_key()["KeyMetadata"]["KeyId"])
