@@ -71,7 +71,14 @@ async def test_s3_checksum_proves_the_copy_when_the_etag_cannot(
 ) -> None:
     """An SSE-KMS object's ETag is not an MD5: its CRC32 or SHA-256 checksum serves."""
     kms = s3_client_kms_key(s3_client)
-    for key, algorithm, size in (("crc.bin", "CRC32", 9 * MiB + 1), ("sha.bin", "SHA256", 1000)):
+    cases = (
+        ("crc.bin", "CRC32", 9 * MiB + 1),
+        ("crcc.bin", "CRC32C", 5 * MiB),
+        ("nvme.bin", "CRC64NVME", 6 * MiB + 7),
+        ("sha.bin", "SHA256", 1000),
+        ("sha1.bin", "SHA1", 4 * MiB + 3),
+    )
+    for key, algorithm, size in cases:
         body = payload(size, seed=size)
         s3_client.put_object(
             Bucket=bucket,
