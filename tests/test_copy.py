@@ -188,3 +188,38 @@ async def test_missing_things_fail_with_a_reason(
     assert (status, row.status) == ("failed", "failed")
     assert row.error is not None and reason in row.error
     assert blob_names(blob_service, container) == []
+
+
+async def test_account_url_with_key_or_sas_token(
+    settings: Settings,
+    azurite_endpoint: str,
+    s3_client: Any,
+    blob_service: BlobServiceClient,
+    bucket: str,
+    container: str,
+) -> None:
+    from datetime import UTC, datetime, timedelta
+
+    from azure.storage.blob import AccountSasPermissions, ResourceTypes, generate_account_sas
+    from pydantic import SecretStr
+
+    from daemon.settings import AzureSettings
+    from tests.emulators import AZURITE_KEY
+
+    s3_client.put_object(Bucket=bucket, Key="k.bin", Body=payload(5 * MiB, seed=9))
+    url = f"{azurite_endpoint}/devstoreaccount1"
+    sas = generate_account_sas(
+        "devstoreaccount1",
+        AZURITE_KEY,
+        ResourceTypes(object=True, container=True),
+        AccountSasPermissions(read=True, write=True, create=True, list=True),
+        expiry=datetime.now(UTC) + timedelta(minutes=10),
+    )
+    for name, azure in (
+        ("with-key", AzureSettings(account_url=url, account_key=SecretStr(AZURITE_KEY))),
+        ("with-sas", AzureSettings(account_url=url, sas_token=SecretStr(sas))),
+    ):
+        tuned = settings.model_copy(update={"azure": azure})
+        status, [row] = await copy(tuned, f"s3://{bucket}/k.bin", f"az://{container}/{name}")
+        assert status == "done", row.error
+        assert blob_bytes(blob_service, container, name) == payload(5 * MiB, seed=9)
