@@ -313,6 +313,9 @@ def main() -> int:
         "(the defaults are what the targets are about)",
     )
     a = p.parse_args()
+    # Stopped with SIGTERM, unwind like Ctrl-C so every emulator, proxy and daemon
+    # started here is stopped by the finally blocks, not orphaned.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     scenarios = [SCENARIOS[n] for n in a.scenarios.split(",")]
     for kv in a.set:
         key, _, value = kv.partition("=")
