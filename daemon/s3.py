@@ -489,8 +489,12 @@ class S3Reader:
         if resp.status == 404:
             raise PermanentError(f"{what}: {code or 'not found'}")
         if resp.status == 403:
+            # S3's message names the cause a person can act on, e.g. a missing
+            # kms:Decrypt permission on an SSE-KMS object; it holds no secret.
+            said = f": {message}" if message else ""
             raise PermanentError(
-                f"{what}: access denied by S3 ({code or 403}); check the AWS credentials"
+                f"{what}: access denied by S3 ({code or 403}{said}); check the AWS "
+                "credentials and their permissions (KMS keys included)"
             )
         if code in _RETRYABLE_CODES or resp.status >= 500 or resp.status == 429:
             raise RetryableError(f"{what}: S3 answered {resp.status} {code}")

@@ -467,6 +467,8 @@ async def test_a_permanent_error_fails_at_once_without_retrying(
         tuned = through(settings, proxy, block_concurrency=1)
         status, [row] = await copy(tuned, f"s3://{bucket}/denied.bin", f"az://{container}/d.bin")
     assert (status, row.status) == ("failed", "failed")
-    assert row.error is not None and "access denied by S3" in row.error
+    assert (
+        row.error is not None and "access denied by S3 (AccessDenied: Access Denied)" in row.error
+    )
     assert proxy.errors == 1  # one refused GET, no retry
     assert blob_names(blob_service, container) == []
