@@ -60,3 +60,22 @@ async def copy(
     rows = list(state.transfers(name))
     state.close()
     return status, rows
+
+
+def multipart_object(s3_client: Any, bucket: str, key: str, size: int, part: int) -> bytes:
+    body = payload(size, seed=size)
+    mpu = s3_client.create_multipart_upload(Bucket=bucket, Key=key)
+    parts = []
+    for n, start in enumerate(range(0, size, part), 1):
+        r = s3_client.upload_part(
+            Bucket=bucket,
+            Key=key,
+            UploadId=mpu["UploadId"],
+            PartNumber=n,
+            Body=body[start : start + part],
+        )
+        parts.append({"ETag": r["ETag"], "PartNumber": n})
+    s3_client.complete_multipart_upload(
+        Bucket=bucket, Key=key, UploadId=mpu["UploadId"], MultipartUpload={"Parts": parts}
+    )
+    return body

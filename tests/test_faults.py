@@ -18,7 +18,7 @@ from pydantic import SecretStr
 from daemon.settings import Settings
 from daemon.systemd import Notifier
 from tests.conftest import connection_string, make_settings
-from tests.helpers import MiB, blob_bytes, blob_names, copy, payload
+from tests.helpers import MiB, blob_bytes, blob_names, copy, multipart_object, payload
 from tests.proxy import FaultProxy, Faults
 
 BLOBFERRY = str(Path(sys.executable).parent / "blobferry")
@@ -187,25 +187,6 @@ async def wait_report(jobs_dir: Path, name: str, timeout: float = 120) -> dict[s
             break
         await asyncio.sleep(0.05)
     raise AssertionError(f"{name} did not finish")
-
-
-def multipart_object(s3_client: Any, bucket: str, key: str, size: int, part: int) -> bytes:
-    body = payload(size, seed=size)
-    mpu = s3_client.create_multipart_upload(Bucket=bucket, Key=key)
-    parts = []
-    for n, start in enumerate(range(0, size, part), 1):
-        r = s3_client.upload_part(
-            Bucket=bucket,
-            Key=key,
-            UploadId=mpu["UploadId"],
-            PartNumber=n,
-            Body=body[start : start + part],
-        )
-        parts.append({"ETag": r["ETag"], "PartNumber": n})
-    s3_client.complete_multipart_upload(
-        Bucket=bucket, Key=key, UploadId=mpu["UploadId"], MultipartUpload={"Parts": parts}
-    )
-    return body
 
 
 async def test_kill_9_mid_transfer_then_restart_rereads_only_blocks_in_flight(

@@ -8,9 +8,9 @@ import pytest
 from azure.storage.blob import BlobServiceClient
 
 from daemon.settings import Settings
-from tests.helpers import MiB, blob_bytes, copy, payload
+from tests.helpers import MiB, blob_bytes, copy, multipart_object, payload
 from tests.proxy import FaultProxy, Faults
-from tests.test_faults import multipart_object, through
+from tests.test_faults import through
 
 
 @pytest.mark.parametrize("multipart", [False, True], ids=["single-part", "multipart"])
