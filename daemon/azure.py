@@ -237,7 +237,7 @@ class AzureWriter:
             )
         except AzureError as e:
             code = _code(e)
-            if code.startswith("CannotVerifyCopySource") or code == "CannotVerifyCopySource":
+            if code.startswith("CannotVerifyCopySource"):
                 raise SourceUnreachableError(dst, code) from None
             raise _translate(e, dst, f"stage block {block_id} from URL") from None
 

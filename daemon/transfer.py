@@ -477,12 +477,7 @@ class Copier:
         policy = self._settings.retry
         dst = spec.destination
         plan = plan_blocks(info, self._settings.block_size, None, flavour="server-side")
-        staged = await retrying(lambda: self._azure.staged_blocks(dst), policy, f"blocks {dst}")
-        done = {
-            f[0]
-            for i, n in staged.items()
-            if (f := plan.parse_id(i)) and plan.blocks[f[0]].length == n
-        }
+        done = await self._staged(plan, dst)
         lanes = asyncio.Semaphore(self._settings.block_concurrency)
 
         async def one(block: Block) -> None:
@@ -523,6 +518,19 @@ class Copier:
             blocks_reused=len(done),
         )
 
+    async def _staged(self, plan: Plan, dst: AzAddress) -> dict[int, bytes]:
+        """Blocks of this plan already on the destination, from Azure's own record:
+        {index: MD5 carried in the block ID}, for IDs of the right size only."""
+        staged = await retrying(
+            lambda: self._azure.staged_blocks(dst), self._settings.retry, f"blocks {dst}"
+        )
+        found: dict[int, bytes] = {}
+        for block_id, size in staged.items():
+            parsed = plan.parse_id(block_id)
+            if parsed is not None and plan.blocks[parsed[0]].length == size:
+                found[parsed[0]] = parsed[1]
+        return found
+
     async def _stream_blocks(
         self, info: ObjectInfo, spec: TransferSpec, fp: str, progress: Progress
     ) -> Outcome:
@@ -534,13 +542,8 @@ class Copier:
             else None
         )
         plan = plan_blocks(info, self._settings.block_size, part_sizes)
-        staged = await retrying(lambda: self._azure.staged_blocks(dst), policy, f"blocks {dst}")
-        # Azure's own record says which blocks exist; their IDs carry their MD5s.
-        md5s: list[bytes | None] = [None] * len(plan.blocks)
-        for block_id, size in staged.items():
-            found = plan.parse_id(block_id)
-            if found is not None and plan.blocks[found[0]].length == size:
-                md5s[found[0]] = found[1]
+        staged = await self._staged(plan, dst)
+        md5s: list[bytes | None] = [staged.get(b.index) for b in plan.blocks]
         reused = sum(m is not None for m in md5s)
         todo = [b for b in plan.blocks if md5s[b.index] is None]
         if reused:
