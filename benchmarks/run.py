@@ -37,7 +37,7 @@ import boto3
 from azure.storage.blob import BlobServiceClient
 from boto3.s3.transfer import TransferConfig
 
-from tests.emulators import AZURITE_KEY, ROOT, connection_string, emulator
+from tests.emulators import AZURITE_KEY, PIDS, ROOT, connection_string, emulator
 
 MiB = 1024 * 1024
 OVERRIDES: dict[str, str] = {}  # blobferry settings given with --set
@@ -82,6 +82,11 @@ class Result:
     rss_mib: float
     ok: bool
     problem: str = ""
+    env_cpu_s: float = 0.0  # the emulators' and proxies' CPU during the run
+
+    @property
+    def env_cpu_per_gib(self) -> float:
+        return self.env_cpu_s / (self.bytes / 2**30)
 
     @property
     def mbps(self) -> float:
@@ -110,9 +115,12 @@ def wan(upstream: str) -> Iterator[str]:
     )
     assert proc.stdout is not None
     port = int(proc.stdout.readline())
+    url = upstream.replace(host_port, f"127.0.0.1:{port}")
+    PIDS[url] = proc.pid
     try:
-        yield upstream.replace(host_port, f"127.0.0.1:{port}")
+        yield url
     finally:
+        PIDS.pop(url, None)
         proc.terminate()
         proc.wait(10)
 
@@ -371,10 +379,12 @@ def one_run(
     svc.create_container(container)
     try:
         cmd, env = command(tool, sc, s3, az, "out/", container)
+        env_cpu0 = _env_cpu()
         if tool == "blobferry":
             seconds, cpu, rss, code, err = run_daemon(sc, env, container, "out/")
         else:
             seconds, cpu, rss, code, err = run_tool(cmd, env)
+        env_cpu = _env_cpu() - env_cpu0
         problem = (
             f"exit {code}: {err.strip().splitlines()[-1] if err.strip() else ''}" if code else ""
         )
@@ -382,11 +392,30 @@ def one_run(
     finally:
         svc.delete_container(container)
     return Result(
-        sc.name, tool, rnd, seconds, sum(sc.sizes), len(sc.sizes), cpu, rss, not problem, problem
+        sc.name,
+        tool,
+        rnd,
+        seconds,
+        sum(sc.sizes),
+        len(sc.sizes),
+        cpu,
+        rss,
+        not problem,
+        problem,
+        env_cpu,
     )
 
 
-HEAD = f"{'scenario':<10} {'tool':<10} {'rnd':>3} {'MB/s':>8} {'obj/s':>8} {'CPU s/GiB':>10} {'RSS MiB':>8}"
+def _env_cpu() -> float:
+    """CPU seconds used so far by every emulator and proxy running now. The tools share
+    two cores with them, so a tool that makes them work harder is slowed twice."""
+    return sum(_cpu(pid) for pid in PIDS.values())
+
+
+HEAD = (
+    f"{'scenario':<10} {'tool':<10} {'rnd':>3} {'MB/s':>8} {'obj/s':>8} {'CPU s/GiB':>10} "
+    f"{'RSS MiB':>8} {'emu CPU':>8}"
+)
 
 
 def row(r: Result) -> str:
@@ -394,13 +423,14 @@ def row(r: Result) -> str:
         return f"{r.scenario:<10} {r.tool:<10} {r.round:>3}   WRONG: {r.problem}"
     return (
         f"{r.scenario:<10} {r.tool:<10} {r.round:>3} {r.mbps:8.1f} {r.objps:8.1f} "
-        f"{r.cpu_per_gib:10.2f} {r.rss_mib:8.0f}"
+        f"{r.cpu_per_gib:10.2f} {r.rss_mib:8.0f} {r.env_cpu_per_gib:8.2f}"
     )
 
 
 def summary(results: list[Result], scenarios: list[Scenario], tools: list[str]) -> str:
     lines = [
         "Median over rounds; the spread of MB/s per round is the machine's noise.",
+        "emu CPU: CPU s/GiB the emulators and proxies spent serving the tool (same 2 cores).",
         HEAD + f" {'MB/s x':>8} {'obj/s x':>8} {'CPU x':>7}  per round MB/s",
     ]
     for sc in scenarios:
@@ -422,6 +452,7 @@ def summary(results: list[Result], scenarios: list[Scenario], tools: list[str]) 
                 "objps": statistics.median(r.objps for r in good),
                 "cpu": statistics.median(r.cpu_per_gib for r in good),
                 "rss": max(r.rss_mib for r in good),
+                "env": statistics.median(r.env_cpu_per_gib for r in good),
             }
             spread[tool] = "/".join(f"{r.mbps:.0f}" for r in good)
         base = med.get("rclone")
@@ -434,7 +465,7 @@ def summary(results: list[Result], scenarios: list[Scenario], tools: list[str]) 
                 )
             lines.append(
                 f"{sc.name:<10} {tool:<10} {'med':>3} {m['mbps']:8.1f} {m['objps']:8.1f} "
-                f"{m['cpu']:10.2f} {m['rss']:8.0f}{ratio}  {spread[tool]}"
+                f"{m['cpu']:10.2f} {m['rss']:8.0f} {m['env']:8.2f}{ratio}  {spread[tool]}"
             )
     return "\n".join(lines)
 

@@ -548,10 +548,17 @@ class Copier:
         todo = [b for b in plan.blocks if md5s[b.index] is None]
         if reused:
             progress(sum(b.length for b in plan.blocks) - sum(b.length for b in todo))
-        # A full in-order pass is only possible when every block passes through here.
+        checksum = Checksum.for_object(info)
+        # A second, in-order pass over the bytes is needed only where the block MD5s
+        # cannot prove the copy: a single-part object (its ETag is the whole MD5), a part
+        # cut into several blocks, or an S3 checksum. Where each part is one block (the
+        # common multipart case), the block MD5s Azure checks are the part MD5s, so each
+        # byte is hashed once and no block waits for another. A full in-order pass is
+        # only possible when every block passes through here.
+        one_pass = plan.parts == len(plan.blocks) and checksum is None
         digest = (
-            _InOrderDigest(plan, Checksum.for_object(info))
-            if not reused and self._settings.verify
+            _InOrderDigest(plan, checksum)
+            if not reused and self._settings.verify and not one_pass
             else None
         )
         await self._stage_all(info, dst, plan, todo, md5s, digest, progress)
@@ -559,13 +566,13 @@ class Copier:
         try:
             verified, md5 = self._proof(info, plan, md5s, digest, reused)
         except VerificationError as e:
-            if reused or digest is None:
+            if reused and not one_pass:
                 raise
             # Something was damaged between S3 and us (Azure checked the rest). Read the
             # whole object once more; only blocks whose bytes differ are staged again.
             log.warning("verification failed, reading again", error=str(e))
             first = list(md5s)
-            digest = _InOrderDigest(plan, Checksum.for_object(info))
+            digest = None if one_pass else _InOrderDigest(plan, Checksum.for_object(info))
             await self._stage_all(
                 info, dst, plan, list(plan.blocks), md5s, digest, lambda n: None, first
             )

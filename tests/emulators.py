@@ -14,6 +14,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+# endpoint URL -> PID of the emulator serving it, for the benchmark's CPU accounting
+PIDS: dict[str, int] = {}
 AZURITE_KEY = (
     "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw=="
 )
@@ -107,7 +109,10 @@ def emulator(kind: str, log: Path) -> Iterator[str]:
         data.mkdir(parents=True, exist_ok=True)
         cmd = s3rver_command(port, data)
     proc = _start(cmd, port, kind, log)
+    url = f"http://127.0.0.1:{port}"
+    PIDS[url] = proc.pid
     try:
-        yield f"http://127.0.0.1:{port}"
+        yield url
     finally:
+        PIDS.pop(url, None)
         _stop(proc)
