@@ -30,6 +30,7 @@ from botocore.exceptions import (
     NoCredentialsError,
     PartialCredentialsError,
 )
+from botocore.utils import parse_timestamp
 
 from daemon.errors import (
     PermanentError,
@@ -277,6 +278,15 @@ _SIGV4_PARAMS = {
 }
 
 
+def _timestamp(value: str) -> datetime:
+    try:
+        parsed = datetime.fromisoformat(value)
+    except ValueError:
+        botocores: datetime = parse_timestamp(value)  # HTTP dates, epoch seconds
+        return botocores
+    return parsed if parsed.tzinfo is not None else parsed.replace(tzinfo=UTC)
+
+
 def _error_code(body: bytes) -> tuple[str, str]:
     try:
         root = ElementTree.fromstring(body)
@@ -298,6 +308,11 @@ class S3Reader:
     async def __aenter__(self) -> S3Reader:
         s = self._settings.s3
         session = get_session()
+        # botocore parses every timestamp with dateutil: 5% of the event loop on a
+        # listing of 400 objects. ISO 8601 (listings, STS) takes the fast path.
+        session.get_component("response_parser_factory").set_parser_defaults(
+            timestamp_parser=_timestamp
+        )
         if s.profile:
             session.set_config_variable("profile", s.profile)
         config = AioConfig(

@@ -74,3 +74,22 @@ async def test_signatures_match_botocore(
             got = urlsplit(await signer.url("my-bucket", key, now=now))
             assert got[:3] == want[:3], key  # scheme, host, path (the key's encoding)
             assert sorted(parse_qsl(got.query)) == sorted(parse_qsl(want.query)), key
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "2026-11-25T04:02:19.000Z",  # ListObjectsV2
+        "2026-11-25T04:02:19Z",
+        "2026-11-25T04:02:19.123456+02:00",
+        "Wed, 25 Nov 2026 04:02:19 GMT",  # Last-Modified, Expires
+        "1700000000",
+    ],
+)
+def test_the_fast_timestamp_parser_agrees_with_botocores(value: str) -> None:
+    from botocore.utils import parse_timestamp
+
+    from daemon.s3 import _timestamp
+
+    ours, theirs = _timestamp(value), parse_timestamp(value)
+    assert ours == theirs and ours.utcoffset() == theirs.utcoffset()
