@@ -146,6 +146,13 @@ class AzureWriter:
         )
 
     async def __aenter__(self) -> AzureWriter:
+        try:
+            return await self._enter()
+        except BaseException:
+            await self._stack.aclose()  # the session opened before the failure, too
+            raise
+
+    async def _enter(self) -> AzureWriter:
         a = self._settings.azure
         session = await self._stack.enter_async_context(
             aiohttp.ClientSession(

@@ -306,6 +306,13 @@ class S3Reader:
         self._signer: QuerySigner | None = None
 
     async def __aenter__(self) -> S3Reader:
+        try:
+            return await self._enter()
+        except BaseException:
+            await self._stack.aclose()  # whatever opened before the failure
+            raise
+
+    async def _enter(self) -> S3Reader:
         s = self._settings.s3
         session = get_session()
         # botocore parses every timestamp with dateutil: 5% of the event loop on a
