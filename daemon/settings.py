@@ -165,6 +165,12 @@ class Settings(BaseSettings):
         description="Compute each object's MD5 (and part MD5s) while streaming and prove "
         "the copy against S3's ETag. Per-block transactional MD5s are always sent.",
     )
+    content_md5: bool = Field(
+        default=True,
+        description="Store each blob's MD5 as its Content-MD5, for downloaders to check. "
+        "For a multipart object whose parts are single blocks the part MD5s already "
+        "prove the copy, so false saves one MD5 pass (about 1.4 CPU s/GiB) there.",
+    )
     archived: Literal["skip", "fail"] = Field(
         default="skip",
         description="Objects in Glacier or Deep Archive that are not restored: reported "

@@ -549,16 +549,18 @@ class Copier:
         if reused:
             progress(sum(b.length for b in plan.blocks) - sum(b.length for b in todo))
         checksum = Checksum.for_object(info)
-        # A second, in-order pass over the bytes is needed only where the block MD5s
-        # cannot prove the copy: a single-part object (its ETag is the whole MD5), a part
-        # cut into several blocks, or an S3 checksum. Where each part is one block (the
-        # common multipart case), the block MD5s Azure checks are the part MD5s, so each
-        # byte is hashed once and no block waits for another. A full in-order pass is
-        # only possible when every block passes through here.
+        # The in-order pass over the bytes gives the whole object's MD5 (the blob's
+        # Content-MD5, and the proof of a single-part object), the MD5 of a part cut into
+        # several blocks, and S3's checksum. Where each part is one block (the common
+        # multipart case) the block MD5s Azure checks are the part MD5s: they prove the
+        # copy alone, so without content_md5 each byte is hashed once and no block waits
+        # for another. A full in-order pass is only possible when every block passes
+        # through here.
         one_pass = plan.parts == len(plan.blocks) and checksum is None
+        wanted = self._settings.content_md5 or not one_pass
         digest = (
             _InOrderDigest(plan, checksum)
-            if not reused and self._settings.verify and not one_pass
+            if not reused and self._settings.verify and wanted
             else None
         )
         await self._stage_all(info, dst, plan, todo, md5s, digest, progress)
@@ -567,12 +569,13 @@ class Copier:
             verified, md5 = self._proof(info, plan, md5s, digest, reused)
         except VerificationError as e:
             if reused and not one_pass:
-                raise
+                raise  # the object's MD5 cannot be had without every block
             # Something was damaged between S3 and us (Azure checked the rest). Read the
             # whole object once more; only blocks whose bytes differ are staged again.
             log.warning("verification failed, reading again", error=str(e))
             first = list(md5s)
-            digest = None if one_pass else _InOrderDigest(plan, Checksum.for_object(info))
+            if digest is not None:  # a fresh one: a checksum's state cannot be rewound
+                digest = _InOrderDigest(plan, Checksum.for_object(info))
             await self._stage_all(
                 info, dst, plan, list(plan.blocks), md5s, digest, lambda n: None, first
             )

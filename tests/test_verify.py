@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any
 
 import pytest
@@ -13,9 +14,14 @@ from tests.proxy import FaultProxy, Faults
 from tests.test_faults import through
 
 
-@pytest.mark.parametrize("multipart", [False, True], ids=["single-part", "multipart"])
+@pytest.mark.parametrize(
+    ("multipart", "content_md5"),
+    [(False, True), (True, True), (True, False)],
+    ids=["single-part", "multipart", "multipart-one-pass"],
+)
 async def test_a_flipped_byte_from_s3_is_caught_and_read_again(
     multipart: bool,
+    content_md5: bool,
     settings: Settings,
     moto_endpoint: str,
     s3_client: Any,
@@ -30,6 +36,7 @@ async def test_a_flipped_byte_from_s3_is_caught_and_read_again(
         body = payload(size, seed=21)
         s3_client.put_object(Bucket=bucket, Key="f.bin", Body=body)
     # One byte, deep inside the first block's body, flipped once on its way from S3.
+    settings = settings.model_copy(update={"content_md5": content_md5})
     async with FaultProxy(moto_endpoint, Faults(flip_at=3 * MiB)) as proxy:
         status, [row] = await copy(
             through(settings, proxy), f"s3://{bucket}/f.bin", f"az://{container}/f.bin"
@@ -39,6 +46,30 @@ async def test_a_flipped_byte_from_s3_is_caught_and_read_again(
     assert row.detail["verified"] == ("multipart-etag" if multipart else "etag")
     assert "1 block(s) arrived damaged" in row.detail["note"]
     assert blob_bytes(blob_service, container, "f.bin") == body
+
+
+@pytest.mark.parametrize("content_md5", [True, False])
+async def test_a_multipart_blob_carries_its_md5_unless_told_not_to(
+    content_md5: bool,
+    settings: Settings,
+    s3_client: Any,
+    blob_service: BlobServiceClient,
+    bucket: str,
+    container: str,
+) -> None:
+    body = multipart_object(s3_client, bucket, "m.bin", 20 * MiB, 8 * MiB)
+    settings = settings.model_copy(update={"content_md5": content_md5})
+    status, [row] = await copy(settings, f"s3://{bucket}/m.bin", f"az://{container}/m.bin")
+    assert status == "done", row.error
+    # Proven either way: each part is one block, whose MD5 Azure checked on arrival.
+    assert row.detail["verified"] == "multipart-etag"
+    assert blob_bytes(blob_service, container, "m.bin") == body
+    props = blob_service.get_blob_client(container, "m.bin").get_blob_properties()
+    stored = props.content_settings.content_md5
+    if content_md5:
+        assert stored is not None and bytes(stored) == hashlib.md5(body).digest()
+    else:
+        assert stored is None
 
 
 async def test_damage_on_every_read_fails_without_committing(
