@@ -230,20 +230,31 @@ class AzureWriter:
         assert self._direct is not None and self._session is not None
         self._check_account(dst)
         url, headers = await self._direct.prepare(method, dst, query or {}, headers or {})
+        stall = self._settings.retry.stall_timeout_s
         try:
-            async with self._session.request(
-                method,
-                url,
-                headers=headers,
-                data=body,
-                timeout=self._timeout,
-                skip_auto_headers=("Content-Type",),  # it is signed: nothing may add one
-            ) as r:
-                if r.status in ok:
-                    return r.headers
-                await r.read()
-                code = r.headers.get("x-ms-error-code", "")
-        except (TimeoutError, aiohttp.ClientError) as e:
+            # aiohttp has no write timeout: a peer that stops reading a block's body
+            # would hold the request for ever. The deadline moves on with every piece
+            # of the body handed to the socket, so it fires only after ``stall``
+            # seconds without progress (the response itself is under sock_read).
+            async with asyncio.timeout(stall) as deadline:
+                if isinstance(body, Chunks):
+                    body = _paced(body, deadline, stall)
+                async with self._session.request(
+                    method,
+                    url,
+                    headers=headers,
+                    data=body,
+                    timeout=self._timeout,
+                    skip_auto_headers=("Content-Type",),  # it is signed: nothing may add one
+                ) as r:
+                    deadline.reschedule(None)
+                    if r.status in ok:
+                        return r.headers
+                    await r.read()
+                    code = r.headers.get("x-ms-error-code", "")
+        except TimeoutError:
+            raise RetryableError(f"{dst}: {what}: no progress for {stall:g} s") from None
+        except aiohttp.ClientError as e:
             raise RetryableError(f"{dst}: {what}: connection failed ({type(e).__name__})") from None
         if missing_ok and r.status == 404 and code in ("BlobNotFound", ""):
             return None  # a HEAD's 404 has no body; Azure still names the code in a header
@@ -451,13 +462,28 @@ def _property_headers(
     return out
 
 
-def _body(data: Chunks) -> bytes | AsyncIterator[bytes]:
-    """A small body in one piece; a large one as the chunks it arrived in (no copy)."""
-    if len(data) <= 1:
-        return data[0] if data else b""
-    if data.size <= 1024 * 1024:
-        return data.join()
-    return _stream(data)
+def _body(data: Chunks) -> bytes | Chunks:
+    """A small body in one piece, a large one as the chunks it arrived in (no copy),
+    which ``_send`` paces."""
+    if data.size <= _PIECE:
+        return data[0] if len(data) == 1 else data.join()
+    return data
+
+
+_PIECE = 256 * 1024
+
+
+async def _paced(
+    data: Chunks, deadline: asyncio.Timeout, stall: float
+) -> AsyncIterator[bytes | memoryview]:
+    """The body in pieces of at most 256 KiB (views, not copies), each moving the
+    deadline on: aiohttp asks for the next one only when the socket took the last."""
+    loop = asyncio.get_running_loop()
+    for chunk in data:
+        view = memoryview(chunk)
+        for at in range(0, len(view), _PIECE):
+            deadline.reschedule(loop.time() + stall)
+            yield view[at : at + _PIECE]
 
 
 def _account_name(account_url: str) -> str:

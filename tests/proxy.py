@@ -2,7 +2,7 @@
 
 It forwards bytes both ways and, on the way back (server to client), can: cap each
 connection's rate, delay, stall after N bytes, reset a connection after N bytes, and
-flip one byte. Faults pick their victims by connection number, so "every third
+flip one byte; on the way up it can stop reading one connection's request body. Faults pick their victims by connection number, so "every third
 connection" is exact. It counts what it forwards, so a test can measure how many
 bytes blobferry really read from S3.
 """
@@ -28,6 +28,10 @@ class Faults:
     stall_after: int = 0  # ... after this many bytes back
     flip_at: int | None = None  # flip the byte at this offset of one response stream
     flip_period: int | None = None  # flip a byte at every multiple of this, in every stream
+    # Stop reading what the client sends on this connection (1 = the first) after this
+    # many bytes: an upload that stalls, which no read timeout on the client can see.
+    upload_stall_at: int = 0
+    upload_stall_after: int = 0
     # Answer every Nth request (matching error_match) with this status and body instead of
     # forwarding it: S3's SlowDown, Azure's ServerBusy, a permanent 403 ...
     error_every: int = 0
@@ -48,6 +52,7 @@ class FaultProxy:
         self.bytes_down = 0  # server to client, all connections
         self.resets = 0
         self.stalls = 0
+        self.upload_stalls = 0
         self.flips = 0
         self.expired = 0
         self.requests: list[str] = []  # "METHOD /path" of every request seen
@@ -90,8 +95,8 @@ class FaultProxy:
         try:
             self._client_writer[id(reader)] = writer
             async with asyncio.TaskGroup() as tg:
-                tg.create_task(self._pump(reader, up_writer, None))
-                tg.create_task(self._pump(up_reader, writer, number))
+                tg.create_task(self._pump(reader, up_writer, number, down=False))
+                tg.create_task(self._pump(up_reader, writer, number, down=True))
         except* (ConnectionError, OSError, _Reset):
             pass
         finally:
@@ -114,7 +119,7 @@ class FaultProxy:
             await back.drain()
 
     async def _pump(
-        self, src: asyncio.StreamReader, dst: asyncio.StreamWriter, number: int | None
+        self, src: asyncio.StreamReader, dst: asyncio.StreamWriter, number: int, down: bool
     ) -> None:
         f = self.faults
         sent = 0
@@ -127,20 +132,15 @@ class FaultProxy:
                 with contextlib.suppress(OSError):
                     dst.write_eof()
                 return
-            if number is None and (m := _REQUEST.match(chunk)):
+            if not down and (m := _REQUEST.match(chunk)):
                 self.requests.append(f"{m.group(1).decode()} {m.group(2).decode()}")
-            if (
-                number is None
-                and f.error_every
-                and _REQUEST.match(chunk)
-                and f.error_match in chunk
-            ):
+            if not down and f.error_every and _REQUEST.match(chunk) and f.error_match in chunk:
                 self._matching += 1
                 if self._matching % f.error_every == 0:
                     self.errors += 1
                     await self._refuse(src, chunk)
                     raise _Reset()
-            if number is None and f.enforce_expiry and _expired(chunk):
+            if not down and f.enforce_expiry and _expired(chunk):
                 self.expired += 1
                 body = b"<Error><Code>AccessDenied</Code><Message>Request has expired</Message></Error>"
                 reply = (
@@ -152,7 +152,12 @@ class FaultProxy:
                     back.write(reply)
                     await back.drain()
                 raise _Reset()
-            if number is not None:  # server to client: the faults live here
+            if not down:
+                if number == f.upload_stall_at and sent + len(chunk) > f.upload_stall_after:
+                    self.upload_stalls += 1
+                    await asyncio.sleep(3600)  # never read again: the client's send blocks
+                sent += len(chunk)
+            if down:  # server to client: most faults live here
                 if f.delay_s:
                     await asyncio.sleep(f.delay_s)
                 if (

@@ -25,9 +25,7 @@ NAMES = [
 @pytest.mark.parametrize("credential", ["key", "sas"])
 async def test_direct_urls_are_the_sdks(credential: str) -> None:
     if credential == "key":
-        service = BlobServiceClient.from_connection_string(
-            connection_string("http://127.0.0.1:1")
-        )
+        service = BlobServiceClient.from_connection_string(connection_string("http://127.0.0.1:1"))
     else:
         service = BlobServiceClient(
             "https://acct.blob.core.windows.net", credential="sv=2024-11-04&sig=a%2Bb%3D"

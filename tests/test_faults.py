@@ -453,3 +453,37 @@ async def test_a_permanent_error_fails_at_once_without_retrying(
     )
     assert proxy.errors == 1  # one refused GET, no retry
     assert blob_names(blob_service, container) == []
+
+
+async def test_an_upload_that_stalls_is_cut_and_sent_again(
+    settings: Settings,
+    moto_endpoint: str,
+    azurite_endpoint: str,
+    s3_client: Any,
+    blob_service: BlobServiceClient,
+    bucket: str,
+    container: str,
+) -> None:
+    body = payload(64 * MiB, seed=13)
+    s3_client.put_object(Bucket=bucket, Key="up.bin", Body=body)
+    # The second connection to Azure (the first block upload; the first lists blocks)
+    # stops being read after 1 MiB. A 32 MiB block is more than the sockets' buffers
+    # hold, so the sender itself blocks: only a deadline on progress can see it.
+    faults = Faults(upload_stall_at=2, upload_stall_after=1 * MiB)
+    async with FaultProxy(azurite_endpoint, faults) as azp:
+        tuned = through(
+            settings,
+            azp,
+            s3={"endpoint_url": moto_endpoint},
+            azure={"connection_string": SecretStr(connection_string(azp.endpoint))},
+            retry={"stall_timeout_s": 1.0},
+            block_size_mb=32,
+        )
+        t0 = time.monotonic()
+        status, [row] = await asyncio.wait_for(
+            copy(tuned, f"s3://{bucket}/up.bin", f"az://{container}/up.bin"), 120
+        )
+    assert azp.upload_stalls == 1
+    assert status == "done", row.error
+    assert time.monotonic() - t0 < 60
+    assert blob_bytes(blob_service, container, "up.bin") == body
