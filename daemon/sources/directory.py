@@ -80,6 +80,10 @@ class DirectorySource:
             log.info("job recovered", job=name)
             yield ClaimedJob(name, self.processing / name, recovered=True)
         watcher = asyncio.create_task(self._watch(stop), name="inbox-watch")
+        # Let it take its first step before the first scan: awatch sets up its inotify
+        # watch there, before it first awaits. Scanning first left a window in which a
+        # file dropped just after READY waited a whole poll interval.
+        await asyncio.sleep(0)
         try:
             while not stop.is_set():
                 self._changed.clear()
