@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import re
+import time
 import warnings
 from collections.abc import AsyncIterator, Mapping
 from contextlib import AsyncExitStack
@@ -64,14 +65,32 @@ class BlobHeaders:
     cache_control: str | None = None
 
     def settings(self, md5: bytes | None) -> ContentSettings:
+        """As the SDK takes them (commit, and the SDK's Put Blob)."""
         return ContentSettings(
-            content_type=self.content_type or "application/octet-stream",
+            content_type=self.content_type or _DEFAULT_TYPE,
             content_encoding=self.content_encoding,
             content_language=self.content_language,
             content_disposition=self.content_disposition,
             cache_control=self.cache_control,
             content_md5=bytearray(md5) if md5 is not None else None,
         )
+
+    def headers(self, md5: bytes | None) -> dict[str, str]:
+        """As Put Blob's ``x-ms-blob-*`` headers (the direct path)."""
+        out = {"x-ms-blob-content-type": self.content_type or _DEFAULT_TYPE}
+        for name, value in (
+            ("x-ms-blob-content-encoding", self.content_encoding),
+            ("x-ms-blob-content-language", self.content_language),
+            ("x-ms-blob-content-disposition", self.content_disposition),
+            ("x-ms-blob-cache-control", self.cache_control),
+            ("x-ms-blob-content-md5", base64.b64encode(md5).decode() if md5 else None),
+        ):
+            if value is not None:
+                out[name] = value
+        return out
+
+
+_DEFAULT_TYPE = "application/octet-stream"
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,8 +135,9 @@ def azure_metadata(metadata: dict[str, str]) -> tuple[dict[str, str], dict[str, 
     return out, renamed
 
 
-# aiohttp warns about any raw-bytes body over 1 MiB; a Put Blob body is bounded by
-# block_size_mb and the SDK accepts nothing else there. Blocks go as slices instead.
+# aiohttp warns about any raw-bytes body over 1 MiB; the SDK's Put Blob (token
+# credentials) takes nothing else, and its body is bounded by block_size_mb. Blocks, and
+# the direct path's bodies over 256 KiB, go as the chunks they arrived in instead.
 warnings.filterwarnings("ignore", "Sending a large body directly", ResourceWarning)
 
 
@@ -135,7 +155,6 @@ class AzureWriter:
         self._settings = settings
         self._stack = AsyncExitStack()
         self._service: BlobServiceClient | None = None
-        self._token_credential = False
         self._transport: AioHttpTransport | None = None
         self._session: aiohttp.ClientSession | None = None
         self._direct: _Direct | None = None
@@ -183,7 +202,6 @@ class AzureWriter:
                 from azure.identity.aio import DefaultAzureCredential
 
                 credential = await self._stack.enter_async_context(DefaultAzureCredential())
-                self._token_credential = True
             self._service = BlobServiceClient(a.account_url, credential=credential, **kwargs)
         else:
             raise PermanentError("no Azure account configured")
@@ -293,8 +311,11 @@ class AzureWriter:
                 "x-ms-blob-type": "BlockBlob",
                 "Content-Length": str(data.size),
                 "Content-MD5": base64.b64encode(md5).decode(),
-                **_property_headers(headers, md5, metadata, tier),
+                **headers.headers(md5),
+                **{f"x-ms-meta-{k}": v for k, v in metadata.items()},
             }
+            if tier is not None:
+                request_headers["x-ms-access-tier"] = tier
             if not overwrite:
                 request_headers["If-None-Match"] = "*"
             await self._send("PUT", dst, "put blob", headers=request_headers, body=_body(data))
@@ -407,9 +428,8 @@ class _Direct:
         policy: SharedKeyCredentialPolicy | None,
     ) -> None:
         self._base = service.primary_endpoint.split("?")[0].rstrip("/")
-        self._sas = str(getattr(service, "_query_str", "")).lstrip(
-            "?"
-        )  # the SAS token, if that is the credential
+        # The SAS token, when that is the credential (the SDK keeps it as a query string).
+        self._sas = str(getattr(service, "_query_str", "")).lstrip("?")
         self._version = service.api_version
         self._policy = policy
         self._context = PipelineContext(transport)
@@ -436,30 +456,11 @@ class _Direct:
         return url, headers
 
     def _now(self) -> str:
-        second = int(asyncio.get_running_loop().time())
-        if self._date[1] != second:
-            self._date = (formatdate(usegmt=True), second)
+        """x-ms-date, formatted once per wall-clock second."""
+        now = time.time()
+        if self._date[1] != int(now):
+            self._date = (formatdate(now, usegmt=True), int(now))
         return self._date[0]
-
-
-def _property_headers(
-    h: BlobHeaders, md5: bytes | None, metadata: Mapping[str, str], tier: str | None
-) -> dict[str, str]:
-    """The blob's properties, metadata and tier as Put Blob headers."""
-    out = {"x-ms-blob-content-type": h.content_type or "application/octet-stream"}
-    for name, value in (
-        ("x-ms-blob-content-encoding", h.content_encoding),
-        ("x-ms-blob-content-language", h.content_language),
-        ("x-ms-blob-content-disposition", h.content_disposition),
-        ("x-ms-blob-cache-control", h.cache_control),
-        ("x-ms-blob-content-md5", base64.b64encode(md5).decode() if md5 else None),
-        ("x-ms-access-tier", tier),
-    ):
-        if value is not None:
-            out[name] = value
-    for key, value in metadata.items():
-        out[f"x-ms-meta-{key}"] = value
-    return out
 
 
 def _body(data: Chunks) -> bytes | Chunks:
