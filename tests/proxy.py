@@ -49,6 +49,7 @@ class FaultProxy:
         self.upstream = (host, int(port))
         self.faults = faults or Faults()
         self.connections = 0
+        self.open = 0  # connections accepted and not yet torn down
         self.bytes_down = 0  # server to client, all connections
         self.resets = 0
         self.stalls = 0
@@ -85,12 +86,14 @@ class FaultProxy:
         assert task is not None
         self._tasks.add(task)
         self.connections += 1
+        self.open += 1
         number = self.connections
         try:
             up_reader, up_writer = await asyncio.open_connection(*self.upstream)
         except OSError:
             writer.close()
             self._tasks.discard(task)
+            self.open -= 1
             return
         try:
             self._client_writer[id(reader)] = writer
@@ -104,6 +107,7 @@ class FaultProxy:
             for w in (writer, up_writer):
                 w.close()
             self._tasks.discard(task)
+            self.open -= 1
 
     async def _refuse(self, src: asyncio.StreamReader, chunk: bytes) -> None:
         """Swallow the request (and its body), answer with the configured error."""
