@@ -119,13 +119,15 @@ async def test_proxy_refuses_an_expired_url(
             region_name="us-east-1",
             config=Config(signature_version="s3v4"),
         )
+        # X-Amz-Date is in whole seconds, so a URL signed at hh:mm:ss.999 for 1 s may be
+        # refused a millisecond later: 3 s leaves the first GET at least 2 s.
         url = signer.generate_presigned_url(
-            "get_object", Params={"Bucket": bucket, "Key": "k"}, ExpiresIn=1
+            "get_object", Params={"Bucket": bucket, "Key": "k"}, ExpiresIn=3
         )
         async with aiohttp.ClientSession() as http:
             async with http.get(url) as r:
                 assert r.status == 200
-            await asyncio.sleep(2.1)
+            await asyncio.sleep(3.1)
             async with http.get(url) as r:
                 assert r.status == 403 and "expired" in await r.text()
     assert proxy.expired == 1
