@@ -20,7 +20,7 @@ import base64
 import re
 import time
 import warnings
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterable, AsyncIterator, Mapping
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from email.utils import formatdate
@@ -47,6 +47,7 @@ from azure.storage.blob.aio import BlobClient, BlobServiceClient
 
 from daemon.errors import CorruptBlockError, PermanentError, RetryableError
 from daemon.jobs import AzAddress
+from daemon.latency import RoundTrips
 from daemon.s3 import Chunks
 from daemon.settings import Settings
 
@@ -158,6 +159,7 @@ class AzureWriter:
         self._transport: AioHttpTransport | None = None
         self._session: aiohttp.ClientSession | None = None
         self._direct: _Direct | None = None
+        self.round_trips = RoundTrips()  # of direct HEADs: how near Azure is
         self._timeout = aiohttp.ClientTimeout(
             total=None,
             sock_connect=settings.retry.connect_timeout_s,
@@ -257,6 +259,9 @@ class AzureWriter:
             async with asyncio.timeout(stall) as deadline:
                 if isinstance(body, Chunks):
                     body = _paced(body, deadline, stall)
+                elif isinstance(body, AsyncIterable):
+                    body = _paced_stream(body, deadline, stall)
+                t0 = time.monotonic()
                 async with self._session.request(
                     method,
                     url,
@@ -266,6 +271,8 @@ class AzureWriter:
                     skip_auto_headers=("Content-Type",),  # it is signed: nothing may add one
                 ) as r:
                     deadline.reschedule(None)
+                    if method == "HEAD":
+                        self.round_trips.record(time.monotonic() - t0)
                     if r.status in ok:
                         return r.headers
                     await r.read()
@@ -307,17 +314,7 @@ class AzureWriter:
     ) -> None:
         """The whole blob in one Put Blob, checked by Azure against ``md5``."""
         if self._direct is not None:
-            request_headers = {
-                "x-ms-blob-type": "BlockBlob",
-                "Content-Length": str(data.size),
-                "Content-MD5": base64.b64encode(md5).decode(),
-                **headers.headers(md5),
-                **{f"x-ms-meta-{k}": v for k, v in metadata.items()},
-            }
-            if tier is not None:
-                request_headers["x-ms-access-tier"] = tier
-            if not overwrite:
-                request_headers["If-None-Match"] = "*"
+            request_headers = _put_headers(data.size, md5, headers, metadata, overwrite, tier)
             await self._send("PUT", dst, "put blob", headers=request_headers, body=_body(data))
             return
         try:
@@ -334,6 +331,28 @@ class AzureWriter:
             raise DestinationExistsError(dst) from None
         except AzureError as e:
             raise _translate(e, dst, "put blob") from None
+
+    @property
+    def can_pipe(self) -> bool:
+        """Whether put_stream is available: the SDK's Put Blob would buffer the body."""
+        return self._direct is not None
+
+    async def put_stream(
+        self,
+        dst: AzAddress,
+        body: AsyncIterable[bytes],
+        size: int,
+        md5: bytes,
+        headers: BlobHeaders,
+        metadata: dict[str, str],
+        overwrite: bool,
+        tier: str | None = None,
+    ) -> None:
+        """The whole blob in one Put Blob whose body streams from ``body`` as it comes:
+        Azure checks all ``size`` bytes against ``md5`` and stores nothing otherwise."""
+        assert self._direct is not None, "can_pipe says when this is possible"
+        request_headers = _put_headers(size, md5, headers, metadata, overwrite, tier)
+        await self._send("PUT", dst, "put blob", headers=request_headers, body=body)
 
     async def stage(self, dst: AzAddress, block_id: str, data: Chunks, md5: bytes) -> None:
         if self._direct is not None:
@@ -463,6 +482,30 @@ class _Direct:
         return self._date[0]
 
 
+def _put_headers(
+    size: int,
+    md5: bytes,
+    headers: BlobHeaders,
+    metadata: dict[str, str],
+    overwrite: bool,
+    tier: str | None,
+) -> dict[str, str]:
+    """Put Blob's headers. The MD5 goes twice: Content-MD5 has Azure check the bytes
+    on arrival, x-ms-blob-content-md5 is stored as the blob's Content-MD5."""
+    out = {
+        "x-ms-blob-type": "BlockBlob",
+        "Content-Length": str(size),
+        "Content-MD5": base64.b64encode(md5).decode(),
+        **headers.headers(md5),
+        **{f"x-ms-meta-{k}": v for k, v in metadata.items()},
+    }
+    if tier is not None:
+        out["x-ms-access-tier"] = tier
+    if not overwrite:
+        out["If-None-Match"] = "*"
+    return out
+
+
 def _body(data: Chunks) -> bytes | Chunks:
     """A small body in one piece, a large one as the chunks it arrived in (no copy),
     which ``_send`` paces."""
@@ -485,6 +528,16 @@ async def _paced(
         for at in range(0, len(view), _PIECE):
             deadline.reschedule(loop.time() + stall)
             yield view[at : at + _PIECE]
+
+
+async def _paced_stream(
+    body: AsyncIterable[bytes], deadline: asyncio.Timeout, stall: float
+) -> AsyncIterator[bytes]:
+    """A streamed body, each chunk moving the deadline on, as ``_paced`` does."""
+    loop = asyncio.get_running_loop()
+    async for chunk in body:
+        deadline.reschedule(loop.time() + stall)
+        yield chunk
 
 
 def _account_name(account_url: str) -> str:

@@ -12,8 +12,9 @@ import asyncio
 import hashlib
 import hmac
 import re
+import time
 from collections.abc import AsyncIterator, Mapping
-from contextlib import AsyncExitStack
+from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from types import TracebackType
@@ -39,6 +40,7 @@ from daemon.errors import (
     StallError,
 )
 from daemon.jobs import S3Address
+from daemon.latency import RoundTrips
 from daemon.settings import Settings
 
 _CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
@@ -304,6 +306,7 @@ class S3Reader:
         self._client: Any = None
         self._http: aiohttp.ClientSession | None = None
         self._signer: QuerySigner | None = None
+        self.round_trips = RoundTrips()  # of HEADs: how near S3 is
 
     async def __aenter__(self) -> S3Reader:
         try:
@@ -361,7 +364,9 @@ class S3Reader:
         """HEAD the object; with ``checksums``, ask for S3's additional checksums too."""
         extra = {"ChecksumMode": "ENABLED"} if checksums else {}
         try:
+            t0 = time.monotonic()
             resp = await self._client.head_object(Bucket=address.bucket, Key=address.key, **extra)
+            self.round_trips.record(time.monotonic() - t0)
         except ClientError as e:
             raise await self._explain(e, address) from None
         except (NoCredentialsError, PartialCredentialsError):
@@ -472,6 +477,47 @@ class S3Reader:
                     await self._raise_for(resp, address, what)
                 info = info_from_headers(address.bucket, address.key, resp.headers)
                 return info, await self._read_exactly(resp, info.size, what)
+        except TimeoutError:
+            raise StallError(what, self._settings.retry.stall_timeout_s) from None
+        except aiohttp.ClientError as e:
+            raise RetryableError(f"{what}: {type(e).__name__}: {e}") from None
+
+    @asynccontextmanager
+    async def open_object(self, info: ObjectInfo) -> AsyncIterator[AsyncIterator[bytes]]:
+        """The whole object as a stream of chunks, as they arrive (for a pipe). Errors
+        of the request raise here; errors while reading raise from the iteration."""
+        url = await self.presign(info)
+        what = f"GET {info.address}"
+        assert self._http is not None
+        async with AsyncExitStack() as stack:
+            try:
+                resp = await stack.enter_async_context(
+                    self._http.get(url, headers={"If-Match": info.etag})
+                )
+                if resp.status != 200:
+                    await self._raise_for(resp, info.address, what)
+            except TimeoutError:
+                raise StallError(what, self._settings.retry.stall_timeout_s) from None
+            except aiohttp.ClientError as e:
+                raise RetryableError(f"{what}: {type(e).__name__}: {e}") from None
+            if resp.content_length != info.size:
+                raise SourceChangedError(str(info.address))
+            # Only the request is guarded above: what the consumer raises passes as is.
+            yield self._chunks(resp, info.size, what)
+
+    async def _chunks(
+        self, resp: aiohttp.ClientResponse, length: int, what: str
+    ) -> AsyncIterator[bytes]:
+        got = 0
+        try:
+            while got < length:
+                chunk = await resp.content.readany()
+                if not chunk:
+                    raise RetryableError(f"{what}: connection closed after {got} of {length} bytes")
+                got += len(chunk)
+                if got > length:
+                    raise RetryableError(f"{what}: more bytes than asked for")
+                yield chunk
         except TimeoutError:
             raise StallError(what, self._settings.retry.stall_timeout_s) from None
         except aiohttp.ClientError as e:

@@ -160,6 +160,22 @@ class Settings(BaseSettings):
         description="server-side: Azure fetches each block from a freshly presigned S3 "
         "range (Put Block From URL); falls back to stream when Azure cannot reach S3.",
     )
+    pipe_max_mb: int = Field(
+        default=1024,
+        ge=0,
+        le=5000,
+        description="On a near link, a single-part object up to this size goes as one GET "
+        "piped into one Put Blob carrying S3's MD5 ETag, which Azure checks: nothing is "
+        "hashed here and one stream runs at the link's speed. Not resumable: a kill "
+        "re-reads the object. 0 turns it off (5000 MiB is Put Blob's limit).",
+    )
+    pipe_rtt_ms: float = Field(
+        default=10.0,
+        ge=0,
+        description="A link is near when the fastest recent small request (a HEAD) to S3 "
+        "and to Azure both answer within this. Farther away one stream is slow, and "
+        "blocks go in parallel.",
+    )
     verify: bool = Field(
         default=True,
         description="Compute each object's MD5 (and part MD5s) while streaming and prove "
@@ -191,6 +207,10 @@ class Settings(BaseSettings):
     @property
     def block_size(self) -> int:
         return self.block_size_mb * MiB
+
+    @property
+    def pipe_max(self) -> int:
+        return self.pipe_max_mb * MiB
 
     @property
     def memory_bytes(self) -> int:

@@ -302,6 +302,8 @@ class Supervisor:
             log.exception("failed", error=error)
             return
         detail: dict[str, object] = {}
+        if outcome.route:
+            detail["route"] = outcome.route
         if outcome.verified:
             detail["verified"] = outcome.verified
         if outcome.note:

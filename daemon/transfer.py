@@ -19,7 +19,7 @@ import dataclasses
 import hashlib
 import re
 import zlib
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import ClassVar
@@ -30,6 +30,7 @@ from awscrt import checksums as awscrt_checksums
 from daemon.azure import AzureWriter, BlobHeaders, SourceUnreachableError, azure_metadata
 from daemon.budget import ByteBudget
 from daemon.errors import (
+    CorruptBlockError,
     Interrupted,
     PermanentError,
     RetryableError,
@@ -44,6 +45,7 @@ from daemon.settings import MiB, Settings
 MAX_BLOCKS = 50_000
 MAX_BLOCK_SIZE = 4000 * MiB
 WHOLE_PART_MAX = 16 * MiB
+PIPE_BUFFER = MiB
 _MD5_HEX = re.compile(r"[0-9a-f]{32}\Z")
 _ID_LENGTH = 24 + 6 + 32  # identity, index, MD5: every ID the same length, as Azure requires
 
@@ -69,6 +71,9 @@ class Outcome:
     note: str | None = None
     renamed_metadata: dict[str, str] = field(default_factory=dict)
     blocks_reused: int = 0
+    # How the bytes went: "whole" (one GET, one Put Blob, held here), "pipe" (one GET
+    # streamed into one Put Blob), "blocks" (ranges staged in parallel) or "server-side".
+    route: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -373,6 +378,8 @@ class Copier:
                     lambda: self._s3.read_object(listed, src), policy, f"read {src}"
                 )
                 return await self._put_whole(got, data, spec, fp, progress)
+        if await self._pipes(info, spec):
+            return await self._pipe(info, spec, fp, progress)
         if info.size <= bs:
             whole = info
             async with self._budget.hold(info.size):
@@ -385,6 +392,83 @@ class Copier:
                 )
                 return await self._put_whole(info, data, spec, fp, progress)
         return await self._copy_blocks(info, spec, fp, progress)
+
+    async def _pipes(self, info: ObjectInfo, spec: TransferSpec) -> bool:
+        """Whether ``info`` goes as one GET piped into one Put Blob: a single-part
+        object whose ETag is its MD5 (Azure checks the bytes against it), larger than a
+        block and within pipe_max, on a link near enough that one stream runs at full
+        speed. Farther away, parallel blocks are faster; and a block can resume."""
+        s = self._settings
+        if not (
+            s.block_size < info.size <= s.pipe_max
+            and not info.parts
+            and info.etag_is_md5
+            and (spec.options.mode or s.mode) == "stream"
+            and self._azure.can_pipe
+        ):
+            return False
+        near = s.pipe_rtt_ms / 1000
+        s3 = self._s3.round_trips.best()  # the HEAD just made is among them
+        if s3 is None or s3 > near:
+            return False
+        if self._azure.round_trips.best() is None:
+            try:  # one HEAD to time, once a minute at most while objects keep coming
+                await self._azure.existing(spec.destination)
+            except TransferError:
+                return False  # the block path reports the problem properly
+        azure = self._azure.round_trips.best()
+        return azure is not None and azure <= near
+
+    async def _pipe(
+        self, info: ObjectInfo, spec: TransferSpec, fp: str, progress: Progress
+    ) -> Outcome:
+        headers, metadata, renamed, tier = self._landing(info, spec, fp)
+        md5 = bytes.fromhex(info.etag.strip('"'))
+        overwrite = spec.overwrite is not Overwrite.NEVER
+        dst = spec.destination
+        damaged = 0
+
+        async def once() -> None:
+            nonlocal damaged
+            sent = 0
+            # What went wrong on the S3 side while Azure was reading the body: aiohttp
+            # reports it as a failed upload, this says what it was.
+            source_error: list[Exception] = []
+
+            async def body(chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+                nonlocal sent
+                try:
+                    async for chunk in chunks:
+                        sent += len(chunk)
+                        progress(len(chunk))
+                        yield chunk
+                except Exception as e:
+                    source_error.append(e)
+                    raise
+
+            try:
+                async with self._s3.open_object(info) as chunks:
+                    await self._azure.put_stream(
+                        dst, body(chunks), info.size, md5, headers, metadata, overwrite, tier
+                    )
+            except TransferError as e:
+                progress(-sent)  # the next try starts from the first byte again
+                if isinstance(e, CorruptBlockError):
+                    damaged += 1
+                raise (source_error[0] if source_error else e) from None
+
+        # The stream's own buffers (aiohttp's, a few hundred KiB) count against the budget.
+        async with self._budget.hold(PIPE_BUFFER):
+            await retrying(once, self._settings.retry, f"pipe {info.address} to {dst}")
+        note = f"Azure found the bytes damaged {damaged} time(s); sent again" if damaged else None
+        return Outcome(
+            Status.COPIED,
+            info.size,
+            "etag: Azure checked the bytes against S3's MD5 as they arrived",
+            note,
+            renamed_metadata=renamed,
+            route="pipe",
+        )
 
     async def _head(self, src: S3Address) -> ObjectInfo:
         policy = self._settings.retry
@@ -450,7 +534,7 @@ class Copier:
             f"put {spec.destination}",
         )
         progress(data.size)
-        return Outcome(Status.COPIED, data.size, verified, renamed_metadata=renamed)
+        return Outcome(Status.COPIED, data.size, verified, renamed_metadata=renamed, route="whole")
 
     async def _copy_blocks(
         self, info: ObjectInfo, spec: TransferSpec, fp: str, progress: Progress
@@ -516,6 +600,7 @@ class Copier:
             "size: server-side copy, the bytes went from S3 to Azure without passing here",
             renamed_metadata=renamed,
             blocks_reused=len(done),
+            route="server-side",
         )
 
     async def _staged(self, plan: Plan, dst: AzAddress) -> dict[int, bytes]:
@@ -591,6 +676,7 @@ class Copier:
             note,
             renamed_metadata=renamed,
             blocks_reused=reused,
+            route="blocks",
         )
 
     async def _commit(

@@ -82,6 +82,10 @@ def make_settings(tmp_path: Path, s3_endpoint: str, az_endpoint: str, **override
     overrides.setdefault("s3", {"endpoint_url": s3_endpoint})
     overrides.setdefault("azure", {"connection_string": connection_string(az_endpoint)})
     overrides.setdefault("retry", {"backoff_s": 0.05, "backoff_max_s": 0.5})
+    # The emulators are near, so objects over a block would be piped whole: the tests
+    # of the block path (resume, per-block retries, repair) turn that off; test_pipe.py
+    # turns it on.
+    overrides.setdefault("pipe_max_mb", 0)
     return load_settings(None, **overrides)
 
 

@@ -30,6 +30,7 @@ class Faults:
     flip_period: int | None = None  # flip a byte at every multiple of this, in every stream
     # Stop reading what the client sends on this connection (1 = the first) after this
     # many bytes: an upload that stalls, which no read timeout on the client can see.
+    # -1: on the first connection whose upload gets that far, whichever it is.
     upload_stall_at: int = 0
     upload_stall_after: int = 0
     # Answer every Nth request (matching error_match) with this status and body instead of
@@ -157,7 +158,10 @@ class FaultProxy:
                     await back.drain()
                 raise _Reset()
             if not down:
-                if number == f.upload_stall_at and sent + len(chunk) > f.upload_stall_after:
+                chosen = number == f.upload_stall_at or (
+                    f.upload_stall_at == -1 and self.upload_stalls == 0
+                )
+                if chosen and sent + len(chunk) > f.upload_stall_after:
                     self.upload_stalls += 1
                     await asyncio.sleep(3600)  # never read again: the client's send blocks
                 sent += len(chunk)

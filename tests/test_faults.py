@@ -168,8 +168,9 @@ def daemon_env(settings: Settings, s3_endpoint: str, azurite: str, **extra: str)
         AZURE_STORAGE_CONNECTION_STRING=connection_string(azurite),
         BLOBFERRY_POLL_INTERVAL_S="0.2",
         BLOBFERRY_RETRY__BACKOFF_S="0.05",
-        **extra,
+        BLOBFERRY_PIPE_MAX_MB="0",  # as make_settings: these test the block path
     )
+    env.update(extra)
     return env
 
 

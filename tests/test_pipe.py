@@ -1,0 +1,264 @@
+"""The pipe: on a near link, a single-part object goes as one GET streamed into one Put
+Blob whose MD5 is S3's ETag, so Azure checks every byte and nothing is hashed here."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import signal
+from typing import Any
+
+import pytest
+from azure.storage.blob import BlobServiceClient
+from pydantic import SecretStr
+
+from daemon.latency import RoundTrips
+from daemon.settings import Settings
+from tests.conftest import connection_string
+from tests.helpers import MiB, blob_bytes, blob_names, copy, multipart_object, payload
+from tests.proxy import FaultProxy, Faults
+from tests.test_faults import daemon_env, start_daemon, through, wait_report
+
+
+@pytest.fixture
+def piping(settings: Settings) -> Settings:
+    """Pipes on, whatever this machine's load does to the emulators' round trips."""
+    return settings.model_copy(update={"pipe_max_mb": 16, "pipe_rtt_ms": 1000.0})
+
+
+def gets(proxy: FaultProxy, key: str) -> int:
+    return sum(r.startswith("GET ") and key in r for r in proxy.requests)
+
+
+async def test_each_object_takes_its_route(
+    piping: Settings,
+    moto_endpoint: str,
+    s3_client: Any,
+    blob_service: BlobServiceClient,
+    bucket: str,
+    container: str,
+) -> None:
+    bodies = {
+        "small.bin": payload(1 * MiB, seed=1),  # a block or less: whole
+        "single.bin": payload(12 * MiB + 5, seed=2),  # single-part, within pipe_max: pipe
+        "over.bin": payload(20 * MiB, seed=3),  # over pipe_max (16 MiB): blocks
+    }
+    for key, body in bodies.items():
+        s3_client.put_object(Bucket=bucket, Key=f"src/{key}", Body=body)
+    # The ETag of a multipart object is no MD5 Azure could check: blocks.
+    bodies["multi.bin"] = multipart_object(s3_client, bucket, "src/multi.bin", 12 * MiB, 5 * MiB)
+    async with FaultProxy(moto_endpoint) as proxy:
+        status, rows = await copy(
+            through(piping, proxy), f"s3://{bucket}/src/", f"az://{container}/dst/"
+        )
+    assert status == "done", [r.error for r in rows]
+    route = {r.source.rsplit("/", 1)[1]: r.detail for r in rows}
+    assert {k: d["route"] for k, d in route.items()} == {
+        "small.bin": "whole",
+        "single.bin": "pipe",
+        "over.bin": "blocks",
+        "multi.bin": "blocks",
+    }
+    assert route["single.bin"]["verified"].startswith("etag: Azure checked")
+    assert gets(proxy, "single.bin") == 1  # one stream, no ranges
+    assert gets(proxy, "over.bin") == 5
+    for key, body in bodies.items():
+        assert blob_bytes(blob_service, container, f"dst/{key}") == body
+    # The piped blob's Content-MD5 is S3's ETag, which Azure checked on arrival.
+    props = blob_service.get_blob_client(container, "dst/single.bin").get_blob_properties()
+    assert bytes(props.content_settings.content_md5) == hashlib.md5(bodies["single.bin"]).digest()
+    assert props.metadata["blobferry_source_etag"] == hashlib.md5(bodies["single.bin"]).hexdigest()
+
+
+@pytest.mark.parametrize("far", ["s3", "azure"])
+async def test_a_far_link_gets_parallel_blocks(
+    far: str,
+    settings: Settings,
+    moto_endpoint: str,
+    azurite_endpoint: str,
+    s3_client: Any,
+    blob_service: BlobServiceClient,
+    bucket: str,
+    container: str,
+) -> None:
+    """One stream is slow over distance: either side 30+ ms away means blocks."""
+    body = payload(12 * MiB, seed=4)
+    s3_client.put_object(Bucket=bucket, Key="far.bin", Body=body)
+    delayed = Faults(delay_s=0.03)  # per chunk the server sends: every answer is late
+    async with (
+        FaultProxy(moto_endpoint, delayed if far == "s3" else None) as s3p,
+        FaultProxy(azurite_endpoint, delayed if far == "azure" else None) as azp,
+    ):
+        tuned = through(
+            settings,
+            s3p,
+            azure={"connection_string": SecretStr(connection_string(azp.endpoint))},
+            pipe_max_mb=16,  # pipe_rtt_ms at its default, 10 ms
+        )
+        status, [row] = await copy(tuned, f"s3://{bucket}/far.bin", f"az://{container}/far.bin")
+    assert status == "done", row.error
+    assert row.detail["route"] == "blocks"
+    assert gets(s3p, "far.bin") == 3
+    assert blob_bytes(blob_service, container, "far.bin") == body
+
+
+async def test_damaged_bytes_are_refused_by_azure_and_sent_again(
+    piping: Settings,
+    moto_endpoint: str,
+    s3_client: Any,
+    blob_service: BlobServiceClient,
+    bucket: str,
+    container: str,
+) -> None:
+    body = payload(12 * MiB, seed=5)
+    s3_client.put_object(Bucket=bucket, Key="d.bin", Body=body)
+    async with FaultProxy(moto_endpoint, Faults(flip_at=5 * MiB)) as proxy:
+        status, [row] = await copy(
+            through(piping, proxy), f"s3://{bucket}/d.bin", f"az://{container}/d.bin"
+        )
+    assert proxy.flips == 1
+    assert status == "done", row.error
+    assert row.detail["route"] == "pipe"
+    assert "damaged 1 time(s)" in row.detail["note"]
+    assert gets(proxy, "d.bin") == 2
+    assert blob_bytes(blob_service, container, "d.bin") == body
+
+
+async def test_damage_on_every_read_fails_and_commits_nothing(
+    piping: Settings,
+    moto_endpoint: str,
+    s3_client: Any,
+    blob_service: BlobServiceClient,
+    bucket: str,
+    container: str,
+) -> None:
+    s3_client.put_object(Bucket=bucket, Key="bad.bin", Body=payload(12 * MiB, seed=6))
+    async with FaultProxy(moto_endpoint, Faults(flip_period=3 * MiB)) as proxy:
+        tuned = through(piping, proxy, retry={"attempts": 3})
+        status, [row] = await copy(tuned, f"s3://{bucket}/bad.bin", f"az://{container}/bad.bin")
+    assert (status, row.status) == ("failed", "failed")
+    assert row.error is not None and "Md5Mismatch" in row.error and "3 attempts" in row.error
+    assert gets(proxy, "bad.bin") == 3
+    assert blob_names(blob_service, container) == []
+
+
+@pytest.mark.parametrize("fault", ["reset", "stall"])
+async def test_a_broken_stream_from_s3_is_read_again(
+    fault: str,
+    piping: Settings,
+    moto_endpoint: str,
+    s3_client: Any,
+    blob_service: BlobServiceClient,
+    bucket: str,
+    container: str,
+) -> None:
+    body = payload(12 * MiB, seed=7)
+    s3_client.put_object(Bucket=bucket, Key="b.bin", Body=body)
+    # Connection 1 is the HEAD, 2 the stream: it breaks 3 MiB in; 3 is the next try.
+    faults = (
+        Faults(reset_every=2, reset_after=3 * MiB)
+        if fault == "reset"
+        else Faults(stall_every=2, stall_after=3 * MiB)
+    )
+    async with FaultProxy(moto_endpoint, faults) as proxy:
+        tuned = through(piping, proxy, retry={"stall_timeout_s": 1.0})
+        status, [row] = await asyncio.wait_for(
+            copy(tuned, f"s3://{bucket}/b.bin", f"az://{container}/b.bin"), 60
+        )
+    assert proxy.resets + proxy.stalls == 1
+    assert status == "done", row.error
+    assert row.detail["route"] == "pipe"
+    assert blob_bytes(blob_service, container, "b.bin") == body
+
+
+async def test_an_upload_that_stalls_is_cut_and_sent_again(
+    piping: Settings,
+    moto_endpoint: str,
+    azurite_endpoint: str,
+    s3_client: Any,
+    blob_service: BlobServiceClient,
+    bucket: str,
+    container: str,
+) -> None:
+    body = payload(16 * MiB, seed=8)
+    s3_client.put_object(Bucket=bucket, Key="up.bin", Body=body)
+    # The Put Blob's connection stops being read 1 MiB in. 16 MiB is more than the
+    # sockets' buffers hold, so the sender blocks: only a deadline on progress sees it.
+    faults = Faults(upload_stall_at=-1, upload_stall_after=1 * MiB)
+    async with FaultProxy(azurite_endpoint, faults) as azp:
+        tuned = piping.model_copy(
+            update={
+                "azure": piping.azure.model_copy(
+                    update={"connection_string": SecretStr(connection_string(azp.endpoint))}
+                ),
+                "retry": piping.retry.model_copy(update={"stall_timeout_s": 1.0}),
+            }
+        )
+        status, [row] = await asyncio.wait_for(
+            copy(tuned, f"s3://{bucket}/up.bin", f"az://{container}/up.bin"), 60
+        )
+    assert azp.upload_stalls == 1
+    assert status == "done", row.error
+    assert row.detail["route"] == "pipe"
+    assert blob_bytes(blob_service, container, "up.bin") == body
+
+
+async def test_kill_9_mid_pipe_commits_nothing_and_the_restart_copies(
+    settings: Settings,
+    moto_endpoint: str,
+    azurite_endpoint: str,
+    s3_client: Any,
+    blob_service: BlobServiceClient,
+    bucket: str,
+    container: str,
+) -> None:
+    body = payload(24 * MiB, seed=9)
+    s3_client.put_object(Bucket=bucket, Key="k.bin", Body=body)
+    async with FaultProxy(moto_endpoint, Faults(rate_bps=4 * MiB)) as proxy:
+        env = daemon_env(
+            settings,
+            proxy.endpoint,
+            azurite_endpoint,
+            BLOBFERRY_PIPE_MAX_MB="32",
+            BLOBFERRY_PIPE_RTT_MS="1000",
+        )
+        first = await start_daemon(env)
+        inbox = settings.jobs_dir / "inbox"
+        while not inbox.exists():
+            await asyncio.sleep(0.05)
+        job = {"source": f"s3://{bucket}/k.bin", "destination": f"az://{container}/k.bin"}
+        (inbox / "k.json").write_text(json.dumps(job))
+        while proxy.bytes_down < 8 * MiB:
+            await asyncio.sleep(0.02)
+        first.send_signal(signal.SIGKILL)
+        await first.wait()
+        await asyncio.sleep(0.5)
+        # Put Blob is all or nothing: half a body leaves no blob and no block behind.
+        assert blob_names(blob_service, container) == []
+        client = blob_service.get_blob_client(container, "k.bin")
+        assert not client.exists()
+        proxy.faults.rate_bps = None
+        second = await start_daemon(env)
+        report = await wait_report(settings.jobs_dir, "k")
+        second.send_signal(signal.SIGTERM)
+        await second.communicate()
+    assert report["folder"] == "done", report
+    [t] = report["transfers"]
+    assert t["route"] == "pipe"
+    assert blob_bytes(blob_service, container, "k.bin") == body
+
+
+def test_round_trips_keep_the_fastest_recent_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    now = [1000.0]
+    monkeypatch.setattr("daemon.latency.time.monotonic", lambda: now[0])
+    rt = RoundTrips(window_s=60)
+    assert rt.best() is None
+    rt.record(0.004)
+    rt.record(0.002)
+    rt.record(0.009)
+    assert rt.best() == 0.002
+    now[0] += 61  # a minute on, the link may have moved: measure again
+    assert rt.best() is None
+    rt.record(0.05)
+    assert rt.best() == 0.05
