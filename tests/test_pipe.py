@@ -143,36 +143,9 @@ async def test_damage_on_every_read_fails_and_commits_nothing(
     assert blob_names(blob_service, container) == []
 
 
-@pytest.mark.parametrize("fault", ["reset", "stall"])
-async def test_a_broken_stream_from_s3_is_read_again(
+@pytest.mark.parametrize("fault", ["reset", "stall", "upload stall"])
+async def test_a_broken_stream_is_sent_again(
     fault: str,
-    piping: Settings,
-    moto_endpoint: str,
-    s3_client: Any,
-    blob_service: BlobServiceClient,
-    bucket: str,
-    container: str,
-) -> None:
-    body = payload(12 * MiB, seed=7)
-    s3_client.put_object(Bucket=bucket, Key="b.bin", Body=body)
-    # Connection 1 is the HEAD, 2 the stream: it breaks 3 MiB in; 3 is the next try.
-    faults = (
-        Faults(reset_every=2, reset_after=3 * MiB)
-        if fault == "reset"
-        else Faults(stall_every=2, stall_after=3 * MiB)
-    )
-    async with FaultProxy(moto_endpoint, faults) as proxy:
-        tuned = through(piping, proxy, retry={"stall_timeout_s": 1.0})
-        status, [row] = await asyncio.wait_for(
-            copy(tuned, f"s3://{bucket}/b.bin", f"az://{container}/b.bin"), 60
-        )
-    assert proxy.resets + proxy.stalls == 1
-    assert status == "done", row.error
-    assert row.detail["route"] == "pipe"
-    assert blob_bytes(blob_service, container, "b.bin") == body
-
-
-async def test_an_upload_that_stalls_is_cut_and_sent_again(
     piping: Settings,
     moto_endpoint: str,
     azurite_endpoint: str,
@@ -181,27 +154,36 @@ async def test_an_upload_that_stalls_is_cut_and_sent_again(
     bucket: str,
     container: str,
 ) -> None:
-    body = payload(16 * MiB, seed=8)
-    s3_client.put_object(Bucket=bucket, Key="up.bin", Body=body)
-    # The Put Blob's connection stops being read 1 MiB in. 16 MiB is more than the
-    # sockets' buffers hold, so the sender blocks: only a deadline on progress sees it.
-    faults = Faults(upload_stall_at=-1, upload_stall_after=1 * MiB)
-    async with FaultProxy(azurite_endpoint, faults) as azp:
-        tuned = piping.model_copy(
-            update={
-                "azure": piping.azure.model_copy(
-                    update={"connection_string": SecretStr(connection_string(azp.endpoint))}
-                ),
-                "retry": piping.retry.model_copy(update={"stall_timeout_s": 1.0}),
-            }
+    body = payload(16 * MiB, seed=7)
+    s3_client.put_object(Bucket=bucket, Key="b.bin", Body=body)
+    # S3's connection 1 is the HEAD, 2 the stream, which breaks 3 MiB in. Or the Put
+    # Blob's connection stops being read 1 MiB in: 16 MiB is more than the sockets'
+    # buffers hold, so the sender blocks, and only a deadline on progress sees it.
+    s3_faults = {
+        "reset": Faults(reset_every=2, reset_after=3 * MiB),
+        "stall": Faults(stall_every=2, stall_after=3 * MiB),
+    }.get(fault)
+    azure_faults = (
+        Faults(upload_stall_at=-1, upload_stall_after=MiB) if fault == "upload stall" else None
+    )
+    async with (
+        FaultProxy(moto_endpoint, s3_faults) as s3p,
+        FaultProxy(azurite_endpoint, azure_faults) as azp,
+    ):
+        tuned = through(
+            piping,
+            s3p,
+            azure={"connection_string": SecretStr(connection_string(azp.endpoint))},
+            retry={"stall_timeout_s": 1.0},
         )
         status, [row] = await asyncio.wait_for(
-            copy(tuned, f"s3://{bucket}/up.bin", f"az://{container}/up.bin"), 60
+            copy(tuned, f"s3://{bucket}/b.bin", f"az://{container}/b.bin"), 60
         )
-    assert azp.upload_stalls == 1
+    assert s3p.resets + s3p.stalls + azp.upload_stalls == 1
+    assert gets(s3p, "b.bin") == 2
     assert status == "done", row.error
     assert row.detail["route"] == "pipe"
-    assert blob_bytes(blob_service, container, "up.bin") == body
+    assert blob_bytes(blob_service, container, "b.bin") == body
 
 
 async def test_kill_9_mid_pipe_commits_nothing_and_the_restart_copies(
