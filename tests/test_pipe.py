@@ -231,6 +231,45 @@ async def test_kill_9_mid_pipe_commits_nothing_and_the_restart_copies(
     assert blob_bytes(blob_service, container, "k.bin") == body
 
 
+async def test_sigterm_lets_a_pipe_in_flight_land(
+    settings: Settings,
+    moto_endpoint: str,
+    azurite_endpoint: str,
+    s3_client: Any,
+    blob_service: BlobServiceClient,
+    bucket: str,
+    container: str,
+) -> None:
+    body = payload(16 * MiB, seed=10)
+    s3_client.put_object(Bucket=bucket, Key="t.bin", Body=body)
+    async with FaultProxy(moto_endpoint, Faults(rate_bps=4 * MiB)) as proxy:
+        env = daemon_env(
+            settings,
+            proxy.endpoint,
+            azurite_endpoint,
+            BLOBFERRY_PIPE_MAX_MB="32",
+            BLOBFERRY_PIPE_RTT_MS="1000",
+            BLOBFERRY_GRACE_PERIOD_S="20",
+        )
+        daemon = await start_daemon(env)
+        inbox = settings.jobs_dir / "inbox"
+        while not inbox.exists():
+            await asyncio.sleep(0.05)
+        job = {"source": f"s3://{bucket}/t.bin", "destination": f"az://{container}/t.bin"}
+        (inbox / "t.json").write_text(json.dumps(job))
+        while proxy.bytes_down < 4 * MiB:
+            await asyncio.sleep(0.02)
+        daemon.send_signal(signal.SIGTERM)  # about 3 s of the stream still to come
+        out, _ = await daemon.communicate()
+    assert daemon.returncode == 0
+    events = [json.loads(line)["event"] for line in out.decode().splitlines()]
+    assert "draining" in events and "copied" in events
+    report = await wait_report(settings.jobs_dir, "t", timeout=1)
+    assert report["folder"] == "done", report
+    assert report["transfers"][0]["route"] == "pipe"
+    assert blob_bytes(blob_service, container, "t.bin") == body
+
+
 def test_round_trips_keep_the_fastest_recent_one(monkeypatch: pytest.MonkeyPatch) -> None:
     now = [1000.0]
     monkeypatch.setattr("daemon.latency.time.monotonic", lambda: now[0])
