@@ -1,4 +1,6 @@
-"""One object, S3 to Azure: plan blocks, read ranges, stage, verify, commit.
+"""One object, S3 to Azure, by one of three routes: whole (a block or less, held here
+for one Put Blob), pipe (on a near link, one GET streamed into one Put Blob that Azure
+checks against S3's MD5 ETag), or blocks: plan, read ranges, stage, verify, commit.
 
 Nothing here knows where a job came from or writes anything to local disk. A block's
 bytes live in one buffer, from the ranged GET that fills it until Azure has
