@@ -453,8 +453,10 @@ class Copier:
                     await self._azure.put_stream(
                         dst, body(chunks), info.size, md5, headers, metadata, overwrite, tier
                     )
-            except TransferError as e:
-                progress(-sent)  # the next try starts from the first byte again
+            except BaseException as e:
+                progress(-sent)  # nothing landed: a next try starts from the first byte
+                if not isinstance(e, TransferError):
+                    raise  # cancelled (a drain that ran out of time), or a bug
                 if isinstance(e, CorruptBlockError):
                     damaged += 1
                 raise (source_error[0] if source_error else e) from None
