@@ -258,9 +258,9 @@ class AzureWriter:
             # seconds without progress (the response itself is under sock_read).
             async with asyncio.timeout(stall) as deadline:
                 if isinstance(body, Chunks):
+                    body = _pieces(body)
+                if isinstance(body, AsyncIterable):
                     body = _paced(body, deadline, stall)
-                elif isinstance(body, AsyncIterable):
-                    body = _paced_stream(body, deadline, stall)
                 t0 = time.monotonic()
                 async with self._session.request(
                     method,
@@ -517,27 +517,23 @@ def _body(data: Chunks) -> bytes | Chunks:
 _PIECE = 256 * 1024
 
 
-async def _paced(
-    data: Chunks, deadline: asyncio.Timeout, stall: float
-) -> AsyncIterator[bytes | memoryview]:
-    """The body in pieces of at most 256 KiB (views, not copies), each moving the
-    deadline on: aiohttp asks for the next one only when the socket took the last."""
-    loop = asyncio.get_running_loop()
+async def _pieces(data: Chunks) -> AsyncIterator[memoryview]:
+    """A block's chunks in pieces of at most 256 KiB (views, not copies): aiohttp asks
+    for the next one only when the socket took the last, so each piece is progress."""
     for chunk in data:
         view = memoryview(chunk)
         for at in range(0, len(view), _PIECE):
-            deadline.reschedule(loop.time() + stall)
             yield view[at : at + _PIECE]
 
 
-async def _paced_stream(
-    body: AsyncIterable[bytes], deadline: asyncio.Timeout, stall: float
-) -> AsyncIterator[bytes]:
-    """A streamed body, each chunk moving the deadline on, as ``_paced`` does."""
+async def _paced(
+    body: AsyncIterable[bytes | memoryview], deadline: asyncio.Timeout, stall: float
+) -> AsyncIterator[bytes | memoryview]:
+    """``body``, each piece moving the deadline ``stall`` seconds on."""
     loop = asyncio.get_running_loop()
-    async for chunk in body:
+    async for piece in body:
         deadline.reschedule(loop.time() + stall)
-        yield chunk
+        yield piece
 
 
 def _account_name(account_url: str) -> str:

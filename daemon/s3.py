@@ -508,6 +508,7 @@ class S3Reader:
     async def _chunks(
         self, resp: aiohttp.ClientResponse, length: int, what: str
     ) -> AsyncIterator[bytes]:
+        """Exactly ``length`` bytes of the body, in the chunks aiohttp received them in."""
         got = 0
         try:
             while got < length:
@@ -523,21 +524,13 @@ class S3Reader:
         except aiohttp.ClientError as e:
             raise RetryableError(f"{what}: {type(e).__name__}: {e}") from None
 
-    @staticmethod
-    async def _read_exactly(resp: aiohttp.ClientResponse, length: int, what: str) -> Chunks:
+    async def _read_exactly(self, resp: aiohttp.ClientResponse, length: int, what: str) -> Chunks:
         # The block is the chunks aiohttp already allocated, kept as they are: hashing
         # and uploading walk the list, so no byte is copied into another buffer.
         chunks = Chunks()
-        got = 0
-        while got < length:
-            chunk = await resp.content.readany()
-            if not chunk:
-                raise RetryableError(f"{what}: connection closed after {got} of {length} bytes")
-            got += len(chunk)
-            if got > length:
-                raise RetryableError(f"{what}: more bytes than asked for")
+        async for chunk in self._chunks(resp, length, what):
             chunks.append(chunk)
-        chunks.size = got
+        chunks.size = length
         return chunks
 
     async def _raise_for(self, resp: aiohttp.ClientResponse, address: S3Address, what: str) -> None:
