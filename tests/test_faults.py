@@ -180,6 +180,35 @@ async def start_daemon(env: dict[str, str]) -> asyncio.subprocess.Process:
     )
 
 
+async def start_mid_copy(
+    env: dict[str, str],
+    jobs_dir: Path,
+    name: str,
+    job: dict[str, str],
+    proxy: FaultProxy,
+    read: int,
+) -> asyncio.subprocess.Process:
+    """A daemon started with ``env`` and given ``job`` as ``name``.json, returned once
+    ``read`` bytes have come through ``proxy``: the moment to kill it or signal it."""
+    proc = await start_daemon(env)
+    inbox = jobs_dir / "inbox"
+    while not inbox.exists():
+        await asyncio.sleep(0.05)
+    (inbox / f"{name}.json").write_text(json.dumps(job))
+    while proxy.bytes_down < read:
+        await asyncio.sleep(0.02)
+    return proc
+
+
+async def restart_to_report(env: dict[str, str], jobs_dir: Path, name: str) -> dict[str, Any]:
+    """Start the daemon again, wait for job ``name``'s report, stop it; the report."""
+    proc = await start_daemon(env)
+    report = await wait_report(jobs_dir, name)
+    proc.send_signal(signal.SIGTERM)
+    await proc.communicate()
+    return report
+
+
 async def wait_report(jobs_dir: Path, name: str, timeout: float = 120) -> dict[str, Any]:
     deadline = time.monotonic() + timeout
     for folder in ("done", "failed") * 1_000_000:
@@ -205,17 +234,8 @@ async def test_kill_9_mid_transfer_then_restart_rereads_only_blocks_in_flight(
     body = multipart_object(s3_client, bucket, "huge.bin", size, block)
     async with FaultProxy(moto_endpoint, Faults(rate_bps=6 * MiB)) as proxy:
         env = daemon_env(settings, proxy.endpoint, azurite_endpoint)
-        first = await start_daemon(env)
-        inbox = settings.jobs_dir / "inbox"
-        while not inbox.exists():
-            await asyncio.sleep(0.05)
-        (inbox / "huge.json").write_text(
-            json.dumps(
-                {"source": f"s3://{bucket}/huge.bin", "destination": f"az://{container}/huge.bin"}
-            )
-        )
-        while proxy.bytes_down < size // 2:
-            await asyncio.sleep(0.02)
+        job = {"source": f"s3://{bucket}/huge.bin", "destination": f"az://{container}/huge.bin"}
+        first = await start_mid_copy(env, settings.jobs_dir, "huge", job, proxy, size // 2)
         first.kill()  # SIGKILL: no drain, no cleanup
         await first.wait()
         # A Put Block whose body reached Azurite before the kill may still be landing:
@@ -233,10 +253,7 @@ async def test_kill_9_mid_transfer_then_restart_rereads_only_blocks_in_flight(
         ]
         assert (settings.jobs_dir / "processing" / "huge.json").exists()
         proxy.faults.rate_bps = None
-        second = await start_daemon(env)
-        report = await wait_report(settings.jobs_dir, "huge")
-        second.send_signal(signal.SIGTERM)
-        await second.communicate()
+        report = await restart_to_report(env, settings.jobs_dir, "huge")
         read_after = proxy.bytes_down - read_before
     assert report["folder"] == "done", report
     [t] = report["transfers"]
@@ -272,15 +289,8 @@ async def test_sigterm_drains_within_grace_and_the_job_resumes(
     s3_client.put_object(Bucket=bucket, Key="t.bin", Body=body)
     async with FaultProxy(moto_endpoint, Faults(rate_bps=4 * MiB)) as proxy:
         env = daemon_env(settings, proxy.endpoint, azurite_endpoint, BLOBFERRY_GRACE_PERIOD_S="20")
-        first = await start_daemon(env)
-        inbox = settings.jobs_dir / "inbox"
-        while not inbox.exists():
-            await asyncio.sleep(0.05)
-        (inbox / "t.json").write_text(
-            json.dumps({"source": f"s3://{bucket}/t.bin", "destination": f"az://{container}/t.bin"})
-        )
-        while proxy.bytes_down < 20 * MiB:
-            await asyncio.sleep(0.02)
+        job = {"source": f"s3://{bucket}/t.bin", "destination": f"az://{container}/t.bin"}
+        first = await start_mid_copy(env, settings.jobs_dir, "t", job, proxy, 20 * MiB)
         t0 = time.monotonic()
         first.send_signal(signal.SIGTERM)
         out, _ = await first.communicate()
@@ -294,10 +304,7 @@ async def test_sigterm_drains_within_grace_and_the_job_resumes(
         staged = blob_service.get_blob_client(container, "t.bin").get_block_list("uncommitted")[1]
         assert staged, "the blocks in flight were allowed to land"
         proxy.faults.rate_bps = None
-        second = await start_daemon(env)
-        report = await wait_report(settings.jobs_dir, "t")
-        second.send_signal(signal.SIGTERM)
-        await second.communicate()
+        report = await restart_to_report(env, settings.jobs_dir, "t")
     assert report["folder"] == "done"
     assert report["transfers"][0]["blocks_reused"] == len(staged)
     assert blob_bytes(blob_service, container, "t.bin") == body
@@ -314,15 +321,8 @@ async def test_second_signal_stops_at_once(
     s3_client.put_object(Bucket=bucket, Key="t.bin", Body=payload(64 * MiB, seed=3))
     async with FaultProxy(moto_endpoint, Faults(rate_bps=1 * MiB)) as proxy:
         env = daemon_env(settings, proxy.endpoint, azurite_endpoint, BLOBFERRY_GRACE_PERIOD_S="60")
-        proc = await start_daemon(env)
-        inbox = settings.jobs_dir / "inbox"
-        while not inbox.exists():
-            await asyncio.sleep(0.05)
-        (inbox / "t.json").write_text(
-            json.dumps({"source": f"s3://{bucket}/t.bin", "destination": f"az://{container}/t.bin"})
-        )
-        while proxy.bytes_down < 2 * MiB:
-            await asyncio.sleep(0.02)
+        job = {"source": f"s3://{bucket}/t.bin", "destination": f"az://{container}/t.bin"}
+        proc = await start_mid_copy(env, settings.jobs_dir, "t", job, proxy, 2 * MiB)
         proc.send_signal(signal.SIGTERM)
         await asyncio.sleep(0.5)
         t0 = time.monotonic()

@@ -18,13 +18,23 @@ from daemon.settings import Settings
 from tests.conftest import connection_string
 from tests.helpers import MiB, blob_bytes, blob_names, copy, multipart_object, payload
 from tests.proxy import FaultProxy, Faults
-from tests.test_faults import daemon_env, start_daemon, through, wait_report
+from tests.test_faults import (
+    daemon_env,
+    restart_to_report,
+    start_mid_copy,
+    through,
+    wait_report,
+)
 
 
 @pytest.fixture
 def piping(settings: Settings) -> Settings:
     """Pipes on, whatever this machine's load does to the emulators' round trips."""
     return settings.model_copy(update={"pipe_max_mb": 16, "pipe_rtt_ms": 1000.0})
+
+
+# As ``piping``, for a daemon process (whose objects here are at most 24 MiB).
+PIPING = {"BLOBFERRY_PIPE_MAX_MB": "32", "BLOBFERRY_PIPE_RTT_MS": "1000"}
 
 
 def gets(proxy: FaultProxy, key: str) -> int:
@@ -198,21 +208,9 @@ async def test_kill_9_mid_pipe_commits_nothing_and_the_restart_copies(
     body = payload(24 * MiB, seed=9)
     s3_client.put_object(Bucket=bucket, Key="k.bin", Body=body)
     async with FaultProxy(moto_endpoint, Faults(rate_bps=4 * MiB)) as proxy:
-        env = daemon_env(
-            settings,
-            proxy.endpoint,
-            azurite_endpoint,
-            BLOBFERRY_PIPE_MAX_MB="32",
-            BLOBFERRY_PIPE_RTT_MS="1000",
-        )
-        first = await start_daemon(env)
-        inbox = settings.jobs_dir / "inbox"
-        while not inbox.exists():
-            await asyncio.sleep(0.05)
+        env = daemon_env(settings, proxy.endpoint, azurite_endpoint, **PIPING)
         job = {"source": f"s3://{bucket}/k.bin", "destination": f"az://{container}/k.bin"}
-        (inbox / "k.json").write_text(json.dumps(job))
-        while proxy.bytes_down < 8 * MiB:
-            await asyncio.sleep(0.02)
+        first = await start_mid_copy(env, settings.jobs_dir, "k", job, proxy, 8 * MiB)
         first.send_signal(signal.SIGKILL)
         await first.wait()
         await asyncio.sleep(0.5)
@@ -221,10 +219,7 @@ async def test_kill_9_mid_pipe_commits_nothing_and_the_restart_copies(
         client = blob_service.get_blob_client(container, "k.bin")
         assert not client.exists()
         proxy.faults.rate_bps = None
-        second = await start_daemon(env)
-        report = await wait_report(settings.jobs_dir, "k")
-        second.send_signal(signal.SIGTERM)
-        await second.communicate()
+        report = await restart_to_report(env, settings.jobs_dir, "k")
     assert report["folder"] == "done", report
     [t] = report["transfers"]
     assert t["route"] == "pipe"
@@ -244,21 +239,10 @@ async def test_sigterm_lets_a_pipe_in_flight_land(
     s3_client.put_object(Bucket=bucket, Key="t.bin", Body=body)
     async with FaultProxy(moto_endpoint, Faults(rate_bps=4 * MiB)) as proxy:
         env = daemon_env(
-            settings,
-            proxy.endpoint,
-            azurite_endpoint,
-            BLOBFERRY_PIPE_MAX_MB="32",
-            BLOBFERRY_PIPE_RTT_MS="1000",
-            BLOBFERRY_GRACE_PERIOD_S="20",
+            settings, proxy.endpoint, azurite_endpoint, **PIPING, BLOBFERRY_GRACE_PERIOD_S="20"
         )
-        daemon = await start_daemon(env)
-        inbox = settings.jobs_dir / "inbox"
-        while not inbox.exists():
-            await asyncio.sleep(0.05)
         job = {"source": f"s3://{bucket}/t.bin", "destination": f"az://{container}/t.bin"}
-        (inbox / "t.json").write_text(json.dumps(job))
-        while proxy.bytes_down < 4 * MiB:
-            await asyncio.sleep(0.02)
+        daemon = await start_mid_copy(env, settings.jobs_dir, "t", job, proxy, 4 * MiB)
         daemon.send_signal(signal.SIGTERM)  # about 3 s of the stream still to come
         out, _ = await daemon.communicate()
     assert daemon.returncode == 0
