@@ -13,7 +13,7 @@ import hashlib
 import hmac
 import re
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -397,19 +397,46 @@ class S3Reader:
             sizes += await asyncio.gather(*(one(n) for n in batch))
         return sizes
 
-    async def list(self, prefix: S3Address) -> AsyncIterator[Listed]:
-        """Every object under the prefix, in key order; folder markers left out."""
-        paginator = self._client.get_paginator("list_objects_v2")
+    async def pages(
+        self, prefix: S3Address, first: int = 1000, then: int = 1000
+    ) -> AsyncGenerator[list[Listed], None]:
+        """Every object under the prefix, a page at a time, in key order; folder markers
+        left out. The first page holds at most ``first`` keys, so transfers start before
+        S3 has read out a thousand, and the next ones ``then`` (S3's most). Each page is
+        asked for while the one before is being used, so a long listing never holds the
+        transfers up between pages."""
+
+        async def page(token: str | None, size: int) -> Any:
+            args: dict[str, Any] = {"Bucket": prefix.bucket, "Prefix": prefix.key, "MaxKeys": size}
+            if token is not None:
+                args["ContinuationToken"] = token
+            try:
+                return await self._client.list_objects_v2(**args)
+            except ClientError as e:
+                raise await self._explain(e, prefix) from None
+            except (NoCredentialsError, PartialCredentialsError):
+                raise _no_credentials() from None
+            except BotoCoreError as e:
+                raise RetryableError(f"LIST {prefix}: {e}") from None
+
+        pending: asyncio.Future[Any] | None = asyncio.ensure_future(page(None, min(first, 1000)))
         try:
-            async for page in paginator.paginate(Bucket=prefix.bucket, Prefix=prefix.key):
-                for o in page.get("Contents", ()):
-                    if o["Key"].endswith("/") and o["Size"] == 0:
-                        continue
-                    yield Listed(o["Key"], o["Size"], o["ETag"], o.get("StorageClass"))
-        except ClientError as e:
-            raise await self._explain(e, prefix) from None
-        except (NoCredentialsError, PartialCredentialsError):
-            raise _no_credentials() from None
+            while pending is not None:
+                resp = await pending
+                pending = None
+                if resp.get("IsTruncated") and resp.get("NextContinuationToken"):
+                    pending = asyncio.ensure_future(page(resp["NextContinuationToken"], then))
+                yield [
+                    Listed(o["Key"], o["Size"], o["ETag"], o.get("StorageClass"))
+                    for o in resp.get("Contents", ())
+                    if not (o["Key"].endswith("/") and o["Size"] == 0)
+                ]
+        finally:
+            if pending is not None:  # closed early: the page asked for ahead is not needed
+                pending.cancel()
+                await asyncio.wait([pending])
+                if not pending.cancelled():
+                    pending.exception()  # retrieved, so asyncio does not warn about it
 
     async def _explain(self, e: ClientError, address: S3Address) -> Exception:
         err = e.response.get("Error", {})

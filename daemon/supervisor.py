@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
+from contextlib import aclosing
 from dataclasses import dataclass
 from functools import partial
 
@@ -204,12 +205,21 @@ class Supervisor:
                         continue
                     found = 0
                     try:
-                        async for listed in self._s3.list(spec.source):
-                            await self._admit(
-                                tg, name, seq, spec.for_key(listed.key), listed, tally
-                            )
-                            seq += 1
-                            found += 1
+                        # The first page fills every slot at once; later pages arrive
+                        # while earlier ones are copied.
+                        first = self.settings.max_transfers
+                        async with aclosing(self._s3.pages(spec.source, first)) as pages:
+                            async for page in pages:
+                                # A transfer's number (its place in the report) follows
+                                # key order, but a page's largest objects start first,
+                                # so a job never ends on one large object copying alone.
+                                numbered = sorted(enumerate(page, seq), key=lambda n: -n[1].size)
+                                seq += len(page)
+                                found += len(page)
+                                for n, listed in numbered:
+                                    await self._admit(
+                                        tg, name, n, spec.for_key(listed.key), listed, tally
+                                    )
                     except TransferError as e:
                         self._record_failure(name, seq, spec, tally, str(e))
                         seq += 1

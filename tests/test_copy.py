@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
+from contextlib import aclosing
+from pathlib import Path
 from typing import Any
 
 import pytest
 from azure.storage.blob import BlobServiceClient
 
+from daemon.jobs import S3Address
+from daemon.s3 import S3Reader
 from daemon.settings import Settings
+from tests.conftest import make_settings
 from tests.helpers import MiB, blob_bytes, blob_names, copy, gz, payload, s3_bytes
 
 
@@ -128,6 +134,46 @@ async def test_prefix_of_100_objects(
     for key in [*list(sizes)[::10], "data/sub/bigger.bin"]:
         name = "mirror/" + key.removeprefix("data/")
         assert blob_bytes(blob_service, container, name) == payload(sizes[key], seed=sizes[key])
+
+
+async def test_listing_comes_in_pages_each_asked_for_ahead(
+    settings: Settings, s3_client: Any, bucket: str
+) -> None:
+    keys = [f"p/{i}.bin" for i in range(7)]
+    for key in keys:
+        s3_client.put_object(Bucket=bucket, Key=key, Body=b"x")
+    s3_client.put_object(Bucket=bucket, Key="p/zz/", Body=b"")  # a folder marker, last
+    async with S3Reader(settings) as s3:
+        pages = [page async for page in s3.pages(S3Address(bucket, "p/"), first=2, then=3)]
+        assert [len(page) for page in pages] == [2, 3, 2]  # the marker filled a place
+        assert [x.key for page in pages for x in page] == keys
+        # Left after one page, the listing leaves no request of its own behind.
+        async with aclosing(s3.pages(S3Address(bucket, "p/"), first=2, then=3)) as it:
+            assert len(await anext(it)) == 2
+        assert asyncio.all_tasks() == {asyncio.current_task()}
+
+
+async def test_a_pages_largest_objects_start_first_and_the_report_keeps_key_order(
+    tmp_path: Path,
+    moto_endpoint: str,
+    azurite_endpoint: str,
+    s3_client: Any,
+    blob_service: BlobServiceClient,
+    bucket: str,
+    container: str,
+) -> None:
+    settings = make_settings(tmp_path, moto_endpoint, azurite_endpoint, max_transfers=1)
+    sizes = {"a": 1000, "b": 3000, "c": 2000, "d": 5000, "e": 4000}
+    for key, size in sizes.items():
+        s3_client.put_object(Bucket=bucket, Key=f"m/{key}", Body=payload(size, seed=size))
+    status, rows = await copy(settings, f"s3://{bucket}/m/", f"az://{container}/m/")
+    assert status == "done"
+    assert [r.source.rsplit("/", 1)[1] for r in rows] == ["a", "b", "c", "d", "e"]
+    # One transfer at a time: the first page is that one object, the next holds the rest.
+    started = sorted(rows, key=lambda r: r.started_at)
+    assert [r.source.rsplit("/", 1)[1] for r in started] == ["a", "d", "e", "b", "c"]
+    for key, size in sizes.items():
+        assert blob_bytes(blob_service, container, f"m/{key}") == payload(size, seed=size)
 
 
 async def test_overwrite_never_skips_existing(
