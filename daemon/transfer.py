@@ -53,6 +53,7 @@ _ID_LENGTH = 24 + 6 + 32  # identity, index, MD5: every ID the same length, as A
 
 Progress = Callable[[int], None]
 SourceUrls = Callable[[ObjectInfo], Awaitable[str]]
+AZURE_CHECKED = "etag: Azure checked the bytes against S3's MD5 as they arrived"
 SERVER_SIDE_MD5 = bytes(16)  # server-side blocks: no bytes here, so no MD5 in the ID
 log = structlog.get_logger("blobferry.transfer")
 
@@ -355,7 +356,6 @@ class Copier:
             raise
 
     async def _copy(self, spec: TransferSpec, listed: Listed | None, progress: Progress) -> Outcome:
-        policy = self._settings.retry
         src = spec.source
         bs = self._settings.block_size
         info: ObjectInfo | None = None
@@ -375,24 +375,20 @@ class Copier:
         if info is None:
             assert listed is not None
             # Small-object path: one GET whose headers stand in for the HEAD, one PUT.
-            async with self._budget.hold(listed.size):
-                got, data = await retrying(
-                    lambda: self._s3.read_object(listed, src), policy, f"read {src}"
-                )
-                return await self._put_whole(got, data, spec, fp, progress)
+            return await self._whole(
+                listed.size, lambda: self._s3.read_object(listed, src), spec, fp, progress
+            )
         if await self._pipes(info, spec):
             return await self._pipe(info, spec, fp, progress)
         if info.size <= bs:
             whole = info
-            async with self._budget.hold(info.size):
-                data = (
-                    await retrying(
-                        lambda: self._s3.read_range(whole, 0, whole.size), policy, f"read {src}"
-                    )
-                    if info.size
-                    else Chunks()
-                )
-                return await self._put_whole(info, data, spec, fp, progress)
+
+            async def read() -> tuple[ObjectInfo, Chunks]:
+                if not whole.size:
+                    return whole, Chunks()
+                return whole, await self._s3.read_range(whole, 0, whole.size)
+
+            return await self._whole(info.size, read, spec, fp, progress)
         return await self._copy_blocks(info, spec, fp, progress)
 
     async def _pipes(self, info: ObjectInfo, spec: TransferSpec) -> bool:
@@ -468,7 +464,7 @@ class Copier:
         return Outcome(
             Status.COPIED,
             info.size,
-            "etag: Azure checked the bytes against S3's MD5 as they arrived",
+            AZURE_CHECKED,
             note,
             renamed_metadata=renamed,
             route="pipe",
@@ -513,32 +509,56 @@ class Copier:
         tier = opts.tier or self._settings.azure.tiers.get(info.storage_class or "STANDARD")
         return headers, metadata, renamed, tier
 
-    async def _put_whole(
+    async def _whole(
         self,
-        info: ObjectInfo,
-        data: Chunks,
+        size: int,
+        read: Callable[[], Awaitable[tuple[ObjectInfo, Chunks]]],
         spec: TransferSpec,
         fp: str,
         progress: Progress,
     ) -> Outcome:
-        # The MD5 is needed for the transactional check anyway, so small objects are
-        # always verified, whatever the verify setting says.
-        md5 = await md5_off_loop(data)
-        checksum = Checksum.for_object(info)
-        if checksum is not None:
-            checksum.update(data)
-        verified = verify(info, md5, [md5] if info.parts == 1 else None, checksum)
-        headers, metadata, renamed, tier = self._landing(info, spec, fp)
-        overwrite = spec.overwrite is not Overwrite.NEVER
-        await retrying(
-            lambda: self._azure.put(
-                spec.destination, data, md5, headers, metadata, overwrite, tier
-            ),
-            self._settings.retry,
-            f"put {spec.destination}",
+        """One GET held here, one Put Blob, retried together: bytes that arrive damaged
+        are read again. When S3's ETag is the object's MD5, it is the Put Blob's
+        Content-MD5 and Azure checks the bytes against it, so nothing is hashed here.
+        Otherwise the MD5 is computed here for Azure's check, and the bytes are proven
+        against S3's ETag or checksum: small objects are always verified."""
+        dst = spec.destination
+        damaged = 0
+
+        async def once() -> tuple[ObjectInfo, str, dict[str, str]]:
+            nonlocal damaged
+            info, data = await read()
+            try:
+                if _MD5_HEX.match(info.etag.strip('"')) and not info.encrypted_etag:
+                    md5, verified = bytes.fromhex(info.etag.strip('"')), AZURE_CHECKED
+                else:
+                    md5 = await md5_off_loop(data)
+                    checksum = Checksum.for_object(info)
+                    if checksum is not None:
+                        checksum.update(data)
+                    try:
+                        verified = verify(info, md5, [md5] if info.parts == 1 else None, checksum)
+                    except VerificationError as e:
+                        raise CorruptBlockError(str(e)) from None
+                headers, metadata, renamed, tier = self._landing(info, spec, fp)
+                overwrite = spec.overwrite is not Overwrite.NEVER
+                await self._azure.put(dst, data, md5, headers, metadata, overwrite, tier)
+            except CorruptBlockError:
+                damaged += 1
+                raise
+            return info, verified, renamed
+
+        async with self._budget.hold(size):
+            info, verified, renamed = await retrying(
+                once, self._settings.retry, f"copy {spec.source}"
+            )
+        progress(info.size)
+        note = (
+            f"the bytes arrived damaged {damaged} time(s); read and sent again" if damaged else None
         )
-        progress(data.size)
-        return Outcome(Status.COPIED, data.size, verified, renamed_metadata=renamed, route="whole")
+        return Outcome(
+            Status.COPIED, info.size, verified, note, renamed_metadata=renamed, route="whole"
+        )
 
     async def _copy_blocks(
         self, info: ObjectInfo, spec: TransferSpec, fp: str, progress: Progress

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 from contextlib import aclosing
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,7 @@ from azure.storage.blob import BlobServiceClient
 from daemon.jobs import S3Address
 from daemon.s3 import S3Reader
 from daemon.settings import Settings
+from daemon.transfer import AZURE_CHECKED
 from tests.conftest import make_settings
 from tests.helpers import MiB, blob_bytes, blob_names, copy, gz, payload, s3_bytes
 
@@ -36,11 +38,14 @@ async def test_single_object_sizes(
     status, [row] = await copy(settings, f"s3://{bucket}/obj.bin", f"az://{container}/obj.bin")
     assert status == "done", row.error
     assert (row.status, row.bytes_done) == ("copied", size)
-    assert row.detail["verified"] == "etag"
+    whole = size <= settings.block_size
+    assert row.detail["route"] == ("whole" if whole else "blocks")
+    assert row.detail["verified"] == (AZURE_CHECKED if whole else "etag")
     assert blob_bytes(blob_service, container, "obj.bin") == data
     props = blob_service.get_blob_client(container, "obj.bin").get_blob_properties()
     assert props.blob_type == "BlockBlob" and props.size == size
-    assert props.content_settings.content_md5 is not None
+    stored = props.content_settings.content_md5
+    assert stored is not None and bytes(stored) == hashlib.md5(data).digest()
 
 
 async def test_properties_and_metadata_arrive(

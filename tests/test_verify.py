@@ -9,6 +9,7 @@ import pytest
 from azure.storage.blob import BlobServiceClient
 
 from daemon.settings import Settings
+from daemon.transfer import AZURE_CHECKED
 from tests.helpers import MiB, blob_bytes, copy, multipart_object, payload
 from tests.proxy import FaultProxy, Faults
 from tests.test_faults import through
@@ -91,6 +92,66 @@ async def test_damage_on_every_read_fails_without_committing(
     assert (status, row.status) == ("failed", "failed")
     assert row.error is not None and "MD5 of the bytes read" in row.error
     assert not blob_service.get_blob_client(container, "g.bin").exists()
+
+
+@pytest.mark.parametrize(
+    ("layout", "via"),
+    [("single-part", "prefix"), ("single-part", "key"), ("multipart", "prefix"), ("kms", "key")],
+)
+async def test_a_small_objects_damaged_bytes_are_read_and_sent_again(
+    layout: str,
+    via: str,
+    settings: Settings,
+    moto_endpoint: str,
+    s3_client: Any,
+    blob_service: BlobServiceClient,
+    bucket: str,
+    container: str,
+) -> None:
+    """One GET, one Put Blob, retried together. A single-part object's ETag goes as the
+    Content-MD5 and Azure refuses the damage; the others are hashed here and caught."""
+    size = 1 * MiB
+    if layout == "multipart":  # one part: its ETag is "<MD5 of the part's MD5>-1"
+        body = multipart_object(s3_client, bucket, "s/o.bin", size, 8 * MiB)
+        verified = "multipart-etag"
+    else:
+        body = payload(size, seed=7)
+        kms = (
+            {"ServerSideEncryption": "aws:kms", "SSEKMSKeyId": s3_client_kms_key(s3_client)}
+            if layout == "kms"
+            else {}
+        )
+        extra = {"ChecksumAlgorithm": "SHA256"} if kms else {}
+        s3_client.put_object(Bucket=bucket, Key="s/o.bin", Body=body, **kms, **extra)
+        verified = "checksum-sha256" if kms else AZURE_CHECKED
+    source = f"s3://{bucket}/s/" if via == "prefix" else f"s3://{bucket}/s/o.bin"
+    destination = f"az://{container}/s/" if via == "prefix" else f"az://{container}/s/o.bin"
+    async with FaultProxy(moto_endpoint, Faults(flip_at=size // 2)) as proxy:
+        status, [row] = await copy(through(settings, proxy), source, destination)
+    assert proxy.flips == 1
+    assert status == "done", row.error
+    assert (row.detail["route"], row.detail["verified"]) == ("whole", verified)
+    assert "arrived damaged 1 time(s)" in row.detail["note"]
+    assert blob_bytes(blob_service, container, "s/o.bin") == body
+
+
+async def test_a_small_object_damaged_on_every_read_fails_without_committing(
+    settings: Settings,
+    moto_endpoint: str,
+    s3_client: Any,
+    blob_service: BlobServiceClient,
+    bucket: str,
+    container: str,
+) -> None:
+    s3_client.put_object(Bucket=bucket, Key="h.bin", Body=payload(MiB, seed=5))
+    async with FaultProxy(moto_endpoint, Faults(flip_period=256 * 1024)) as proxy:
+        status, [row] = await copy(
+            through(settings, proxy), f"s3://{bucket}/h.bin", f"az://{container}/h.bin"
+        )
+    assert proxy.flips >= 3 * settings.retry.attempts
+    assert (status, row.status) == ("failed", "failed")
+    assert row.error is not None and "Md5Mismatch" in row.error
+    assert not blob_service.get_blob_client(container, "h.bin").exists()
 
 
 async def test_s3_checksum_proves_the_copy_when_the_etag_cannot(
