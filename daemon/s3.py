@@ -13,7 +13,7 @@ import hashlib
 import hmac
 import re
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -363,16 +363,16 @@ class S3Reader:
     async def head(self, address: S3Address, checksums: bool = False) -> ObjectInfo:
         """HEAD the object; with ``checksums``, ask for S3's additional checksums too."""
         extra = {"ChecksumMode": "ENABLED"} if checksums else {}
-        try:
-            t0 = time.monotonic()
-            resp = await self._client.head_object(Bucket=address.bucket, Key=address.key, **extra)
-            self.round_trips.record(time.monotonic() - t0)
-        except ClientError as e:
-            raise await self._explain(e, address) from None
-        except (NoCredentialsError, PartialCredentialsError):
-            raise _no_credentials() from None
-        except BotoCoreError as e:
-            raise RetryableError(f"HEAD {address}: {e}") from None
+        t0 = time.monotonic()
+        resp = await self._call(
+            "HEAD",
+            address,
+            self._client.head_object,
+            Bucket=address.bucket,
+            Key=address.key,
+            **extra,
+        )
+        self.round_trips.record(time.monotonic() - t0)
         return info_from_headers(
             address.bucket, address.key, resp["ResponseMetadata"]["HTTPHeaders"]
         )
@@ -385,10 +385,14 @@ class S3Reader:
         composite-ETag check, so a change between these HEADs cannot slip through."""
 
         async def one(n: int) -> int:
-            try:
-                r = await self._client.head_object(Bucket=info.bucket, Key=info.key, PartNumber=n)
-            except ClientError as e:
-                raise await self._explain(e, info.address) from None
+            r = await self._call(
+                f"HEAD part {n} of",
+                info.address,
+                self._client.head_object,
+                Bucket=info.bucket,
+                Key=info.key,
+                PartNumber=n,
+            )
             return int(r["ContentLength"])
 
         sizes: list[int] = []
@@ -410,14 +414,7 @@ class S3Reader:
             args: dict[str, Any] = {"Bucket": prefix.bucket, "Prefix": prefix.key, "MaxKeys": size}
             if token is not None:
                 args["ContinuationToken"] = token
-            try:
-                return await self._client.list_objects_v2(**args)
-            except ClientError as e:
-                raise await self._explain(e, prefix) from None
-            except (NoCredentialsError, PartialCredentialsError):
-                raise _no_credentials() from None
-            except BotoCoreError as e:
-                raise RetryableError(f"LIST {prefix}: {e}") from None
+            return await self._call("LIST", prefix, self._client.list_objects_v2, **args)
 
         pending: asyncio.Future[Any] | None = asyncio.ensure_future(page(None, min(first, 1000)))
         try:
@@ -437,6 +434,20 @@ class S3Reader:
                 await asyncio.wait([pending])
                 if not pending.cancelled():
                     pending.exception()  # retrieved, so asyncio does not warn about it
+
+    async def _call(
+        self, what: str, address: S3Address, call: Callable[..., Awaitable[Any]], **args: Any
+    ) -> Any:
+        """One botocore call, its failures turned into what a person can act on (or a
+        RetryableError when trying again may help)."""
+        try:
+            return await call(**args)
+        except ClientError as e:
+            raise await self._explain(e, address) from None
+        except (NoCredentialsError, PartialCredentialsError):
+            raise _no_credentials() from None
+        except BotoCoreError as e:
+            raise RetryableError(f"{what} {address}: {e}") from None
 
     async def _explain(self, e: ClientError, address: S3Address) -> Exception:
         err = e.response.get("Error", {})
