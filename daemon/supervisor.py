@@ -210,6 +210,10 @@ class Supervisor:
                         first = self.settings.max_transfers
                         async with aclosing(self._s3.pages(spec.source, first)) as pages:
                             async for page in pages:
+                                if self._stop.is_set():
+                                    # Stopping: the rest is listed again on the next start.
+                                    tally.interrupted += 1
+                                    break
                                 # A transfer's number (its place in the report) follows
                                 # key order, but a page's largest objects start first,
                                 # so a job never ends on one large object copying alone.

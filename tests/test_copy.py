@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 from contextlib import aclosing
 from pathlib import Path
 from typing import Any
@@ -11,9 +12,12 @@ from typing import Any
 import pytest
 from azure.storage.blob import BlobServiceClient
 
-from daemon.jobs import S3Address
+from daemon import app
+from daemon.jobs import S3Address, parse_job
 from daemon.s3 import S3Reader
 from daemon.settings import Settings
+from daemon.state import StateStore
+from daemon.supervisor import Supervisor
 from daemon.transfer import AZURE_CHECKED
 from tests.conftest import make_settings
 from tests.helpers import MiB, blob_bytes, blob_names, copy, gz, payload, s3_bytes
@@ -156,6 +160,41 @@ async def test_listing_comes_in_pages_each_asked_for_ahead(
         async with aclosing(s3.pages(S3Address(bucket, "p/"), first=2, then=3)) as it:
             assert len(await anext(it)) == 2
         assert asyncio.all_tasks() == {asyncio.current_task()}
+
+
+async def test_a_stop_ends_the_listing_and_leaves_the_job_interrupted(
+    tmp_path: Path,
+    moto_endpoint: str,
+    azurite_endpoint: str,
+    s3_client: Any,
+    bucket: str,
+    container: str,
+) -> None:
+    settings = make_settings(tmp_path, moto_endpoint, azurite_endpoint, max_transfers=1)
+    for i in range(3):
+        s3_client.put_object(Bucket=bucket, Key=f"q/{i}", Body=b"x")
+    [spec] = parse_job(
+        json.dumps({"source": f"s3://{bucket}/q/", "destination": f"az://{container}/q/"})
+    )
+    stop = asyncio.Event()
+    pages_read = 0
+    state = StateStore.in_dir(settings.state_dir)
+    async with app.engine(settings, stop) as e:
+        listing = e.s3.pages
+
+        async def counted(prefix: S3Address, first: int, then: int = 1000) -> Any:
+            nonlocal pages_read
+            async for page in listing(prefix, first, then):
+                pages_read += 1
+                yield page
+
+        e.s3.pages = counted  # type: ignore[method-assign]
+        stop.set()
+        sup = Supervisor(settings, e.s3, e.copier, state, stop)
+        assert await sup.run_job("j", [spec]) == "interrupted"
+    state.close()
+    # The first page (one key) was admitted as interrupted; the second was not waited for.
+    assert pages_read == 1
 
 
 async def test_a_pages_largest_objects_start_first_and_the_report_keeps_key_order(
