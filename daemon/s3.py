@@ -43,6 +43,7 @@ from daemon.jobs import S3Address
 from daemon.latency import RoundTrips
 from daemon.settings import Settings
 
+_MD5_HEX = re.compile(r"[0-9a-f]{32}\Z")
 _CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
 _RETRYABLE_CODES = {
     "SlowDown",
@@ -80,9 +81,16 @@ class ObjectInfo:
     @property
     def etag_is_md5(self) -> bool:
         """Whether the ETag can prove the bytes: an MD5, or a multipart composite of them."""
+        return self.md5 is not None or (self.parts > 0 and not self.encrypted_etag)
+
+    @property
+    def md5(self) -> bytes | None:
+        """The object's MD5, when its ETag is one: a single-part object, not encrypted
+        with SSE-KMS or SSE-C."""
         bare = self.etag.strip('"')
-        md5_like = len(bare) == 32 and all(c in "0123456789abcdef" for c in bare)
-        return not self.encrypted_etag and (md5_like or self.parts > 0)
+        if self.encrypted_etag or not _MD5_HEX.match(bare):
+            return None
+        return bytes.fromhex(bare)
 
     @property
     def encrypted_etag(self) -> bool:
@@ -485,62 +493,51 @@ class S3Reader:
         except (NoCredentialsError, PartialCredentialsError):
             raise _no_credentials() from None
 
+    @asynccontextmanager
+    async def _get(
+        self, address: S3Address, headers: dict[str, str], what: str, status: int
+    ) -> AsyncIterator[aiohttp.ClientResponse]:
+        """A GET of a URL presigned now, answered with ``status``: anything else, or a
+        failed request, raises as blobferry's error. Only the request is guarded here:
+        what the caller raises passes as is, and reading the body is _chunks' part."""
+        url = await self.presign(address)
+        assert self._http is not None
+        async with AsyncExitStack() as stack:
+            try:
+                resp = await stack.enter_async_context(self._http.get(url, headers=headers))
+                if resp.status != status:
+                    await self._raise_for(resp, address, what)
+            except TimeoutError:
+                raise StallError(what, self._settings.retry.stall_timeout_s) from None
+            except aiohttp.ClientError as e:
+                raise RetryableError(f"{what}: {type(e).__name__}: {e}") from None
+            yield resp
+
     async def read_range(self, info: ObjectInfo, start: int, length: int) -> Chunks:
         """Exactly ``length`` bytes from ``start`` of the version ``info`` describes."""
-        url = await self.presign(info)
         headers = {"Range": f"bytes={start}-{start + length - 1}", "If-Match": info.etag}
         what = f"GET {info.address} bytes {start}-{start + length - 1}"
-        assert self._http is not None
-        try:
-            async with self._http.get(url, headers=headers) as resp:
-                if resp.status != 206:
-                    await self._raise_for(resp, info.address, what)
-                m = _CONTENT_RANGE.match(resp.headers.get("Content-Range", ""))
-                if not m or int(m.group(1)) != start or int(m.group(2)) != start + length - 1:
-                    raise RetryableError(f"{what}: answered with the wrong range")
-                return await self._read_exactly(resp, length, what)
-        except TimeoutError:
-            raise StallError(what, self._settings.retry.stall_timeout_s) from None
-        except aiohttp.ClientError as e:
-            raise RetryableError(f"{what}: {type(e).__name__}: {e}") from None
+        async with self._get(info.address, headers, what, 206) as resp:
+            m = _CONTENT_RANGE.match(resp.headers.get("Content-Range", ""))
+            if not m or int(m.group(1)) != start or int(m.group(2)) != start + length - 1:
+                raise RetryableError(f"{what}: answered with the wrong range")
+            return await self._read_exactly(resp, length, what)
 
     async def read_object(self, listed: Listed, address: S3Address) -> tuple[ObjectInfo, Chunks]:
         """A whole small object in one GET, its headers standing in for a HEAD."""
-        url = await self.presign(address)
         what = f"GET {address}"
-        assert self._http is not None
-        try:
-            async with self._http.get(url, headers={"If-Match": listed.etag}) as resp:
-                if resp.status != 200:
-                    await self._raise_for(resp, address, what)
-                info = info_from_headers(address.bucket, address.key, resp.headers)
-                return info, await self._read_exactly(resp, info.size, what)
-        except TimeoutError:
-            raise StallError(what, self._settings.retry.stall_timeout_s) from None
-        except aiohttp.ClientError as e:
-            raise RetryableError(f"{what}: {type(e).__name__}: {e}") from None
+        async with self._get(address, {"If-Match": listed.etag}, what, 200) as resp:
+            info = info_from_headers(address.bucket, address.key, resp.headers)
+            return info, await self._read_exactly(resp, info.size, what)
 
     @asynccontextmanager
     async def open_object(self, info: ObjectInfo) -> AsyncIterator[AsyncIterator[bytes]]:
         """The whole object as a stream of chunks, as they arrive (for a pipe). Errors
         of the request raise here; errors while reading raise from the iteration."""
-        url = await self.presign(info)
         what = f"GET {info.address}"
-        assert self._http is not None
-        async with AsyncExitStack() as stack:
-            try:
-                resp = await stack.enter_async_context(
-                    self._http.get(url, headers={"If-Match": info.etag})
-                )
-                if resp.status != 200:
-                    await self._raise_for(resp, info.address, what)
-            except TimeoutError:
-                raise StallError(what, self._settings.retry.stall_timeout_s) from None
-            except aiohttp.ClientError as e:
-                raise RetryableError(f"{what}: {type(e).__name__}: {e}") from None
+        async with self._get(info.address, {"If-Match": info.etag}, what, 200) as resp:
             if resp.content_length != info.size:
                 raise SourceChangedError(str(info.address))
-            # Only the request is guarded above: what the consumer raises passes as is.
             yield self._chunks(resp, info.size, what)
 
     async def _chunks(

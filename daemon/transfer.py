@@ -19,7 +19,6 @@ import asyncio
 import base64
 import dataclasses
 import hashlib
-import re
 import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -48,7 +47,6 @@ MAX_BLOCKS = 50_000
 MAX_BLOCK_SIZE = 4000 * MiB
 WHOLE_PART_MAX = 16 * MiB
 PIPE_BUFFER = MiB
-_MD5_HEX = re.compile(r"[0-9a-f]{32}\Z")
 _ID_LENGTH = 24 + 6 + 32  # identity, index, MD5: every ID the same length, as Azure requires
 
 Progress = Callable[[int], None]
@@ -296,10 +294,10 @@ def verify(
     if info.encrypted_etag:
         kinds = ", ".join(sorted(info.checksums)) or "none"
         return f"size: the ETag of an SSE-KMS or SSE-C object is not an MD5 (checksums: {kinds})"
-    if not info.parts and _MD5_HEX.match(etag):
+    if info.md5 is not None:
         if whole_md5 is None:
             return "size: the object's MD5 could not be computed in this run"
-        if whole_md5.hex() != etag:
+        if whole_md5 != info.md5:
             raise VerificationError(
                 f"{info.address}: MD5 of the bytes read is {whole_md5.hex()}, S3's ETag is {etag}"
             )
@@ -399,8 +397,7 @@ class Copier:
         s = self._settings
         if not (
             s.block_size < info.size <= s.pipe_max
-            and not info.parts
-            and info.etag_is_md5
+            and info.md5 is not None
             and (spec.options.mode or s.mode) == "stream"
             and self._azure.can_pipe
         ):
@@ -421,7 +418,8 @@ class Copier:
         self, info: ObjectInfo, spec: TransferSpec, fp: str, progress: Progress
     ) -> Outcome:
         headers, metadata, renamed, tier = self._landing(info, spec, fp)
-        md5 = bytes.fromhex(info.etag.strip('"'))
+        md5 = info.md5
+        assert md5 is not None, "_pipes chose this route for an MD5 ETag only"
         overwrite = spec.overwrite is not Overwrite.NEVER
         dst = spec.destination
         damaged = 0
@@ -529,8 +527,8 @@ class Copier:
             nonlocal damaged
             info, data = await read()
             try:
-                if _MD5_HEX.match(info.etag.strip('"')) and not info.encrypted_etag:
-                    md5, verified = bytes.fromhex(info.etag.strip('"')), AZURE_CHECKED
+                if info.md5 is not None:
+                    md5, verified = info.md5, AZURE_CHECKED
                 else:
                     md5 = await md5_off_loop(data)
                     checksum = Checksum.for_object(info)
