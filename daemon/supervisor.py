@@ -199,44 +199,11 @@ class Supervisor:
         try:
             async with asyncio.TaskGroup() as tg:
                 for spec in specs:
-                    if not spec.source.is_prefix:
+                    if spec.source.is_prefix:
+                        seq = await self._admit_prefix(tg, name, seq, spec, tally)
+                    else:
                         await self._admit(tg, name, seq, spec, None, tally)
                         seq += 1
-                        continue
-                    found = 0
-                    try:
-                        # The first page fills every slot at once; later pages arrive
-                        # while earlier ones are copied.
-                        first = self.settings.max_transfers
-                        async with aclosing(self._s3.pages(spec.source, first)) as pages:
-                            async for page in pages:
-                                if self._stop.is_set():
-                                    # Stopping: the rest is listed again on the next start.
-                                    tally.interrupted += 1
-                                    break
-                                # A transfer's number (its place in the report) follows
-                                # key order, but a page's largest objects start first,
-                                # so a job never ends on one large object copying alone.
-                                numbered = sorted(enumerate(page, seq), key=lambda n: -n[1].size)
-                                seq += len(page)
-                                found += len(page)
-                                for n, listed in numbered:
-                                    await self._admit(
-                                        tg, name, n, spec.for_key(listed.key), listed, tally
-                                    )
-                    except TransferError as e:
-                        self._record_failure(name, seq, spec, tally, str(e))
-                        seq += 1
-                    else:
-                        if not found:
-                            self._record_failure(
-                                name,
-                                seq,
-                                spec,
-                                tally,
-                                f"no objects under {spec.source}; check the prefix",
-                            )
-                            seq += 1
         finally:
             self.active_jobs.discard(name)
         status = tally.status
@@ -252,6 +219,37 @@ class Supervisor:
             seconds=round(time.monotonic() - t0, 3),
         )
         return status
+
+    async def _admit_prefix(
+        self, tg: asyncio.TaskGroup, job: str, seq: int, spec: TransferSpec, tally: Tally
+    ) -> int:
+        """Admit every object under ``spec``'s prefix, numbered from ``seq`` in key
+        order; returns the next number. The first page fills every slot at once; later
+        pages arrive while earlier ones are copied."""
+        start = seq
+        try:
+            first = self.settings.max_transfers
+            async with aclosing(self._s3.pages(spec.source, first)) as pages:
+                async for page in pages:
+                    if self._stop.is_set():
+                        # Stopping: the rest is listed again on the next start.
+                        tally.interrupted += 1
+                        break
+                    # A transfer's number (its place in the report) follows key order,
+                    # but a page's largest objects start first, so a job never ends on
+                    # one large object copying alone.
+                    numbered = sorted(enumerate(page, seq), key=lambda n: -n[1].size)
+                    seq += len(page)
+                    for n, listed in numbered:
+                        await self._admit(tg, job, n, spec.for_key(listed.key), listed, tally)
+        except TransferError as e:
+            self._record_failure(job, seq, spec, tally, str(e))
+            return seq + 1
+        if seq == start:
+            error = f"no objects under {spec.source}; check the prefix"
+            self._record_failure(job, seq, spec, tally, error)
+            return seq + 1
+        return seq
 
     async def _admit(
         self,
