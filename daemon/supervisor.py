@@ -234,7 +234,7 @@ class Supervisor:
                     if self._stop.is_set():
                         # Stopping: the rest is listed again on the next start.
                         tally.interrupted += 1
-                        break
+                        return seq
                     # A transfer's number (its place in the report) follows key order,
                     # but a page's largest objects start first, so a job never ends on
                     # one large object copying alone.

@@ -192,9 +192,12 @@ async def test_a_stop_ends_the_listing_and_leaves_the_job_interrupted(
         stop.set()
         sup = Supervisor(settings, e.s3, e.copier, state, stop)
         assert await sup.run_job("j", [spec]) == "interrupted"
+    rows = list(state.transfers("j"))
     state.close()
-    # The first page (one key) was admitted as interrupted; the second was not waited for.
+    # One page was read and none admitted; the second was not waited for, and the
+    # prefix is not reported empty: the next start lists it again.
     assert pages_read == 1
+    assert rows == []
 
 
 async def test_a_pages_largest_objects_start_first_and_the_report_keeps_key_order(
