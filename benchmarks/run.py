@@ -9,8 +9,10 @@ alternately, in a rotating order, round after round. Every copied blob is checke
 against its object's MD5; a tool whose copy is wrong is reported as WRONG and gets no
 figures. S3 is s3rver for the large scenarios (it serves ranges from files) and moto for
 many small objects; Azure is Azurite. The wan-* scenarios put a userland proxy (20 ms
-one-way, 8 MB/s per connection each way) in front of both. Timings are printed, never
-asserted. Results also go to bench-results/.
+one-way, 8 MB/s per connection each way) in front of both. On the moto scenarios a
+`ceiling` row shows what the emulators allow a client that costs next to nothing
+(benchmarks/ceiling.py). Timings are printed, never asserted. Results also go to
+bench-results/.
 """
 
 from __future__ import annotations
@@ -68,7 +70,9 @@ SCENARIOS = {
 # blobferry: the daemon, as deployed (started and ready first; the job is timed from
 # its drop into the inbox to its report). bf-copy: `blobferry copy`, a one-shot process
 # whose interpreter start-up (about 0.6 CPU s) is counted too.
-TOOLS = ("blobferry", "bf-copy", "rclone", "naive")
+# ceiling: the least any copier can ask of the emulators, by the cheapest client (moto
+# scenarios only, as it holds each object whole); its obj/s is the bound on everyone's.
+TOOLS = ("blobferry", "bf-copy", "rclone", "naive", "ceiling")
 
 
 @dataclass
@@ -209,7 +213,8 @@ def command(
             f"dst:{container}/{dest}",
         ], env
     env.update(NAIVE_S3_ENDPOINT=s3, AZURE_STORAGE_CONNECTION_STRING=cs)
-    return [sys.executable, "-m", "benchmarks.naive", BUCKET, sc.prefix, container, dest], env
+    module = "benchmarks.ceiling" if tool == "ceiling" else "benchmarks.naive"
+    return [sys.executable, "-m", module, BUCKET, sc.prefix, container, dest], env
 
 
 def run_tool(cmd: list[str], env: dict[str, str]) -> tuple[float, float, float, int, str]:
@@ -351,6 +356,8 @@ def main() -> int:
                     for r in range(a.rounds):
                         order = tools[r % len(tools) :] + tools[: r % len(tools)]
                         for tool in order:
+                            if tool == "ceiling" and sc.store != "moto":
+                                continue  # it holds each object whole: small ones only
                             results.append(run_on_fresh_azurite(sc, tool, r + 1, s3, work, md5s))
                             print(row(results[-1]), flush=True)
     finally:
