@@ -8,15 +8,18 @@ can act on; SDK messages are not passed through, so no URL or token can leak.
 The three requests made once per object or per block (Put Blob, Put Block and Get Blob
 Properties) skip the SDK's client objects and policy pipeline, which cost about 2 ms of
 CPU per request (half the daemon's work on small objects): they go straight to aiohttp,
-authorized by the SDK's own shared-key policy (or carrying the SAS token), so the
-signature is the SDK's byte for byte. With an Azure AD token credential they take the
-SDK's path, as does everything else.
+authorized by the SDK's own credential policy, so what Azure sees is what the SDK would
+send: the shared-key signature byte for byte, the SAS token, or an Azure AD bearer token
+from the SDK's token policy, which caches it and asks the credential for a new one five
+minutes before it expires (so a transfer of days outlives any one token). Everything
+else goes through the SDK.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import hashlib
 import re
 import time
 import warnings
@@ -40,6 +43,7 @@ from azure.core.exceptions import (
     ServiceResponseError,
 )
 from azure.core.pipeline import PipelineContext, PipelineRequest
+from azure.core.pipeline.policies import AsyncBearerTokenCredentialPolicy
 from azure.core.pipeline.transport import AioHttpTransport, HttpRequest
 from azure.storage.blob import BlobBlock, ContentSettings, StandardBlobTier
 from azure.storage.blob._shared.authentication import SharedKeyCredentialPolicy
@@ -210,7 +214,9 @@ class AzureWriter:
         await self._stack.enter_async_context(self._service)
         self._session = session
         policy = self._service._credential_policy
-        if policy is None or isinstance(policy, SharedKeyCredentialPolicy):
+        if policy is None or isinstance(
+            policy, (SharedKeyCredentialPolicy, AsyncBearerTokenCredentialPolicy)
+        ):
             self._direct = _Direct(self._service, self._transport, policy)
         return self
 
@@ -249,7 +255,11 @@ class AzureWriter:
         None when the blob does not exist but its container does."""
         assert self._direct is not None and self._session is not None
         self._check_account(dst)
-        url, headers = await self._direct.prepare(method, dst, query or {}, headers or {})
+        try:
+            url, headers = await self._direct.prepare(method, dst, query or {}, headers or {})
+        except AzureError as e:  # the identity gave no token
+            raise _translate(e, dst, what) from None
+        again = self._direct.refused_before(headers)
         stall = self._settings.retry.stall_timeout_s
         try:
             # aiohttp has no write timeout: a peer that stops reading a block's body
@@ -283,6 +293,10 @@ class AzureWriter:
             raise RetryableError(f"{dst}: {what}: connection failed ({type(e).__name__})") from None
         if missing_ok and r.status == 404 and code in ("BlobNotFound", ""):
             return None  # a HEAD's 404 has no body; Azure still names the code in a header
+        if r.status == 401 and not again and self._direct.drop_token(headers):
+            # A bearer token refused (expired early, revoked): try again with a new one.
+            # The same token handed back and refused again is the failure below.
+            raise RetryableError(f"{dst}: {what}: Azure refused the token ({code or 401})")
         raise _failure(r.status, code, dst, what)
 
     async def existing(self, dst: AzAddress) -> ExistingBlob | None:
@@ -444,7 +458,7 @@ class _Direct:
         self,
         service: BlobServiceClient,
         transport: AioHttpTransport | None,
-        policy: SharedKeyCredentialPolicy | None,
+        policy: SharedKeyCredentialPolicy | AsyncBearerTokenCredentialPolicy[Any, Any] | None,
     ) -> None:
         self._base = service.primary_endpoint.split("?")[0].rstrip("/")
         # The SAS token, when that is the credential (the SDK keeps it as a query string).
@@ -453,6 +467,7 @@ class _Direct:
         self._policy = policy
         self._context = PipelineContext(transport)
         self._date = ("", 0)
+        self._dropped: set[str] = set()  # digests of bearer tokens Azure refused
 
     def url(self, dst: AzAddress, query: Mapping[str, str]) -> str:
         """The blob's URL exactly as BlobClient.url writes it, plus ``query``."""
@@ -470,9 +485,31 @@ class _Direct:
         headers["x-ms-date"] = self._now()
         if self._policy is not None:
             request = HttpRequest(method, url, headers=headers)
-            self._policy.on_request(PipelineRequest(request, self._context))  # type: ignore[no-untyped-call]
+            signing = PipelineRequest(request, self._context)
+            if isinstance(self._policy, AsyncBearerTokenCredentialPolicy):
+                await self._policy.on_request(signing)  # a cached token, or a new one
+            else:
+                self._policy.on_request(signing)  # type: ignore[no-untyped-call]
             headers = dict(request.headers)
         return url, headers
+
+    def _digest(self, sent: Mapping[str, str]) -> str:
+        return hashlib.sha256(sent.get("Authorization", "").encode()).hexdigest()
+
+    def refused_before(self, sent: Mapping[str, str]) -> bool:
+        """Whether ``sent`` carries a bearer token dropped after a 401 and handed back."""
+        return bool(self._dropped) and self._digest(sent) in self._dropped
+
+    def drop_token(self, sent: Mapping[str, str]) -> bool:
+        """After a 401: forget the bearer token ``sent`` carried, so that the next
+        request asks the credential for one. False when no bearer token is in use."""
+        if not isinstance(self._policy, AsyncBearerTokenCredentialPolicy):
+            return False
+        self._dropped.add(self._digest(sent))
+        current = self._policy._token  # the SDK's cache; its own pipeline clears it on 401
+        if current is not None and f"Bearer {current.token}" == sent.get("Authorization"):
+            self._policy._token = None
+        return True
 
     def _now(self) -> str:
         """x-ms-date, formatted once per wall-clock second."""

@@ -82,6 +82,16 @@ class AzureSettings(BaseModel):
             raise ValueError("azure.account_key / azure.sas_token need azure.account_url")
         if self.account_key is not None and self.sas_token is not None:
             raise ValueError("azure.account_key contradicts azure.sas_token: set one or the other")
+        if (
+            self.account_url is not None
+            and self.account_key is None
+            and self.sas_token is None
+            and not self.account_url.lower().startswith("https://")
+        ):
+            raise ValueError(
+                "azure.account_url must be https:// for an Azure AD identity (no account key "
+                "or SAS token is set, and a bearer token is never sent in the clear)"
+            )
         return self
 
     @property

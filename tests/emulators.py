@@ -97,19 +97,22 @@ def s3rver_command(port: int, data: Path) -> list[str]:
 
 
 @contextmanager
-def emulator(kind: str, log: Path) -> Iterator[str]:
-    """Run ``moto``, ``azurite`` or ``s3rver`` on a free port; yields its endpoint URL."""
+def emulator(kind: str, log: Path, tls: tuple[Path, Path] | None = None) -> Iterator[str]:
+    """Run ``moto``, ``azurite`` or ``s3rver`` on a free port; yields its endpoint URL.
+    ``tls`` (certificate, key): Azurite over HTTPS, accepting Azure AD bearer tokens too."""
     port = free_port()
     if kind == "moto":
         cmd = moto_command(port)
     elif kind == "azurite":
         cmd = azurite_command(port)
+        if tls is not None:
+            cmd += ["--cert", str(tls[0]), "--key", str(tls[1]), "--oauth", "basic"]
     else:
         data = log.parent / "s3rver-data"
         data.mkdir(parents=True, exist_ok=True)
         cmd = s3rver_command(port, data)
     proc = _start(cmd, port, kind, log)
-    url = f"http://127.0.0.1:{port}"
+    url = f"{'https' if tls else 'http'}://127.0.0.1:{port}"
     PIDS[url] = proc.pid
     try:
         yield url

@@ -50,6 +50,7 @@ def test_connection_string_from_azure_variable(monkeypatch: pytest.MonkeyPatch) 
             "account_key contradicts azure.sas_token",
         ),
         ({"BLOBFERRY_S3__PRESIGN_EXPIRES_S": "700000"}, "s3.presign_expires_s"),
+        ({"BLOBFERRY_AZURE__ACCOUNT_URL": "http://a"}, "must be https:// for an Azure AD"),
     ],
 )
 def test_bad_settings_are_one_clear_line(
