@@ -140,17 +140,10 @@ def azure_metadata(metadata: dict[str, str]) -> tuple[dict[str, str], dict[str, 
     return out, renamed
 
 
-# aiohttp warns about any raw-bytes body over 1 MiB; the SDK's Put Blob (token
-# credentials) takes nothing else, and its body is bounded by block_size_mb. Blocks, and
-# the direct path's bodies over 256 KiB, go as the chunks they arrived in instead.
+# aiohttp warns about any raw-bytes body over 1 MiB: the SDK's Put Block List of tens of
+# thousands of blocks is one (its XML, a few MiB). The direct path's bodies over 256 KiB
+# go as the chunks they arrived in instead.
 warnings.filterwarnings("ignore", "Sending a large body directly", ResourceWarning)
-
-
-async def _stream(chunks: Chunks) -> AsyncIterator[bytes]:
-    """The block's chunks as received: sent without a copy, and aiohttp drains the
-    socket between them instead of queueing megabytes in the transport at once."""
-    for chunk in chunks:
-        yield chunk
 
 
 class AzureWriter:
@@ -214,10 +207,12 @@ class AzureWriter:
         await self._stack.enter_async_context(self._service)
         self._session = session
         policy = self._service._credential_policy
-        if policy is None or isinstance(
-            policy, (SharedKeyCredentialPolicy, AsyncBearerTokenCredentialPolicy)
+        if not (
+            policy is None
+            or isinstance(policy, (SharedKeyCredentialPolicy, AsyncBearerTokenCredentialPolicy))
         ):
-            self._direct = _Direct(self._service, self._transport, policy)
+            raise PermanentError(f"unsupported Azure credential ({type(policy).__name__})")
+        self._direct = _Direct(self._service, self._transport, policy)
         return self
 
     async def __aexit__(
@@ -300,21 +295,11 @@ class AzureWriter:
         raise _failure(r.status, code, dst, what)
 
     async def existing(self, dst: AzAddress) -> ExistingBlob | None:
-        if self._direct is not None:
-            h = await self._send("HEAD", dst, "read properties", ok=(200,), missing_ok=True)
-            if h is None:
-                return None
-            metadata = {k[10:]: v for k, v in h.items() if k.lower().startswith("x-ms-meta-")}
-            return ExistingBlob(size=int(h.get("Content-Length", 0)), metadata=metadata)
-        try:
-            p = await self._blob(dst).get_blob_properties()
-        except ResourceNotFoundError as e:
-            if _code(e) == "ContainerNotFound":
-                raise _translate(e, dst, "read properties") from None
+        h = await self._send("HEAD", dst, "read properties", ok=(200,), missing_ok=True)
+        if h is None:
             return None
-        except AzureError as e:
-            raise _translate(e, dst, "read properties") from None
-        return ExistingBlob(size=p.size, metadata=dict(p.metadata or {}))
+        metadata = {k[10:]: v for k, v in h.items() if k.lower().startswith("x-ms-meta-")}
+        return ExistingBlob(size=int(h.get("Content-Length", 0)), metadata=metadata)
 
     async def put(
         self,
@@ -327,29 +312,8 @@ class AzureWriter:
         tier: str | None = None,
     ) -> None:
         """The whole blob in one Put Blob, checked by Azure against ``md5``."""
-        if self._direct is not None:
-            request_headers = _put_headers(data.size, md5, headers, metadata, overwrite, tier)
-            await self._send("PUT", dst, "put blob", headers=request_headers, body=_body(data))
-            return
-        try:
-            await self._blob(dst).upload_blob(
-                data.join(),  # the SDK wants bytes here; at most one block
-                length=data.size,
-                overwrite=overwrite,
-                content_settings=headers.settings(md5),
-                metadata=metadata,
-                transactional_content_md5=md5,
-                standard_blob_tier=StandardBlobTier(tier) if tier else None,
-            )
-        except ResourceExistsError:
-            raise DestinationExistsError(dst) from None
-        except AzureError as e:
-            raise _translate(e, dst, "put blob") from None
-
-    @property
-    def can_pipe(self) -> bool:
-        """Whether put_stream is available: the SDK's Put Blob would buffer the body."""
-        return self._direct is not None
+        request_headers = _put_headers(data.size, md5, headers, metadata, overwrite, tier)
+        await self._send("PUT", dst, "put blob", headers=request_headers, body=_body(data))
 
     async def put_stream(
         self,
@@ -364,35 +328,23 @@ class AzureWriter:
     ) -> None:
         """The whole blob in one Put Blob whose body streams from ``body`` as it comes:
         Azure checks all ``size`` bytes against ``md5`` and stores nothing otherwise."""
-        assert self._direct is not None, "can_pipe says when this is possible"
         request_headers = _put_headers(size, md5, headers, metadata, overwrite, tier)
         await self._send("PUT", dst, "put blob", headers=request_headers, body=body)
 
     async def stage(self, dst: AzAddress, block_id: str, data: Chunks, md5: bytes) -> None:
-        if self._direct is not None:
-            await self._send(
-                "PUT",
-                dst,
-                f"stage block {block_id}",
-                # The SDK base64-encodes block IDs on the way out and decodes them on
-                # the way back (get_block_list): the same here.
-                query={"comp": "block", "blockid": base64.b64encode(block_id.encode()).decode()},
-                headers={
-                    "Content-Length": str(data.size),
-                    "Content-MD5": base64.b64encode(md5).decode(),
-                },
-                body=_body(data),
-            )
-            return
-        try:
-            await self._blob(dst).stage_block(
-                block_id,
-                _stream(data),  # type: ignore[arg-type]  # the SDK takes async iterables
-                length=data.size,
-                transactional_content_md5=md5,
-            )
-        except AzureError as e:
-            raise _translate(e, dst, f"stage block {block_id}") from None
+        await self._send(
+            "PUT",
+            dst,
+            f"stage block {block_id}",
+            # The SDK base64-encodes block IDs on the way out and decodes them on the way
+            # back (get_block_list): the same here.
+            query={"comp": "block", "blockid": base64.b64encode(block_id.encode()).decode()},
+            headers={
+                "Content-Length": str(data.size),
+                "Content-MD5": base64.b64encode(md5).decode(),
+            },
+            body=_body(data),
+        )
 
     async def stage_from_url(
         self, dst: AzAddress, block_id: str, url: str, offset: int, length: int

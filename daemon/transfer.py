@@ -399,7 +399,6 @@ class Copier:
             s.block_size < info.size <= s.pipe_max
             and info.md5 is not None
             and (spec.options.mode or s.mode) == "stream"
-            and self._azure.can_pipe
         ):
             return False
         near = s.pipe_rtt_ms / 1000
