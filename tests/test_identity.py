@@ -21,6 +21,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -158,41 +159,51 @@ def azurite_tls(tmp_path_factory: pytest.TempPathFactory, tls: tuple[Path, Path]
         yield endpoint
 
 
+@dataclass
+class Stage:
+    """moto, the TLS Azurite, its certificate, the test's own (keyed) client of it, and
+    a fresh container there."""
+
+    tmp: Path
+    moto: str
+    azurite: str
+    cert: Path
+    service: BlobServiceClient
+    container: str
+
+    def env(self, identity: Identity, moto: str | None = None, **extra: str) -> dict[str, str]:
+        """blobferry's environment: no key, only the identity's variables."""
+        env = {
+            k: v
+            for k, v in os.environ.items()
+            if not k.startswith(("AZURE_", "IDENTITY_", "MSI_", "BLOBFERRY_"))
+        }
+        env.update(
+            BLOBFERRY_JOBS_DIR=str(self.tmp / "jobs"),
+            BLOBFERRY_STATE_DIR=str(self.tmp / "state"),
+            BLOBFERRY_S3__ENDPOINT_URL=moto or self.moto,
+            BLOBFERRY_AZURE__ACCOUNT_URL=f"{self.azurite}/devstoreaccount1",
+            IDENTITY_ENDPOINT=identity.url,
+            IDENTITY_HEADER=identity.secret,
+            SSL_CERT_FILE=str(self.cert),
+        )
+        env.update(extra)
+        return env
+
+    def blob(self, name: str) -> bytes:
+        return blob_bytes(self.service, self.container, name)
+
+
 @pytest.fixture
-def tls_service(azurite_tls: str, tls: tuple[Path, Path]) -> Iterator[BlobServiceClient]:
-    """The test's own view of that Azurite, with the account key."""
+def stage(
+    tmp_path: Path, moto_endpoint: str, azurite_tls: str, tls: tuple[Path, Path]
+) -> Iterator[Stage]:
     with BlobServiceClient.from_connection_string(
         connection_string(azurite_tls), connection_verify=str(tls[0])
     ) as service:
-        yield service
-
-
-@pytest.fixture
-def tls_container(tls_service: BlobServiceClient) -> str:
-    name = f"ctr-{uuid.uuid4().hex[:12]}"
-    tls_service.create_container(name)
-    return name
-
-
-def identity_env(
-    tmp_path: Path, moto: str, azurite: str, identity: Identity, cert: Path, **extra: str
-) -> dict[str, str]:
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if not k.startswith(("AZURE_", "IDENTITY_", "MSI_", "BLOBFERRY_"))
-    }
-    env.update(
-        BLOBFERRY_JOBS_DIR=str(tmp_path / "jobs"),
-        BLOBFERRY_STATE_DIR=str(tmp_path / "state"),
-        BLOBFERRY_S3__ENDPOINT_URL=moto,
-        BLOBFERRY_AZURE__ACCOUNT_URL=f"{azurite}/devstoreaccount1",
-        IDENTITY_ENDPOINT=identity.url,
-        IDENTITY_HEADER=identity.secret,
-        SSL_CERT_FILE=str(cert),
-        **extra,
-    )
-    return env
+        container = f"ctr-{uuid.uuid4().hex[:12]}"
+        service.create_container(container)
+        yield Stage(tmp_path, moto_endpoint, azurite_tls, tls[0], service, container)
 
 
 def copy(env: dict[str, str], source: str, destination: str) -> tuple[int, dict[str, Any], str]:
@@ -207,35 +218,19 @@ def copy(env: dict[str, str], source: str, destination: str) -> tuple[int, dict[
     return proc.returncode, report, proc.stdout + proc.stderr
 
 
-def test_an_identity_copies_by_every_route(
-    tmp_path: Path,
-    moto_endpoint: str,
-    azurite_tls: str,
-    tls: tuple[Path, Path],
-    tls_service: BlobServiceClient,
-    tls_container: str,
-    s3_client: Any,
-    bucket: str,
-) -> None:
+def test_an_identity_copies_by_every_route(stage: Stage, s3_client: Any, bucket: str) -> None:
     small, piped = payload(10_000, seed=1), payload(9 * MiB + 5, seed=2)
     s3_client.put_object(Bucket=bucket, Key="id/a-small.bin", Body=small)
     s3_client.put_object(Bucket=bucket, Key="id/b-piped.bin", Body=piped)
     parts = multipart_object(s3_client, bucket, "id/c-parts.bin", 11 * MiB, 5 * MiB)
     with Identity() as identity:
-        env = identity_env(
-            tmp_path,
-            moto_endpoint,
-            azurite_tls,
-            identity,
-            tls[0],
-            BLOBFERRY_PIPE_RTT_MS="1000",  # the route is not what this tests
-        )
-        code, report, output = copy(env, f"s3://{bucket}/id/", f"az://{tls_container}/out/")
+        env = stage.env(identity, BLOBFERRY_PIPE_RTT_MS="1000")  # the route is not tested
+        code, report, output = copy(env, f"s3://{bucket}/id/", f"az://{stage.container}/out/")
     assert code == 0, output
     routes = {t["source"].rsplit("/", 1)[1]: t["route"] for t in report["transfers"]}
     assert routes == {"a-small.bin": "whole", "b-piped.bin": "pipe", "c-parts.bin": "blocks"}
     for name, body in (("a-small.bin", small), ("b-piped.bin", piped), ("c-parts.bin", parts)):
-        assert blob_bytes(tls_service, tls_container, f"out/{name}") == body
+        assert stage.blob(f"out/{name}") == body
     # One token served every request: the SDK's policy keeps it until 5 minutes before
     # it expires. No token reaches the report or the logs.
     assert len(identity.issued) == 1 and identity.refused == 0
@@ -243,14 +238,7 @@ def test_an_identity_copies_by_every_route(
 
 
 async def test_tokens_are_renewed_while_a_job_runs(
-    tmp_path: Path,
-    moto_endpoint: str,
-    azurite_tls: str,
-    tls: tuple[Path, Path],
-    tls_service: BlobServiceClient,
-    tls_container: str,
-    s3_client: Any,
-    bucket: str,
+    stage: Stage, s3_client: Any, bucket: str
 ) -> None:
     """Tokens said to last 2 s, refused by Azure 4 s after they are issued, and a job of
     several seconds (S3 read at 500 kB/s, one object at a time): it succeeds only if
@@ -258,22 +246,15 @@ async def test_tokens_are_renewed_while_a_job_runs(
     bodies = {f"t/{i:02d}.bin": payload(200_000 + i, seed=i) for i in range(16)}
     for key, body in bodies.items():
         s3_client.put_object(Bucket=bucket, Key=key, Body=body)
-    async with FaultProxy(moto_endpoint, Faults(rate_bps=500_000)) as slow_s3:
+    async with FaultProxy(stage.moto, Faults(rate_bps=500_000)) as slow_s3:
         with Identity(life_s=2, grace_s=2) as identity:
-            env = identity_env(
-                tmp_path,
-                slow_s3.endpoint,
-                azurite_tls,
-                identity,
-                tls[0],
-                BLOBFERRY_MAX_TRANSFERS="1",
-            )
+            env = stage.env(identity, slow_s3.endpoint, BLOBFERRY_MAX_TRANSFERS="1")
             started = time.monotonic()
             proc = await asyncio.create_subprocess_exec(
                 BLOBFERRY,
                 "copy",
                 f"s3://{bucket}/t/",
-                f"az://{tls_container}/t/",
+                f"az://{stage.container}/t/",
                 "--quiet",
                 env=env,
                 stdout=asyncio.subprocess.PIPE,
@@ -288,43 +269,33 @@ async def test_tokens_are_renewed_while_a_job_runs(
     assert [t["status"] for t in report["transfers"]] == ["copied"] * len(bodies)
     assert len(identity.issued) >= 3
     for key, body in bodies.items():
-        assert blob_bytes(tls_service, tls_container, key) == body
+        assert stage.blob(key) == body
 
 
 def test_an_identity_azure_refuses_fails_with_a_reason(
-    tmp_path: Path,
-    moto_endpoint: str,
-    azurite_tls: str,
-    tls: tuple[Path, Path],
-    tls_service: BlobServiceClient,
-    tls_container: str,
-    s3_client: Any,
-    bucket: str,
+    stage: Stage, s3_client: Any, bucket: str
 ) -> None:
     s3_client.put_object(Bucket=bucket, Key="k.bin", Body=b"x" * 1000)
     with Identity(audience="https://vault.azure.net") as identity:  # a token for elsewhere
-        env = identity_env(tmp_path, moto_endpoint, azurite_tls, identity, tls[0])
-        code, report, output = copy(env, f"s3://{bucket}/k.bin", f"az://{tls_container}/k.bin")
+        env = stage.env(identity)
+        code, report, output = copy(env, f"s3://{bucket}/k.bin", f"az://{stage.container}/k.bin")
     assert code == 1, output
     [t] = report["transfers"]
     assert t["status"] == "failed"
     assert "Azure refused the credentials" in t["error"] and "identity" in t["error"]
     assert "gave up" not in t["error"]  # refused at once, not retried
-    assert list(tls_service.get_container_client(tls_container).list_blobs()) == []
+    assert list(stage.service.get_container_client(stage.container).list_blobs()) == []
     assert all(token not in output for token in identity.issued)
 
 
 def test_an_identity_needs_https(
-    tmp_path: Path,
-    moto_endpoint: str,
-    azurite_endpoint: str,
-    tls: tuple[Path, Path],
-    s3_client: Any,
-    bucket: str,
+    stage: Stage, azurite_endpoint: str, s3_client: Any, bucket: str
 ) -> None:
     s3_client.put_object(Bucket=bucket, Key="k.bin", Body=b"x")
     with Identity() as identity:
-        env = identity_env(tmp_path, moto_endpoint, azurite_endpoint, identity, tls[0])
+        env = stage.env(
+            identity, BLOBFERRY_AZURE__ACCOUNT_URL=f"{azurite_endpoint}/devstoreaccount1"
+        )
         code, _, output = copy(env, f"s3://{bucket}/k.bin", "az://ctr/k.bin")
     assert code == 2 and "must be https://" in output and "Traceback" not in output
     assert identity.issued == []  # no token was asked for, so none could travel in clear
