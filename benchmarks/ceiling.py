@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import hashlib
 import hmac
 import html
 import os
@@ -26,6 +25,8 @@ import sys
 from datetime import UTC, datetime
 from email.utils import formatdate
 from urllib.parse import quote, urlsplit
+
+from daemon.sigv4 import UrlShape, presign_get, signing_key
 
 WORKERS = 32
 _ENTRY = re.compile(rb"<Key>([^<]*)</Key>.*?<ETag>([^<]*)</ETag>.*?<Size>(\d+)</Size>", re.S)
@@ -52,24 +53,19 @@ async def _once(host: str, port: int, request: bytes) -> tuple[int, bytes]:
         writer.close()
 
 
-def presign(path: str, host: str) -> str:
-    """A SigV4 query-signed GET, as every tool here sends (moto refuses unsigned ones)."""
-    now = datetime.now(UTC)
-    amz_date, day = now.strftime("%Y%m%dT%H%M%SZ"), now.strftime("%Y%m%d")
-    scope = f"{day}/us-east-1/s3/aws4_request"
-    query = (
-        f"X-Amz-Algorithm=AWS4-HMAC-SHA256&X-Amz-Credential="
-        f"{quote(os.environ['AWS_ACCESS_KEY_ID'] + '/' + scope, safe='')}"
-        f"&X-Amz-Date={amz_date}&X-Amz-Expires=3600&X-Amz-SignedHeaders=host"
+def presign(shape: UrlShape, key: str) -> str:
+    """A presigned GET, signed as blobferry signs each one (moto refuses unsigned GETs)."""
+    secret = os.environ["AWS_SECRET_ACCESS_KEY"]
+    url = presign_get(
+        shape,
+        key,
+        os.environ["AWS_ACCESS_KEY_ID"],
+        None,
+        3600,
+        datetime.now(UTC),
+        lambda day: signing_key(secret, day, shape.region, shape.service),
     )
-    canonical = f"GET\n{path}\n{query}\nhost:{host}\n\nhost\nUNSIGNED-PAYLOAD"
-    to_sign = (
-        f"AWS4-HMAC-SHA256\n{amz_date}\n{scope}\n{hashlib.sha256(canonical.encode()).hexdigest()}"
-    )
-    key = f"AWS4{os.environ['AWS_SECRET_ACCESS_KEY']}".encode()
-    for part in (day, "us-east-1", "s3", "aws4_request"):
-        key = hmac.digest(key, part.encode(), "sha256")
-    return f"{path}?{query}&X-Amz-Signature={hmac.new(key, to_sign.encode(), 'sha256').hexdigest()}"
+    return url.split(shape.host, 1)[1]  # the request target: path and query
 
 
 class Azure:
@@ -110,6 +106,7 @@ async def main(bucket: str, prefix: str, container: str, dest: str) -> None:
     s3 = urlsplit(os.environ["NAIVE_S3_ENDPOINT"])
     s3host, s3port = s3.hostname or "", s3.port or 80
     azure = Azure(os.environ["AZURE_STORAGE_CONNECTION_STRING"])
+    shape = UrlShape(s3.scheme, s3.netloc, f"/{bucket}/", "", "us-east-1", "s3")  # path style
     objects: list[tuple[int, str, bytes]] = []
     token = b""
     while True:
@@ -133,7 +130,7 @@ async def main(bucket: str, prefix: str, container: str, dest: str) -> None:
 
     async def worker() -> None:
         for size, key, md5 in queue:
-            target = presign(f"/{bucket}/{quote(key, safe='/~')}", s3.netloc)
+            target = presign(shape, key)
             request = f"GET {target} HTTP/1.1\r\nHost: {s3.netloc}\r\n\r\n"
             status, body = await _once(s3host, s3port, request.encode())
             if status != 200 or len(body) != size:

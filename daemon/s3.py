@@ -9,8 +9,6 @@ temporary credentials dies with them, whatever its expiry says.
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import hmac
 import re
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping
@@ -19,7 +17,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from types import TracebackType
 from typing import Any
-from urllib.parse import parse_qsl, quote, urlsplit
+from urllib.parse import parse_qsl, urlsplit
 from xml.etree import ElementTree
 
 import aiohttp
@@ -42,6 +40,7 @@ from daemon.errors import (
 from daemon.jobs import S3Address
 from daemon.latency import RoundTrips
 from daemon.settings import Settings
+from daemon.sigv4 import UrlShape, presign_get, signing_key
 
 _MD5_HEX = re.compile(r"[0-9a-f]{32}\Z")
 _CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
@@ -184,7 +183,7 @@ class QuerySigner:
     def __init__(self, client: Any, expires: int) -> None:
         self._client = client
         self._expires = expires
-        self._shapes: dict[str, _Shape | None] = {}
+        self._shapes: dict[str, UrlShape | None] = {}
         self._keys: dict[tuple[str, str, str], bytes] = {}
 
     async def url(self, bucket: str, key: str, now: datetime | None = None) -> str:
@@ -205,7 +204,7 @@ class QuerySigner:
         )
         return url
 
-    async def _learn(self, bucket: str) -> _Shape | None:
+    async def _learn(self, bucket: str) -> UrlShape | None:
         url = urlsplit(await self._botocore(bucket, self.PLACEHOLDER))
         query = dict(parse_qsl(url.query))
         scope = query.get("X-Amz-Credential", "").split("/")
@@ -218,62 +217,34 @@ class QuerySigner:
         ):
             return None
         before, after = url.path.split(self.PLACEHOLDER)
-        return _Shape(url.scheme, url.netloc, before, after, scope[2], scope[3])
+        return UrlShape(url.scheme, url.netloc, before, after, scope[2], scope[3])
 
     def sign(
         self,
-        shape: _Shape,
+        shape: UrlShape,
         key: str,
         access_key: str,
         secret_key: str,
         token: str | None,
         now: datetime | None = None,
     ) -> str:
-        now = now or datetime.now(UTC)
-        amz_date, day = now.strftime("%Y%m%dT%H%M%SZ"), now.strftime("%Y%m%d")
-        scope = f"{day}/{shape.region}/{shape.service}/aws4_request"
-        params = {
-            "X-Amz-Algorithm": "AWS4-HMAC-SHA256",
-            "X-Amz-Credential": f"{access_key}/{scope}",
-            "X-Amz-Date": amz_date,
-            "X-Amz-Expires": str(self._expires),
-            "X-Amz-SignedHeaders": "host",
-        }
-        if token is not None:
-            params["X-Amz-Security-Token"] = token
-        encoded = [(quote(k, safe="-_.~"), quote(v, safe="-_.~")) for k, v in params.items()]
-        query = "&".join(f"{k}={v}" for k, v in sorted(encoded))  # canonical: sorted
-        in_url = "&".join(f"{k}={v}" for k, v in encoded)  # as botocore writes it
-        path = shape.before + quote(key, safe="/~") + shape.after
-        canonical = f"GET\n{path}\n{query}\nhost:{shape.host}\n\nhost\nUNSIGNED-PAYLOAD"
-        to_sign = (
-            f"AWS4-HMAC-SHA256\n{amz_date}\n{scope}\n"
-            + hashlib.sha256(canonical.encode()).hexdigest()
+        return presign_get(
+            shape,
+            key,
+            access_key,
+            token,
+            self._expires,
+            now or datetime.now(UTC),
+            lambda day: self._signing_key(secret_key, day, shape),
         )
-        signing_key = self._signing_key(secret_key, day, shape)
-        signature = hmac.new(signing_key, to_sign.encode(), hashlib.sha256).hexdigest()
-        return f"{shape.scheme}://{shape.host}{path}?{in_url}&X-Amz-Signature={signature}"
 
-    def _signing_key(self, secret: str, day: str, shape: _Shape) -> bytes:
+    def _signing_key(self, secret: str, day: str, shape: UrlShape) -> bytes:
         cache_key = (secret, day, shape.region)
         found = self._keys.get(cache_key)
         if found is None:
-            k = f"AWS4{secret}".encode()
-            for part in (day, shape.region, shape.service, "aws4_request"):
-                k = hmac.new(k, part.encode(), hashlib.sha256).digest()
-            self._keys = {cache_key: k}  # one day, one secret: keep only the latest
-            found = k
+            found = signing_key(secret, day, shape.region, shape.service)
+            self._keys = {cache_key: found}  # one day, one secret: keep only the latest
         return found
-
-
-@dataclass(frozen=True, slots=True)
-class _Shape:
-    scheme: str
-    host: str
-    before: str  # the URL path up to the key
-    after: str
-    region: str
-    service: str
 
 
 _UNKNOWN: Any = object()
