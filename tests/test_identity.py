@@ -16,7 +16,6 @@ import datetime as dt
 import ipaddress
 import json
 import os
-import subprocess
 import threading
 import time
 import uuid
@@ -40,7 +39,7 @@ from daemon.jobs import AzAddress
 from tests.emulators import connection_string, emulator
 from tests.helpers import MiB, blob_bytes, multipart_object, payload
 from tests.proxy import FaultProxy, Faults
-from tests.test_cli import BLOBFERRY
+from tests.test_cli import BLOBFERRY, run
 
 STORAGE = "https://storage.azure.com"
 
@@ -207,13 +206,8 @@ def stage(
 
 
 def copy(env: dict[str, str], source: str, destination: str) -> tuple[int, dict[str, Any], str]:
-    proc = subprocess.run(
-        [BLOBFERRY, "copy", source, destination, "--quiet"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    """``blobferry copy``: its exit code, its report and everything it printed."""
+    proc = run(["copy", source, destination, "--quiet"], env)
     report = json.loads(proc.stdout) if proc.stdout.strip() else {}
     return proc.returncode, report, proc.stdout + proc.stderr
 
