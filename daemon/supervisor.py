@@ -47,6 +47,13 @@ class Tally:
         return "failed" if self.failed else "done"
 
 
+def _internal_error(e: BaseException) -> str:
+    """What a bug says in a report: the first real exception, not a TaskGroup's wrapper."""
+    while isinstance(e, BaseExceptionGroup) and e.exceptions:
+        e = e.exceptions[0]
+    return redact(f"internal error: {type(e).__name__}: {e}")
+
+
 class _Tracker:
     """One transfer's progress: a log line and a state update every few seconds."""
 
@@ -178,13 +185,28 @@ class Supervisor:
             self.state.job_started(job.name)
             self.state.job_finished(job.name, "failed", str(e))
             log.error("job failed", error=str(e))
-            await source.finish(job, False, partial(self.state.write_report, job.name))
-            return
-        status = await self.run_job(job.name, specs)
+            status = "failed"
+        else:
+            try:
+                status = await self.run_job(job.name, specs)
+            except Exception as e:  # a bug must cost one job, never the daemon
+                error = _internal_error(e)
+                self.state.job_finished(job.name, "failed", error)
+                log.exception("job failed", error=error)
+                status = "failed"
         if status == "interrupted":
             log.info("job interrupted, resumes on next start")
             return
-        await source.finish(job, status == "done", partial(self.state.write_report, job.name))
+        try:
+            await source.finish(job, status == "done", partial(self.state.write_report, job.name))
+        except OSError as e:
+            # A full disk or a folder in the report's place. The job's outcome is in
+            # the state; its file stays in processing/ and is filed on the next start.
+            log.error(
+                "job not filed, it stays in processing/ until the next start",
+                status=status,
+                error=f"{e.strerror or e}: {e.filename}" if e.filename else str(e),
+            )
 
     # -- one job (the daemon's and `blobferry copy`'s) --------------------------------
 
@@ -309,7 +331,7 @@ class Supervisor:
             return
         except Exception as e:  # a bug must cost one transfer, never the daemon
             tally.failed += 1
-            error = redact(f"internal error: {type(e).__name__}: {e}")
+            error = _internal_error(e)
             self.state.transfer_finished(job, seq, Status.FAILED, tracker.done, error)
             log.exception("failed", error=error)
             return

@@ -8,9 +8,13 @@ import os
 from pathlib import Path
 from typing import Any
 
+import pytest
 from azure.storage.blob import BlobServiceClient
 
+from daemon.jobs import S3Address, TransferSpec
+from daemon.s3 import S3Reader
 from daemon.settings import Settings
+from daemon.transfer import Copier
 from tests.conftest import AZURITE_KEY, make_settings, running_daemon
 from tests.helpers import MiB, blob_bytes, blob_names, payload
 
@@ -179,3 +183,97 @@ async def test_wrong_azure_credential_fails_the_job_with_a_reason(
     assert blob_names(blob_service, container) == []
     text = (settings.jobs_dir / "failed" / "j.report.json").read_text()
     assert wrong_key not in text
+
+
+async def test_a_job_that_cannot_be_filed_waits_in_processing(
+    settings: Settings,
+    s3_client: Any,
+    blob_service: BlobServiceClient,
+    bucket: str,
+    container: str,
+) -> None:
+    """Filing a finished job can fail (a full disk, a folder where its report goes).
+    The daemon goes on serving; the job stays in processing/ and is filed next start."""
+    s3_client.put_object(Bucket=bucket, Key="a", Body=b"aaa")
+    squat = settings.jobs_dir / "done" / "squat.report.json"
+    (squat / "inside").mkdir(parents=True)  # no file can replace a folder that holds one
+    processing = settings.jobs_dir / "processing"
+    async with running_daemon(settings) as d:
+        d.drop("squat.json", job(f"s3://{bucket}/a", f"az://{container}/squat"))
+        deadline = asyncio.get_running_loop().time() + 30
+        while blob_names(blob_service, container) != ["squat"]:
+            assert asyncio.get_running_loop().time() < deadline
+            await asyncio.sleep(0.05)
+        d.drop("after.json", job(f"s3://{bucket}/a", f"az://{container}/after"))
+        assert (await d.wait_finished("after.json"))[0] == "done"
+        assert not d.task.done()
+    assert os.listdir(processing) == ["squat.json"]
+    assert sorted(os.listdir(settings.jobs_dir / "done")) == [
+        "after.json",
+        "after.report.json",
+        "squat.report.json",  # still the folder; no half-written report beside it
+    ]
+    squat.joinpath("inside").rmdir()
+    squat.rmdir()
+    async with running_daemon(settings) as d:
+        folder, report = await d.wait_finished("squat.json")
+    assert folder == "done" and report["status"] == "done", report
+    [t] = report["transfers"]
+    assert t["status"] == "skipped", t  # the blob landed the first time
+    assert os.listdir(processing) == []
+
+
+async def test_a_bug_costs_one_job_or_one_transfer_never_the_daemon(
+    settings: Settings,
+    s3_client: Any,
+    blob_service: BlobServiceClient,
+    bucket: str,
+    container: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """No real fault reaches these branches (every known one is a TransferError), so a
+    bug is planted: in the listing of one job's prefix, and in the copy of one object."""
+    for key in ("list-me/x", "ok", "buggy"):
+        s3_client.put_object(Bucket=bucket, Key=key, Body=key.encode())
+    pages, copy = S3Reader.pages, Copier.copy
+
+    def planted_pages(self: S3Reader, prefix: S3Address, *a: Any, **k: Any) -> Any:
+        if prefix.key == "list-me/":
+            raise RuntimeError("planted in the listing")
+        return pages(self, prefix, *a, **k)
+
+    async def planted_copy(self: Copier, spec: TransferSpec, *a: Any, **k: Any) -> Any:
+        if spec.source.key == "buggy":
+            raise RuntimeError("planted in the copy")
+        return await copy(self, spec, *a, **k)
+
+    monkeypatch.setattr(S3Reader, "pages", planted_pages)
+    monkeypatch.setattr(Copier, "copy", planted_copy)
+    async with running_daemon(settings) as d:
+        d.drop("listing.json", job(f"s3://{bucket}/list-me/", f"az://{container}/l/"))
+        d.drop(
+            "mixed.json",
+            json.dumps(
+                {
+                    "transfers": [
+                        {"source": f"s3://{bucket}/ok", "destination": f"az://{container}/ok"},
+                        {
+                            "source": f"s3://{bucket}/buggy",
+                            "destination": f"az://{container}/buggy",
+                        },
+                    ]
+                }
+            ),
+        )
+        folder, report = await d.wait_finished("listing.json")
+        assert folder == "failed"
+        assert report["error"] == "internal error: RuntimeError: planted in the listing"
+        folder, report = await d.wait_finished("mixed.json")
+        assert folder == "failed"
+        by_key = {t["source"].rsplit("/", 1)[1]: t for t in report["transfers"]}
+        assert by_key["ok"]["status"] == "copied"
+        assert by_key["buggy"]["status"] == "failed"
+        assert by_key["buggy"]["error"] == "internal error: RuntimeError: planted in the copy"
+        d.drop("after.json", job(f"s3://{bucket}/ok", f"az://{container}/after"))
+        assert (await d.wait_finished("after.json"))[0] == "done"
+    assert blob_names(blob_service, container) == ["after", "ok"]

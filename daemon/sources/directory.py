@@ -172,9 +172,13 @@ class DirectorySource:
         stem = job.name[:-5] if job.name.endswith(".json") else job.name
         report = target / f"{stem}.report.json"
         tmp = target / f".{stem}.report.json.tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            write_report(f)
-        os.replace(tmp, report)
+        try:
+            with open(tmp, "w", encoding="utf-8") as f:
+                write_report(f)
+            os.replace(tmp, report)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
         path = job.handle
         assert isinstance(path, Path)
         os.replace(path, target / job.name)
