@@ -163,8 +163,9 @@ def fill(endpoint: str, store: str, scenarios: list[Scenario]) -> dict[str, str]
 
 
 def command(
-    tool: str, sc: Scenario, s3: str, az: str, dest: str, container: str
+    tool: str, sc: Scenario, s3: str, az: str, dest: str, container: str, scratch: str
 ) -> tuple[list[str], dict[str, str]]:
+    """The tool's command line and environment; ``scratch`` holds blobferry's state."""
     key = "S3RVER" if sc.store == "s3rver" else "bench"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("BLOBFERRY_", "RCLONE_"))}
     env.pop("AWS_CA_BUNDLE", None)  # rclone's S3 backend fails on plain http with it set
@@ -176,13 +177,12 @@ def command(
     )
     cs = connection_string(az)
     if tool in ("blobferry", "bf-copy"):
-        tmp = tempfile.mkdtemp(prefix="bf-bench-")
         env.update(OVERRIDES)
         env.update(
             BLOBFERRY_S3__ENDPOINT_URL=s3,
             AZURE_STORAGE_CONNECTION_STRING=cs,
-            BLOBFERRY_STATE_DIR=tmp,
-            BLOBFERRY_JOBS_DIR=tmp,
+            BLOBFERRY_STATE_DIR=scratch,
+            BLOBFERRY_JOBS_DIR=scratch,
         )
         return [
             str(BIN / "blobferry"),
@@ -429,20 +429,20 @@ def one_run(
 ) -> Result:
     container = f"{sc.name}-{tool}-{rnd}".replace("_", "-")
     svc.create_container(container)
-    try:
-        cmd, env = command(tool, sc, s3, az, "out/", container)
-        env_cpu0 = _env_cpu()
-        if tool == "blobferry":
-            seconds, cpu, rss, code, err = run_daemon(sc, env, container, "out/")
-        else:
-            seconds, cpu, rss, code, err = run_tool(cmd, env)
-        env_cpu = _env_cpu() - env_cpu0
-        problem = (
-            f"exit {code}: {err.strip().splitlines()[-1] if err.strip() else ''}" if code else ""
-        )
-        problem = problem or check(svc, container, "out/", sc, md5s)
-    finally:
-        svc.delete_container(container)
+    with tempfile.TemporaryDirectory(prefix="bf-bench-") as scratch:
+        try:
+            cmd, env = command(tool, sc, s3, az, "out/", container, scratch)
+            env_cpu0 = _env_cpu()
+            if tool == "blobferry":
+                seconds, cpu, rss, code, err = run_daemon(sc, env, container, "out/")
+            else:
+                seconds, cpu, rss, code, err = run_tool(cmd, env)
+            env_cpu = _env_cpu() - env_cpu0
+            tail = err.strip().splitlines()[-1] if err.strip() else ""
+            problem = f"exit {code}: {tail}" if code else ""
+            problem = problem or check(svc, container, "out/", sc, md5s)
+        finally:
+            svc.delete_container(container)
     return Result(
         sc.name,
         tool,
