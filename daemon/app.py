@@ -14,6 +14,7 @@ import os
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import IO
 
 import structlog
@@ -56,17 +57,17 @@ async def engine(settings: Settings, stopping: asyncio.Event) -> AsyncIterator[E
         yield Engine(settings, s3, azure, budget, Copier(settings, s3, azure, budget, stopping))
 
 
-def _lock_state_dir(settings: Settings) -> IO[bytes]:
-    """One daemon per state folder: a second one would claim the same recovered jobs."""
-    settings.state_dir.mkdir(parents=True, exist_ok=True)
-    f = open(settings.state_dir / "daemon.lock", "ab")  # noqa: SIM115 (held for the run)
+def _lock(folder: Path, setting: str) -> IO[bytes]:
+    """One daemon per state folder and per jobs folder: a second one would claim the
+    jobs the first has recovered from processing/, and copy them twice."""
+    folder.mkdir(parents=True, exist_ok=True)
+    f = open(folder / "daemon.lock", "ab")  # noqa: SIM115 (held for the run)
     try:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         f.close()
         raise ConfigError(
-            f"configuration error: state_dir: another blobferry daemon is using "
-            f"{settings.state_dir}"
+            f"configuration error: {setting}: another blobferry daemon is using {folder}"
         ) from None
     return f
 
@@ -78,7 +79,12 @@ async def serve(
     on_ready: Callable[[], None] | None = None,
 ) -> None:
     """The daemon: watch ``jobs_dir`` and run what arrives until ``stop`` is set."""
-    lock = _lock_state_dir(settings)
+    state_lock = _lock(settings.state_dir, "state_dir")
+    try:
+        jobs_lock = _lock(settings.jobs_dir, "jobs_dir")
+    except ConfigError:
+        state_lock.close()
+        raise
     notifier = Notifier()
     state = StateStore.in_dir(settings.state_dir)
     source = DirectorySource(
@@ -116,7 +122,8 @@ async def serve(
                 keepalive.cancel()
     finally:
         state.close()
-        lock.close()
+        jobs_lock.close()
+        state_lock.close()
         notifier.close()
     log.info("stopped")
 

@@ -11,6 +11,8 @@ from typing import Any
 import pytest
 from azure.storage.blob import BlobServiceClient
 
+from daemon import app
+from daemon.errors import ConfigError
 from daemon.jobs import S3Address, TransferSpec
 from daemon.s3 import S3Reader
 from daemon.settings import Settings
@@ -277,3 +279,23 @@ async def test_a_bug_costs_one_job_or_one_transfer_never_the_daemon(
         d.drop("after.json", job(f"s3://{bucket}/ok", f"az://{container}/after"))
         assert (await d.wait_finished("after.json"))[0] == "done"
     assert blob_names(blob_service, container) == ["after", "ok"]
+
+
+async def test_one_daemon_per_state_folder_and_per_jobs_folder(
+    settings: Settings, s3_client: Any, bucket: str, container: str, tmp_path: Path
+) -> None:
+    """A second daemon on either folder would recover the first one's jobs from
+    processing/ and copy them twice: it stops at start with the setting named."""
+    s3_client.put_object(Bucket=bucket, Key="a", Body=b"aaa")
+    same_state = settings.model_copy(update={"jobs_dir": tmp_path / "other-jobs"})
+    same_jobs = settings.model_copy(update={"state_dir": tmp_path / "other-state"})
+    async with running_daemon(settings) as d:
+        for second, setting in ((same_state, "state_dir"), (same_jobs, "jobs_dir")):
+            with pytest.raises(ConfigError, match=f"{setting}: another blobferry daemon"):
+                await asyncio.wait_for(app.serve(second, asyncio.Event()), 10)
+        d.drop("j.json", job(f"s3://{bucket}/a", f"az://{container}/a"))
+        assert (await d.wait_finished("j.json"))[0] == "done"
+    # Both locks are let go at stop, including by the daemon that was refused.
+    async with running_daemon(same_jobs) as d:
+        d.drop("k.json", job(f"s3://{bucket}/a", f"az://{container}/k"))
+        assert (await d.wait_finished("k.json"))[0] == "done"
