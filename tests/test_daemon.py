@@ -25,6 +25,11 @@ def job(source: str, destination: str, **extra: Any) -> str:
     return json.dumps({"source": source, "destination": destination, **extra})
 
 
+def transfers(*pairs: tuple[str, str]) -> str:
+    """A job of several transfers, each a (source, destination) pair."""
+    return json.dumps({"transfers": [{"source": s, "destination": d} for s, d in pairs]})
+
+
 async def test_thirty_jobs_dropped_at_once(
     settings: Settings,
     s3_client: Any,
@@ -162,19 +167,9 @@ async def test_wrong_azure_credential_fails_the_job_with_a_reason(
     async with running_daemon(settings) as d:
         d.drop(
             "j.json",
-            json.dumps(
-                {
-                    "transfers": [
-                        {
-                            "source": f"s3://{bucket}/big.bin",
-                            "destination": f"az://{container}/big",
-                        },
-                        {
-                            "source": f"s3://{bucket}/small.bin",
-                            "destination": f"az://{container}/small",
-                        },
-                    ]
-                }
+            transfers(
+                (f"s3://{bucket}/big.bin", f"az://{container}/big"),
+                (f"s3://{bucket}/small.bin", f"az://{container}/small"),
             ),
         )
         folder, report = await d.wait_finished("j.json")
@@ -255,16 +250,9 @@ async def test_a_bug_costs_one_job_or_one_transfer_never_the_daemon(
         d.drop("listing.json", job(f"s3://{bucket}/list-me/", f"az://{container}/l/"))
         d.drop(
             "mixed.json",
-            json.dumps(
-                {
-                    "transfers": [
-                        {"source": f"s3://{bucket}/ok", "destination": f"az://{container}/ok"},
-                        {
-                            "source": f"s3://{bucket}/buggy",
-                            "destination": f"az://{container}/buggy",
-                        },
-                    ]
-                }
+            transfers(
+                (f"s3://{bucket}/ok", f"az://{container}/ok"),
+                (f"s3://{bucket}/buggy", f"az://{container}/buggy"),
             ),
         )
         folder, report = await d.wait_finished("listing.json")
