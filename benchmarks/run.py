@@ -40,7 +40,14 @@ import boto3
 from azure.storage.blob import BlobServiceClient
 from boto3.s3.transfer import TransferConfig
 
-from tests.emulators import AZURITE_KEY, PIDS, ROOT, connection_string, emulator
+from tests.emulators import (
+    AZURITE_KEY,
+    PIDS,
+    ROOT,
+    connection_string,
+    dies_with_this_process,
+    emulator,
+)
 
 MiB = 1024 * 1024
 OVERRIDES: dict[str, str] = {}  # blobferry settings given with --set
@@ -117,6 +124,7 @@ def wan(upstream: str) -> Iterator[str]:
         stdout=subprocess.PIPE,
         cwd=ROOT,
         text=True,
+        preexec_fn=dies_with_this_process(),
     )
     assert proc.stdout is not None
     port = int(proc.stdout.readline())
@@ -256,6 +264,7 @@ def run_daemon(
             cwd=ROOT,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
+            preexec_fn=dies_with_this_process(),  # not run_tool's: fork is slower, and timed
         )
         try:
             while b"READY=1" not in sock.recv(4096):

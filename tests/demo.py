@@ -20,7 +20,7 @@ import time
 import boto3
 from azure.storage.blob import BlobServiceClient
 
-from tests.emulators import ROOT, connection_string, emulator
+from tests.emulators import ROOT, connection_string, dies_with_this_process, emulator
 
 MiB = 1024 * 1024
 BUCKET, CONTAINER = "blobferry-demo", "demo"
@@ -79,7 +79,11 @@ def main() -> int:
 
         log = open(run_dir / "daemon.log", "w")  # noqa: SIM115
         daemon = subprocess.Popen(
-            [sys.executable, "-m", "daemon", "run"], env=env, stdout=log, stderr=subprocess.STDOUT
+            [sys.executable, "-m", "daemon", "run"],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            preexec_fn=dies_with_this_process(),
         )
         try:
             job = {

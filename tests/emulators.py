@@ -3,13 +3,15 @@ and by the demo, each on free ports, each stopped when done."""
 
 from __future__ import annotations
 
+import ctypes
+import os
 import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -40,9 +42,32 @@ def wait_for_port(port: int, proc: subprocess.Popen[bytes], what: str, timeout: 
     raise RuntimeError(f"{what} did not listen on {port} within {timeout} s")
 
 
+def dies_with_this_process() -> Callable[[], None] | None:
+    """A ``preexec_fn`` for the servers and daemons that tests, the demo and the bench
+    start: the child is killed when this process dies, however it dies (SIGKILL, CI's
+    timeout), instead of running on (Linux's PR_SET_PDEATHSIG; None elsewhere)."""
+    if sys.platform != "linux":
+        return None
+    parent = os.getpid()
+
+    def arm() -> None:  # in the child, between fork and exec
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # 1: PR_SET_PDEATHSIG
+        if os.getppid() != parent:  # it died before the line above
+            os._exit(1)
+
+    return arm
+
+
 def _start(cmd: list[str], port: int, what: str, log: Path) -> subprocess.Popen[bytes]:
     with open(log, "wb") as out:  # the child keeps its own descriptor
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
+        proc = subprocess.Popen(
+            cmd,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            cwd=ROOT,
+            preexec_fn=dies_with_this_process(),
+        )
     try:
         wait_for_port(port, proc, what)
     except BaseException:

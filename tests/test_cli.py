@@ -14,6 +14,7 @@ from typing import Any
 from azure.storage.blob import BlobServiceClient
 
 from tests.conftest import connection_string
+from tests.emulators import dies_with_this_process
 from tests.helpers import MiB, blob_names, multipart_object
 
 BLOBFERRY = str(Path(sys.executable).parent / "blobferry")
@@ -129,7 +130,12 @@ def test_run_submit_status_and_sigterm(
     s3_client.put_object(Bucket=bucket, Key="p/a.bin", Body=b"a" * 1000)
     s3_client.put_object(Bucket=bucket, Key="p/b.bin", Body=b"b" * 9 * MiB)
     daemon = subprocess.Popen(
-        [BLOBFERRY, "run"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        [BLOBFERRY, "run"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=dies_with_this_process(),
     )
     try:
         sub = run(["submit", f"s3://{bucket}/p/", f"az://{container}/q/", "--name", "mine"], env)

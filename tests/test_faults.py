@@ -18,6 +18,7 @@ from pydantic import SecretStr
 from daemon.settings import Settings
 from daemon.systemd import Notifier
 from tests.conftest import connection_string, make_settings
+from tests.emulators import dies_with_this_process
 from tests.helpers import MiB, blob_bytes, blob_names, copy, multipart_object, payload
 from tests.proxy import FaultProxy, Faults
 
@@ -176,7 +177,12 @@ def daemon_env(settings: Settings, s3_endpoint: str, azurite: str, **extra: str)
 
 async def start_daemon(env: dict[str, str]) -> asyncio.subprocess.Process:
     return await asyncio.create_subprocess_exec(
-        BLOBFERRY, "run", env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+        BLOBFERRY,
+        "run",
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        preexec_fn=dies_with_this_process(),
     )
 
 
