@@ -80,11 +80,13 @@ async def serve(
 ) -> None:
     """The daemon: watch ``jobs_dir`` and run what arrives until ``stop`` is set."""
     state_lock = _lock(settings.state_dir, "state_dir")
-    try:
-        jobs_lock = _lock(settings.jobs_dir, "jobs_dir")
-    except ConfigError:
-        state_lock.close()
-        raise
+    jobs_lock = None
+    if settings.jobs_dir != settings.state_dir:  # one folder for both: its lock is taken
+        try:
+            jobs_lock = _lock(settings.jobs_dir, "jobs_dir")
+        except ConfigError:
+            state_lock.close()
+            raise
     notifier = Notifier()
     state = StateStore.in_dir(settings.state_dir)
     source = DirectorySource(
@@ -122,7 +124,8 @@ async def serve(
                 keepalive.cancel()
     finally:
         state.close()
-        jobs_lock.close()
+        if jobs_lock is not None:
+            jobs_lock.close()
         state_lock.close()
         notifier.close()
     log.info("stopped")

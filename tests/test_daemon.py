@@ -287,3 +287,8 @@ async def test_one_daemon_per_state_folder_and_per_jobs_folder(
     async with running_daemon(same_jobs) as d:
         d.drop("k.json", job(f"s3://{bucket}/a", f"az://{container}/k"))
         assert (await d.wait_finished("k.json"))[0] == "done"
+    # One folder for both is a setup of its own, not a second daemon.
+    one = tmp_path / "one-folder"
+    async with running_daemon(settings.model_copy(update={"state_dir": one, "jobs_dir": one})) as d:
+        d.drop("m.json", job(f"s3://{bucket}/a", f"az://{container}/m"))
+        assert (await d.wait_finished("m.json"))[0] == "done"
