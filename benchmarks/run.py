@@ -256,7 +256,7 @@ def run_daemon(
         socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock,
     ):
         sock.bind(f"{d}/notify")
-        sock.settimeout(60)
+        sock.settimeout(0.2)
         env = dict(env, NOTIFY_SOCKET=f"{d}/notify", BLOBFERRY_LOG_LEVEL="warning")
         proc = subprocess.Popen(
             [str(BIN / "blobferry"), "run"],
@@ -266,32 +266,49 @@ def run_daemon(
             stderr=subprocess.PIPE,
             preexec_fn=dies_with_this_process(),  # not run_tool's: fork is slower, and timed
         )
+        seconds = cpu = rss = 0.0
+        ran = False
         try:
-            while b"READY=1" not in sock.recv(4096):
-                pass
-            cpu0 = _cpu(proc.pid)
-            job = {
-                "source": f"s3://{BUCKET}/{sc.prefix}",
-                "destination": f"az://{container}/{dest}",
-                "overwrite": "always",
-            }
-            (jobs / ".bench.json.tmp").write_text(json.dumps(job))
-            t0 = time.monotonic()
-            (jobs / ".bench.json.tmp").rename(jobs / "inbox" / "bench.json")
-            while not any((jobs / f / "bench.report.json").exists() for f in ("done", "failed")):
-                if proc.poll() is not None:
-                    break
-                time.sleep(0.01)
-            seconds = time.monotonic() - t0
-            cpu = _cpu(proc.pid) - cpu0
-            status = Path(f"/proc/{proc.pid}/status").read_text()
-            peak = next(x for x in status.splitlines() if x.startswith("VmHWM"))
-            rss = int(peak.split()[1]) / 1024
+            if _ready(sock, proc):
+                cpu0 = _cpu(proc.pid)
+                job = {
+                    "source": f"s3://{BUCKET}/{sc.prefix}",
+                    "destination": f"az://{container}/{dest}",
+                    "overwrite": "always",
+                }
+                (jobs / ".bench.json.tmp").write_text(json.dumps(job))
+                t0 = time.monotonic()
+                (jobs / ".bench.json.tmp").rename(jobs / "inbox" / "bench.json")
+                while not any(
+                    (jobs / f / "bench.report.json").exists() for f in ("done", "failed")
+                ):
+                    if proc.poll() is not None:
+                        break
+                    time.sleep(0.01)
+                else:
+                    seconds = time.monotonic() - t0
+                    cpu = _cpu(proc.pid) - cpu0
+                    status = Path(f"/proc/{proc.pid}/status").read_text()
+                    peak = next(x for x in status.splitlines() if x.startswith("VmHWM"))
+                    rss = int(peak.split()[1]) / 1024
+                    ran = True
         finally:
             proc.send_signal(signal.SIGTERM)
             _, err = proc.communicate(timeout=60)
-    failed = (jobs / "failed" / "bench.report.json").exists()
+    failed = not ran or (jobs / "failed" / "bench.report.json").exists()
     return seconds, cpu, rss, 1 if failed else proc.returncode, err.decode(errors="replace")[-2000:]
+
+
+def _ready(sock: socket.socket, proc: subprocess.Popen[bytes], within: float = 60) -> bool:
+    """Wait for READY=1; False as soon as the daemon exits, or after ``within`` s."""
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            if b"READY=1" in sock.recv(4096):
+                return True
+        except TimeoutError:
+            continue
+    return False
 
 
 def _cpu(pid: int) -> float:
