@@ -199,13 +199,14 @@ class Supervisor:
             return
         try:
             await source.finish(job, status == "done", partial(self.state.write_report, job.name))
-        except OSError as e:
-            # A full disk or a folder in the report's place. The job's outcome is in
-            # the state; its file stays in processing/ and is filed on the next start.
+        except Exception as e:
+            # A full disk or a folder in the report's place (or a bug). The job's outcome
+            # is in the state; its file stays in processing/ and is filed next start.
             log.error(
                 "job not filed, it stays in processing/ until the next start",
                 status=status,
-                error=f"{e.strerror or e}: {e.filename}" if e.filename else str(e),
+                error=str(e) if isinstance(e, OSError) else _internal_error(e),
+                exc_info=not isinstance(e, OSError),
             )
 
     # -- one job (the daemon's and `blobferry copy`'s) --------------------------------
