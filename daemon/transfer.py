@@ -35,6 +35,7 @@ from daemon.errors import (
     Interrupted,
     PermanentError,
     RetryableError,
+    SourceChangedError,
     TransferError,
     VerificationError,
 )
@@ -374,7 +375,7 @@ class Copier:
             assert listed is not None
             # Small-object path: one GET whose headers stand in for the HEAD, one PUT.
             return await self._whole(
-                listed.size, lambda: self._s3.read_object(listed, src), spec, fp, progress
+                listed.size, lambda: self._read_listed(listed, src), spec, fp, progress
             )
         if await self._pipes(info, spec):
             return await self._pipe(info, spec, fp, progress)
@@ -466,6 +467,19 @@ class Copier:
             renamed_metadata=renamed,
             route="pipe",
         )
+
+    async def _read_listed(self, listed: Listed, src: S3Address) -> tuple[ObjectInfo, Chunks]:
+        """A small listed object in one GET. A listing says nothing of encryption; the
+        GET's headers do, and when they show an ETag that cannot prove the bytes (SSE-KMS,
+        SSE-C), S3's checksums are asked for with one HEAD, as ``_head`` does for a key."""
+        info, data = await self._s3.read_object(listed, src)
+        if info.etag_is_md5 or not self._settings.verify:
+            return info, data
+        more = await self._s3.head(src, True)
+        if more.etag != info.etag:
+            raise SourceChangedError(str(src))
+        info = dataclasses.replace(info, checksums=more.checksums, checksum_type=more.checksum_type)
+        return info, data
 
     async def _head(self, src: S3Address) -> ObjectInfo:
         policy = self._settings.retry

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 from typing import Any
 
@@ -10,7 +11,7 @@ from azure.storage.blob import BlobServiceClient
 
 from daemon.settings import Settings
 from daemon.transfer import AZURE_CHECKED
-from tests.helpers import MiB, blob_bytes, copy, multipart_object, payload
+from tests.helpers import MiB, blob_bytes, blob_names, copy, multipart_object, payload
 from tests.proxy import FaultProxy, Faults
 from tests.test_faults import through
 
@@ -96,7 +97,13 @@ async def test_damage_on_every_read_fails_without_committing(
 
 @pytest.mark.parametrize(
     ("layout", "via"),
-    [("single-part", "prefix"), ("single-part", "key"), ("multipart", "prefix"), ("kms", "key")],
+    [
+        ("single-part", "prefix"),
+        ("single-part", "key"),
+        ("multipart", "prefix"),
+        ("kms", "key"),
+        ("kms", "prefix"),  # a listing says nothing of SSE: the GET does
+    ],
 )
 async def test_a_small_objects_damaged_bytes_are_read_and_sent_again(
     layout: str,
@@ -133,6 +140,35 @@ async def test_a_small_objects_damaged_bytes_are_read_and_sent_again(
     assert (row.detail["route"], row.detail["verified"]) == ("whole", verified)
     assert "arrived damaged 1 time(s)" in row.detail["note"]
     assert blob_bytes(blob_service, container, "s/o.bin") == body
+
+
+async def test_a_listed_encrypted_object_that_changes_before_its_checksum_is_read_fails(
+    settings: Settings,
+    moto_endpoint: str,
+    s3_client: Any,
+    blob_service: BlobServiceClient,
+    bucket: str,
+    container: str,
+) -> None:
+    """A listed SSE-KMS object is read by one GET, then its checksum by one HEAD. A
+    new version landing in between must not lend its checksum to the old bytes."""
+    kms = {"ServerSideEncryption": "aws:kms", "SSEKMSKeyId": s3_client_kms_key(s3_client)}
+    put = dict(Bucket=bucket, Key="c/o.bin", ChecksumAlgorithm="SHA256", **kms)
+    s3_client.put_object(Body=payload(MiB, seed=1), **put)
+    async with FaultProxy(moto_endpoint, Faults(rate_bps=400_000)) as proxy:
+        job = asyncio.create_task(
+            copy(through(settings, proxy), f"s3://{bucket}/c/", f"az://{container}/c/")
+        )
+        while proxy.bytes_down < 200_000:  # the GET is under way
+            assert not job.done(), job.result()
+            await asyncio.sleep(0.02)
+        await asyncio.to_thread(s3_client.put_object, Body=payload(MiB, seed=2), **put)
+        status, [row] = await job
+    assert (status, row.status) == ("failed", "failed")
+    assert row.error is not None and "changed while it was being copied" in row.error
+    assert blob_names(blob_service, container) == []
+    # Told by the HEAD's ETag at once, not by a checksum mismatch and a second GET.
+    assert sum(r.startswith("GET") and "/c/o.bin" in r for r in proxy.requests) == 1
 
 
 async def test_a_small_object_damaged_on_every_read_fails_without_committing(
