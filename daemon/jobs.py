@@ -131,9 +131,33 @@ def _checked(address: str, az: AzAddress) -> AzAddress:
             address,
             "container names are 3-63 lowercase letters, digits and single hyphens",
         )
-    if len(az.blob) > 1024:
-        raise AddressError(address, "blob names are at most 1024 characters")
+    problem = blob_name_problem(az.blob)
+    if problem:
+        raise AddressError(address, problem)
     return az
+
+
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
+
+
+def blob_name_problem(name: str) -> str | None:
+    """Why Azure cannot hold a blob under exactly ``name``, or None. Checked for every
+    destination, a prefix's children included, since their names come from S3 keys,
+    which allow what blob names do not."""
+    if len(name) > 1024:
+        return "blob names are at most 1024 characters"
+    segments = name.split("/")
+    if "." in segments or ".." in segments:
+        # Azure resolves these as a URL path does, however they are escaped: 'a/./b'
+        # would land as 'a/b' and 'a/../../b' outside the destination, silently
+        # replacing whatever is there.
+        return (
+            "a '.' or '..' path segment in a blob name is resolved away by Azure, so the "
+            "blob would land under another name; give this object a destination of its own"
+        )
+    if _CONTROL.search(name):
+        return "blob names cannot hold control characters"
+    return None
 
 
 @dataclass(frozen=True, slots=True)

@@ -39,7 +39,7 @@ from daemon.errors import (
     TransferError,
     VerificationError,
 )
-from daemon.jobs import AzAddress, Overwrite, S3Address, TransferSpec
+from daemon.jobs import AzAddress, Overwrite, S3Address, TransferSpec, blob_name_problem
 from daemon.retry import retrying
 from daemon.s3 import ArchivedObjectError, Chunks, Listed, ObjectInfo, S3Reader
 from daemon.settings import MiB, Settings
@@ -356,6 +356,11 @@ class Copier:
 
     async def _copy(self, spec: TransferSpec, listed: Listed | None, progress: Progress) -> Outcome:
         src = spec.source
+        # A job's own addresses were checked when it was read; a prefix's children get
+        # their names from S3 keys, which allow what blob names do not.
+        problem = blob_name_problem(spec.destination.blob)
+        if problem:
+            raise PermanentError(f"{spec.destination}: {problem}")
         bs = self._settings.block_size
         info: ObjectInfo | None = None
         if listed is None:

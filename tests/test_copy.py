@@ -102,16 +102,29 @@ async def test_gzip_encoded_object_arrives_byte_for_byte(
         assert p.content_settings.content_encoding == "gzip"
 
 
+@pytest.mark.parametrize("size", [1000, 5 * MiB], ids=["whole", "blocks"])
 async def test_awkward_keys(
+    size: int,
     settings: Settings,
     s3_client: Any,
     blob_service: BlobServiceClient,
     bucket: str,
     container: str,
 ) -> None:
-    keys = ["with space/a b.txt", "unicode/žluťoučký kůň ☃.bin", "plus/a+b+c.bin", "q/what?.txt"]
+    """Every byte a key may hold that a URL treats specially, on the one-GET route (a
+    presigned GET from a listing, Put Blob) and on the block route (a HEAD through
+    botocore, presigned ranged GETs, Put Block and Put Block List)."""
+    keys = [
+        "with space/a b.txt",
+        "unicode/žluťoučký kůň ☃.bin",
+        "plus/a+b+c.bin",
+        "q/what?.txt",
+        "marks/50% #1 ~x=y&z;'\"(1)!*@$,.bin",
+        "slashes//double//x.bin",
+        "dots/.x/..y/z./...bin",
+    ]
     for i, key in enumerate(keys):
-        s3_client.put_object(Bucket=bucket, Key=key, Body=payload(1000 + i, seed=i))
+        s3_client.put_object(Bucket=bucket, Key=key, Body=payload(size + i, seed=i))
     status, rows = await copy(settings, f"s3://{bucket}/", f"az://{container}/copied/")
     assert status == "done", [r.error for r in rows]
     assert blob_names(blob_service, container) == sorted(f"copied/{k}" for k in keys)
@@ -119,6 +132,38 @@ async def test_awkward_keys(
         assert blob_bytes(blob_service, container, f"copied/{key}") == s3_bytes(
             s3_client, bucket, key
         )
+
+
+async def test_keys_that_azure_would_rename_fail_alone_and_land_nowhere(
+    settings: Settings,
+    s3_client: Any,
+    blob_service: BlobServiceClient,
+    bucket: str,
+    container: str,
+) -> None:
+    """S3 keys are opaque; Azure resolves '.' and '..' segments of a blob name as a URL
+    path does. 'p/a/../../b' would land outside the destination and 'p/./c' on 'p/c'."""
+    keys = {
+        "p/c": b"the real c",
+        "p/./c": b"an impostor",
+        "p/a/../../b": b"an escapee",
+        "p/..": b"a parent",
+        "p/ctl\x01.bin": b"a control character",
+    }
+    for key, body in keys.items():
+        s3_client.put_object(Bucket=bucket, Key=key, Body=body)
+    listed = [o["Key"] for o in s3_client.list_objects_v2(Bucket=bucket)["Contents"]]
+    assert sorted(listed) == sorted(keys)  # S3 holds each under its own name
+    status, rows = await copy(settings, f"s3://{bucket}/p/", f"az://{container}/out/")
+    assert status == "failed"
+    by_source = {r.source.removeprefix(f"s3://{bucket}/"): r for r in rows}
+    assert by_source["p/c"].status == "copied"
+    for key in ("p/./c", "p/a/../../b", "p/.."):
+        assert by_source[key].status == "failed"
+        assert "resolved away by Azure" in (by_source[key].error or "")
+    assert "control characters" in (by_source["p/ctl\x01.bin"].error or "")
+    assert blob_names(blob_service, container) == ["out/c"]
+    assert blob_bytes(blob_service, container, "out/c") == b"the real c"
 
 
 async def test_prefix_of_100_objects(

@@ -34,6 +34,15 @@ def test_azure_addresses() -> None:
     ):
         with pytest.raises(AddressError):
             parse_azure(bad)
+    for renamed in ("az://ctr/a/./b", "az://ctr/../b", "az://ctr/a/..", "az://ctr/./"):
+        with pytest.raises(AddressError, match="resolved away by Azure"):
+            parse_azure(renamed)
+    with pytest.raises(AddressError, match="control characters"):
+        parse_azure("az://ctr/a\tb")
+    with pytest.raises(AddressError, match="at most 1024"):
+        parse_azure("az://ctr/" + "x" * 1025)
+    for fine in ("az://ctr/.a/b..c/d.", "az://ctr/a//b", "az://ctr/dir/", "az://ctr/"):
+        assert parse_azure(fine).blob == fine.removeprefix("az://ctr/")
 
 
 def test_specs_prefixes_and_folders() -> None:
