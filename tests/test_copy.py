@@ -20,7 +20,7 @@ from daemon.state import StateStore
 from daemon.supervisor import Supervisor
 from daemon.transfer import AZURE_CHECKED
 from tests.conftest import make_settings
-from tests.helpers import MiB, blob_bytes, blob_names, copy, gz, payload, s3_bytes
+from tests.helpers import MiB, blob_bytes, blob_names, copy, gz, payload, random_bytes, s3_bytes
 
 
 @pytest.mark.parametrize(
@@ -85,18 +85,23 @@ async def test_properties_and_metadata_arrive(
         assert row.detail["renamed_metadata"] == {"build-id": "build_id"}
 
 
+@pytest.mark.parametrize("large_route", ["blocks", "pipe"])
 async def test_gzip_encoded_object_arrives_byte_for_byte(
+    large_route: str,
     settings: Settings,
     s3_client: Any,
     blob_service: BlobServiceClient,
     bucket: str,
     container: str,
 ) -> None:
-    for key, raw in (("log.gz", payload(50_000)), ("big.gz", payload(20 * MiB, seed=3))):
+    if large_route == "pipe":
+        settings = settings.model_copy(update={"pipe_max_mb": 64, "pipe_rtt_ms": 1000.0})
+    for key, raw in (("log.gz", payload(50_000)), ("big.gz", random_bytes(20 * MiB))):
         body = gz(raw)
         s3_client.put_object(Bucket=bucket, Key=key, Body=body, ContentEncoding="gzip")
         status, [row] = await copy(settings, f"s3://{bucket}/{key}", f"az://{container}/{key}")
         assert status == "done", row.error
+        assert row.detail["route"] == ("whole" if key == "log.gz" else large_route)
         assert blob_bytes(blob_service, container, key) == body
         p = blob_service.get_blob_client(container, key).get_blob_properties()
         assert p.content_settings.content_encoding == "gzip"
