@@ -345,6 +345,9 @@ class Supervisor:
             detail["note"] = outcome.note
         if outcome.renamed_metadata:
             detail["renamed_metadata"] = outcome.renamed_metadata
+        if outcome.dropped:
+            detail["dropped"] = outcome.dropped
+            log.warning("properties left off the blob", dropped=sorted(outcome.dropped))
         if outcome.blocks_reused:
             detail["blocks_reused"] = outcome.blocks_reused
         if outcome.status is Status.SKIPPED:

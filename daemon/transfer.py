@@ -72,6 +72,8 @@ class Outcome:
     verified: str | None = None
     note: str | None = None
     renamed_metadata: dict[str, str] = field(default_factory=dict)
+    # Properties left off the blob, with their values: Azure's headers carry ASCII only.
+    dropped: dict[str, str] = field(default_factory=dict)
     blocks_reused: int = 0
     # How the bytes went: "whole" (one GET, one Put Blob, held here), "pipe" (one GET
     # streamed into one Put Blob), "blocks" (ranges staged in parallel) or "server-side".
@@ -162,6 +164,21 @@ def fingerprint(source: S3Address, etag: str, size: int) -> str:
     """The source version a blob was copied from: bucket, key, ETag and size."""
     text = "\n".join((source.bucket, source.key, etag.strip('"'), str(size)))
     return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
+@dataclass(frozen=True, slots=True)
+class Landing:
+    """How a blob lands: its properties, and what of the source's did not carry."""
+
+    headers: BlobHeaders
+    metadata: dict[str, str]
+    tier: str | None
+    renamed: dict[str, str]  # metadata keys: S3's -> Azure's
+    dropped: dict[str, str]  # property -> the value left off
+
+
+def _sendable(value: str) -> bool:
+    return value.isascii() and value.isprintable()
 
 
 def headers_of(info: ObjectInfo) -> BlobHeaders:
@@ -422,7 +439,7 @@ class Copier:
     async def _pipe(
         self, info: ObjectInfo, spec: TransferSpec, fp: str, progress: Progress
     ) -> Outcome:
-        headers, metadata, renamed, tier = self._landing(info, spec, fp)
+        landing = self._landing(info, spec, fp)
         md5 = info.md5
         assert md5 is not None, "_pipes chose this route for an MD5 ETag only"
         overwrite = spec.overwrite is not Overwrite.NEVER
@@ -450,7 +467,14 @@ class Copier:
             try:
                 async with self._s3.open_object(info) as chunks:
                     await self._azure.put_stream(
-                        dst, body(chunks), info.size, md5, headers, metadata, overwrite, tier
+                        dst,
+                        body(chunks),
+                        info.size,
+                        md5,
+                        landing.headers,
+                        landing.metadata,
+                        overwrite,
+                        landing.tier,
                     )
             except BaseException as e:
                 progress(-sent)  # nothing landed: a next try starts from the first byte
@@ -469,7 +493,8 @@ class Copier:
             info.size,
             AZURE_CHECKED,
             note,
-            renamed_metadata=renamed,
+            renamed_metadata=landing.renamed,
+            dropped=landing.dropped,
             route="pipe",
         )
 
@@ -510,20 +535,30 @@ class Copier:
             return "unchanged: the blob already holds this version of the object"
         return None
 
-    def _landing(
-        self, info: ObjectInfo, spec: TransferSpec, fp: str
-    ) -> tuple[BlobHeaders, dict[str, str], dict[str, str], str | None]:
-        """Headers, metadata, renamed metadata keys and tier for the blob."""
+    def _landing(self, info: ObjectInfo, spec: TransferSpec, fp: str) -> Landing:
+        """Headers, metadata and tier for the blob, and what of the source's did not
+        land as it was: metadata keys renamed, and values no Azure header can carry."""
         opts = spec.options
         headers = headers_of(info)
         if opts.content_type is not None:
             headers = dataclasses.replace(headers, content_type=opts.content_type)
         metadata, renamed = azure_metadata(info.metadata)
         metadata.update(opts.metadata)
+        # S3 hands back whatever bytes an uploader put in a header (a UTF-8 file name in
+        # Content-Disposition, say); Azure refuses them as a bad signature. The blob is
+        # copied without them, and the report says which and what they held.
+        dropped = {
+            f.name: v
+            for f in dataclasses.fields(headers)
+            if (v := getattr(headers, f.name)) and not _sendable(v)
+        }
+        headers = dataclasses.replace(headers, **dict.fromkeys(dropped))
+        for key in [k for k, v in metadata.items() if not _sendable(v)]:
+            dropped[f"metadata {key}"] = metadata.pop(key)
         metadata[FINGERPRINT_KEY] = fp
         metadata[ETAG_KEY] = info.etag.strip('"')
         tier = opts.tier or self._settings.azure.tiers.get(info.storage_class or "STANDARD")
-        return headers, metadata, renamed, tier
+        return Landing(headers, metadata, tier, renamed, dropped)
 
     async def _whole(
         self,
@@ -541,7 +576,7 @@ class Copier:
         dst = spec.destination
         damaged = 0
 
-        async def once() -> tuple[ObjectInfo, str, dict[str, str]]:
+        async def once() -> tuple[ObjectInfo, str, Landing]:
             nonlocal damaged
             info, data = await read()
             try:
@@ -556,16 +591,18 @@ class Copier:
                         verified = verify(info, md5, [md5] if info.parts == 1 else None, checksum)
                     except VerificationError as e:
                         raise CorruptBlockError(str(e)) from None
-                headers, metadata, renamed, tier = self._landing(info, spec, fp)
+                landing = self._landing(info, spec, fp)
                 overwrite = spec.overwrite is not Overwrite.NEVER
-                await self._azure.put(dst, data, md5, headers, metadata, overwrite, tier)
+                await self._azure.put(
+                    dst, data, md5, landing.headers, landing.metadata, overwrite, landing.tier
+                )
             except CorruptBlockError:
                 damaged += 1
                 raise
-            return info, verified, renamed
+            return info, verified, landing
 
         async with self._budget.hold(size):
-            info, verified, renamed = await retrying(
+            info, verified, landing = await retrying(
                 once, self._settings.retry, f"copy {spec.source}"
             )
         progress(info.size)
@@ -573,7 +610,13 @@ class Copier:
             f"the bytes arrived damaged {damaged} time(s); read and sent again" if damaged else None
         )
         return Outcome(
-            Status.COPIED, info.size, verified, note, renamed_metadata=renamed, route="whole"
+            Status.COPIED,
+            info.size,
+            verified,
+            note,
+            renamed_metadata=landing.renamed,
+            dropped=landing.dropped,
+            route="whole",
         )
 
     async def _copy_blocks(
@@ -633,12 +676,13 @@ class Copier:
         except BaseExceptionGroup as eg:
             raise _first_error(eg) from None
         ids = [plan.block_id(b.index, SERVER_SIDE_MD5) for b in plan.blocks]
-        renamed = await self._commit(info, spec, fp, ids, None)
+        landing = await self._commit(info, spec, fp, ids, None)
         return Outcome(
             Status.COPIED,
             info.size,
             "size: server-side copy, the bytes went from S3 to Azure without passing here",
-            renamed_metadata=renamed,
+            renamed_metadata=landing.renamed,
+            dropped=landing.dropped,
             blocks_reused=len(done),
             route="server-side",
         )
@@ -708,30 +752,33 @@ class Copier:
             verified, md5 = self._proof(info, plan, md5s, digest, reused)
             note = f"{damaged} block(s) arrived damaged from S3 and were read again"
         ids = [plan.block_id(b.index, m) for b, m in zip(plan.blocks, md5s, strict=True)]
-        renamed = await self._commit(info, spec, fp, ids, md5)
+        landing = await self._commit(info, spec, fp, ids, md5)
         return Outcome(
             Status.COPIED,
             info.size,
             verified,
             note,
-            renamed_metadata=renamed,
+            renamed_metadata=landing.renamed,
+            dropped=landing.dropped,
             blocks_reused=reused,
             route="blocks",
         )
 
     async def _commit(
         self, info: ObjectInfo, spec: TransferSpec, fp: str, ids: list[str], md5: bytes | None
-    ) -> dict[str, str]:
-        """Commit the block list with the source's properties; returns renamed metadata."""
-        headers, metadata, renamed, tier = self._landing(info, spec, fp)
+    ) -> Landing:
+        """Commit the block list with the source's properties; returns how it landed."""
+        landing = self._landing(info, spec, fp)
         overwrite = spec.overwrite is not Overwrite.NEVER
         dst = spec.destination
         await retrying(
-            lambda: self._azure.commit(dst, ids, md5, headers, metadata, overwrite, tier),
+            lambda: self._azure.commit(
+                dst, ids, md5, landing.headers, landing.metadata, overwrite, landing.tier
+            ),
             self._settings.retry,
             f"commit {dst}",
         )
-        return renamed
+        return landing
 
     @staticmethod
     def _proof(

@@ -85,6 +85,36 @@ async def test_properties_and_metadata_arrive(
         assert row.detail["renamed_metadata"] == {"build-id": "build_id"}
 
 
+@pytest.mark.parametrize("size", [1000, 9 * MiB], ids=["whole", "blocks"])
+async def test_a_header_azure_cannot_carry_is_left_off_and_reported(
+    size: int,
+    settings: Settings,
+    s3_client: Any,
+    blob_service: BlobServiceClient,
+    bucket: str,
+    container: str,
+) -> None:
+    """S3 keeps the UTF-8 bytes an uploader puts in Content-Disposition; Azure answers
+    any non-ASCII header with 403 AuthenticationFailed, which blobferry used to report
+    as a wrong key, failing the copy. The bytes are copied, and the report says what
+    was left off."""
+    body = payload(size)
+    s3_client.put_object(
+        Bucket=bucket,
+        Key="f.bin",
+        Body=body,
+        ContentDisposition='attachment; filename="caf\u00e9.pdf"',  # sent as UTF-8
+        ContentLanguage="fr",
+    )
+    status, [row] = await copy(settings, f"s3://{bucket}/f.bin", f"az://{container}/f.bin")
+    assert status == "done", row.error
+    assert list(row.detail["dropped"]) == ["content_disposition"]
+    assert "filename" in row.detail["dropped"]["content_disposition"]
+    assert blob_bytes(blob_service, container, "f.bin") == body
+    cs = blob_service.get_blob_client(container, "f.bin").get_blob_properties().content_settings
+    assert (cs.content_disposition, cs.content_language) == (None, "fr")
+
+
 @pytest.mark.parametrize("large_route", ["blocks", "pipe"])
 async def test_gzip_encoded_object_arrives_byte_for_byte(
     large_route: str,
