@@ -294,6 +294,16 @@ def parse_job(raw: bytes | str) -> list[TransferSpec]:
             raise JobFileError(f"job file: transfers.{i}.{_first_problem(e)}") from None
         except AddressError as e:
             raise JobFileError(f"job file: transfers.{i}: {e}") from None
+    writers: dict[str, int] = {}
+    for i, spec in enumerate(specs):
+        if spec.source.is_prefix:
+            continue
+        first = writers.setdefault(str(spec.destination), i)
+        if first != i:
+            raise JobFileError(
+                f"job file: transfers.{first} and transfers.{i} both write "
+                f"{spec.destination}; a blob holds one object"
+            )
     return specs
 
 

@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
-from contextlib import aclosing
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Callable
+from contextlib import aclosing, asynccontextmanager
+from dataclasses import dataclass, field
 from functools import partial
 
 import structlog
@@ -45,6 +45,12 @@ class Tally:
         if self.interrupted:
             return "interrupted"
         return "failed" if self.failed else "done"
+
+
+@dataclass(slots=True)
+class _Writers:
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    count: int = 0  # transfers holding or waiting for the lock
 
 
 def _internal_error(e: BaseException) -> str:
@@ -105,6 +111,7 @@ class Supervisor:
         self._slots = asyncio.Semaphore(settings.max_transfers)
         self._last_flush = time.monotonic()
         self.active_jobs: set[str] = set()
+        self._writing: dict[str, _Writers] = {}  # destination -> its transfers
         self.copied = self.failed = self.bytes_copied = self.running = 0
 
     def summary(self) -> str:
@@ -308,6 +315,23 @@ class Supervisor:
             error=redact(error),
         )
 
+    @asynccontextmanager
+    async def _sole_writer(self, dst: str) -> AsyncIterator[None]:
+        """One transfer at a time per blob, across jobs: a commit drops every block of
+        the blob it does not list, so two at once would fail one of them (Azure's
+        InvalidBlockList). A later one waits its turn; the last to commit wins."""
+        w = self._writing.get(dst) or self._writing.setdefault(dst, _Writers())
+        w.count += 1
+        try:
+            if w.lock.locked():
+                log.info("waiting: another transfer is writing this blob")
+            async with w.lock:
+                yield
+        finally:
+            w.count -= 1
+            if not w.count:
+                del self._writing[dst]
+
     async def _transfer(
         self, job: str, seq: int, spec: TransferSpec, listed: Listed | None, tally: Tally
     ) -> None:
@@ -317,7 +341,8 @@ class Supervisor:
         tracker = _Tracker(self, job, seq, listed.size if listed else None)
         log.info("transfer started", bytes=tracker.total)
         try:
-            outcome = await self._copier.copy(spec, listed, tracker.advance)
+            async with self._sole_writer(dst):
+                outcome = await self._copier.copy(spec, listed, tracker.advance)
         except Interrupted:
             tally.interrupted += 1
             self.state.transfer_finished(job, seq, "interrupted", tracker.done)

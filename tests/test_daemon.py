@@ -292,3 +292,30 @@ async def test_one_daemon_per_state_folder_and_per_jobs_folder(
     async with running_daemon(settings.model_copy(update={"state_dir": one, "jobs_dir": one})) as d:
         d.drop("m.json", job(f"s3://{bucket}/a", f"az://{container}/m"))
         assert (await d.wait_finished("m.json"))[0] == "done"
+
+
+async def test_two_jobs_writing_one_blob_take_turns(
+    settings: Settings,
+    s3_client: Any,
+    blob_service: BlobServiceClient,
+    bucket: str,
+    container: str,
+) -> None:
+    """A commit drops every block of the blob it does not list: two transfers writing
+    one blob at once used to fail one of them with Azure's InvalidBlockList."""
+    bodies = {k: payload(9 * MiB, seed=n) for n, k in enumerate(("a", "b"))}
+    for key, body in bodies.items():
+        s3_client.put_object(Bucket=bucket, Key=key, Body=body)
+    async with running_daemon(settings) as d:
+        for key in bodies:
+            (d.inbox / f".{key}.tmp").write_text(
+                job(f"s3://{bucket}/{key}", f"az://{container}/same", overwrite="always")
+            )
+        for key in bodies:  # the renames land together
+            os.rename(d.inbox / f".{key}.tmp", d.inbox / f"{key}.json")
+        results = await asyncio.gather(*(d.wait_finished(f"{k}.json") for k in bodies))
+    for folder, report in results:
+        assert folder == "done", report
+    # Whole, not a mix of the two: the one that committed last.
+    last = max(results, key=lambda r: r[1]["finished_at"])[1]["job"].removesuffix(".json")
+    assert blob_bytes(blob_service, container, "same") == bodies[last]

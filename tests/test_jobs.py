@@ -138,3 +138,23 @@ def test_job_level_options_are_defaults_for_each_transfer() -> None:
         Overwrite.ALWAYS,
         {"team": "ops", "env": "dev"},
     )
+
+
+def test_two_transfers_of_one_job_may_not_write_one_blob() -> None:
+    for second in ("az://ctr/x", "az://ctr/"):  # the second: a prefix, and b's name is x
+        doc = {
+            "transfers": [
+                {"source": "s3://bucket/a", "destination": "az://ctr/x"},
+                {"source": "s3://bucket/in/x", "destination": second},
+            ]
+        }
+        with pytest.raises(JobFileError, match=r"transfers.0 and transfers.1 both write"):
+            parse_job(json.dumps(doc))
+    fine = {
+        "transfers": [
+            {"source": "s3://bucket/in/", "destination": "az://ctr/x/"},
+            {"source": "s3://bucket/more/", "destination": "az://ctr/x/"},
+            {"source": "s3://bucket/a", "destination": "az://ctr/a"},
+        ]
+    }
+    assert len(parse_job(json.dumps(fine))) == 3  # prefixes are checked as they list
