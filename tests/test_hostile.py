@@ -65,8 +65,8 @@ async def test_a_hundred_thousand_transfers_stay_bounded_and_starve_no_one(
     s3_client.put_object(Bucket=bucket, Key="k", Body=b"payload")
     big = {
         "transfers": [
-            {"source": f"s3://{bucket}/k", "destination": f"az://{container}/same"}
-            for _ in range(100_000)
+            {"source": f"s3://{bucket}/k", "destination": f"az://{container}/big/{i}"}
+            for i in range(100_000)
         ]
     }
     env = daemon_env(
