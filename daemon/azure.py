@@ -112,6 +112,16 @@ class SourceUnreachableError(PermanentError):
         self.code = code
 
 
+class NotPermittedError(PermanentError):
+    """The credentials are good but lack a permission (a write-only SAS reading, say)."""
+
+    def __init__(self, dst: AzAddress, what: str) -> None:
+        super().__init__(
+            f"{dst}: {what}: the credentials are not permitted to do this "
+            "(AuthorizationPermissionMismatch); grant it on the container"
+        )
+
+
 class DestinationExistsError(PermanentError):
     def __init__(self, destination: AzAddress) -> None:
         super().__init__(f"{destination} already exists and overwrite is 'never'")
@@ -554,6 +564,8 @@ def _failure(status: int, code: str, dst: AzAddress, what: str) -> Exception:
         return PermanentError(f"{where}: container {dst.container!r} does not exist")
     if code == "BlobAlreadyExists":  # only a write conditional on absence gets this
         return DestinationExistsError(dst)
+    if code == "AuthorizationPermissionMismatch":
+        return NotPermittedError(dst, what)
     if status in (401, 403) or code in (
         "AuthorizationFailure",
         "AuthenticationFailed",

@@ -28,7 +28,13 @@ from typing import ClassVar
 import structlog
 from awscrt import checksums as awscrt_checksums
 
-from daemon.azure import AzureWriter, BlobHeaders, SourceUnreachableError, azure_metadata
+from daemon.azure import (
+    AzureWriter,
+    BlobHeaders,
+    NotPermittedError,
+    SourceUnreachableError,
+    azure_metadata,
+)
 from daemon.budget import ByteBudget
 from daemon.errors import (
     CorruptBlockError,
@@ -431,6 +437,8 @@ class Copier:
         if self._azure.round_trips.best() is None:
             try:  # one HEAD to time, once a minute at most while objects keep coming
                 await self._azure.existing(spec.destination)
+            except NotPermittedError:
+                pass  # refused, but answered: the round trip is timed all the same
             except TransferError:
                 return False  # the block path reports the problem properly
         azure = self._azure.round_trips.best()
@@ -524,9 +532,16 @@ class Copier:
         if spec.overwrite is Overwrite.ALWAYS:
             return None
         dst = spec.destination
-        existing = await retrying(
-            lambda: self._azure.existing(dst), self._settings.retry, f"check {dst}"
-        )
+        try:
+            existing = await retrying(
+                lambda: self._azure.existing(dst), self._settings.retry, f"check {dst}"
+            )
+        except NotPermittedError:
+            raise PermanentError(
+                f"{dst}: overwrite '{spec.overwrite}' reads the blob first, and the "
+                "credentials may not read (AuthorizationPermissionMismatch): grant read, "
+                "or set overwrite 'always'"
+            ) from None
         if existing is None:
             return None
         if spec.overwrite is Overwrite.NEVER:
@@ -690,9 +705,15 @@ class Copier:
     async def _staged(self, plan: Plan, dst: AzAddress) -> dict[int, bytes]:
         """Blocks of this plan already on the destination, from Azure's own record:
         {index: MD5 carried in the block ID}, for IDs of the right size only."""
-        staged = await retrying(
-            lambda: self._azure.staged_blocks(dst), self._settings.retry, f"blocks {dst}"
-        )
+        try:
+            staged = await retrying(
+                lambda: self._azure.staged_blocks(dst), self._settings.retry, f"blocks {dst}"
+            )
+        except NotPermittedError:
+            # A write-only SAS (create and write: the least an upload needs) may not
+            # list blocks. The transfer goes on, staging every block; it cannot resume.
+            log.warning("no permission to list staged blocks: every block is sent")
+            return {}
         found: dict[int, bytes] = {}
         for block_id, size in staged.items():
             parsed = plan.parse_id(block_id)

@@ -396,3 +396,54 @@ async def test_account_url_with_key_or_sas_token(
         status, [row] = await copy(tuned, f"s3://{bucket}/k.bin", f"az://{container}/{name}")
         assert status == "done", row.error
         assert blob_bytes(blob_service, container, name) == payload(5 * MiB, seed=9)
+
+
+async def test_a_write_only_sas_copies_every_route_with_overwrite_always(
+    settings: Settings,
+    azurite_endpoint: str,
+    s3_client: Any,
+    blob_service: BlobServiceClient,
+    bucket: str,
+    container: str,
+) -> None:
+    """Create and write: the least an upload needs, and a common way to grant one. No
+    route may need to read: the block path cannot list staged blocks (so it cannot
+    resume) and goes on; the pipe's timing HEAD is refused but timed. 'if-changed' must
+    read to compare, and says so."""
+    from datetime import UTC, datetime, timedelta
+
+    from azure.storage.blob import ContainerSasPermissions, generate_container_sas
+    from pydantic import SecretStr
+
+    from daemon.settings import AzureSettings
+    from tests.emulators import AZURITE_KEY
+
+    sas = generate_container_sas(
+        "devstoreaccount1",
+        container,
+        account_key=AZURITE_KEY,
+        permission=ContainerSasPermissions(write=True, create=True),
+        expiry=datetime.now(UTC) + timedelta(minutes=10),
+    )
+    azure = AzureSettings(
+        account_url=f"{azurite_endpoint}/devstoreaccount1", sas_token=SecretStr(sas)
+    )
+    bodies = {"small": payload(1000), "big": payload(9 * MiB, seed=4)}
+    for key, body in bodies.items():
+        s3_client.put_object(Bucket=bucket, Key=key, Body=body)
+    routes = {("small", 0): "whole", ("big", 0): "blocks", ("big", 64): "pipe"}
+    for (key, pipe), route in routes.items():
+        tuned = settings.model_copy(
+            update={"azure": azure, "pipe_max_mb": pipe, "pipe_rtt_ms": 1000.0}
+        )
+        dst = f"{key}-{route}"
+        status, [row] = await copy(
+            tuned, f"s3://{bucket}/{key}", f"az://{container}/{dst}", overwrite="always"
+        )
+        assert status == "done", row.error
+        assert row.detail["route"] == route
+        assert blob_bytes(blob_service, container, dst) == bodies[key]
+        status, [row] = await copy(tuned, f"s3://{bucket}/{key}", f"az://{container}/new-{dst}")
+        assert status == "failed"
+        assert row.error is not None and "grant read, or set overwrite 'always'" in row.error
+    assert not any(n.startswith("new-") for n in blob_names(blob_service, container))
