@@ -320,7 +320,9 @@ class Supervisor:
         """One transfer at a time per blob, across jobs: a commit drops every block of
         the blob it does not list, so two at once would fail one of them (Azure's
         InvalidBlockList). A later one waits its turn; the last to commit wins."""
-        w = self._writing.get(dst) or self._writing.setdefault(dst, _Writers())
+        w = self._writing.get(dst)
+        if w is None:
+            w = self._writing[dst] = _Writers()
         w.count += 1
         try:
             if w.lock.locked():
@@ -368,11 +370,12 @@ class Supervisor:
             detail["verified"] = outcome.verified
         if outcome.note:
             detail["note"] = outcome.note
-        if outcome.renamed_metadata:
-            detail["renamed_metadata"] = outcome.renamed_metadata
-        if outcome.dropped:
-            detail["dropped"] = outcome.dropped
-            log.warning("properties left off the blob", dropped=sorted(outcome.dropped))
+        landing = outcome.landing
+        if landing is not None and landing.renamed:
+            detail["renamed_metadata"] = landing.renamed
+        if landing is not None and landing.dropped:
+            detail["dropped"] = landing.dropped
+            log.warning("properties left off the blob", dropped=sorted(landing.dropped))
         if outcome.blocks_reused:
             detail["blocks_reused"] = outcome.blocks_reused
         if outcome.status is Status.SKIPPED:

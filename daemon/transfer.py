@@ -21,7 +21,7 @@ import dataclasses
 import hashlib
 import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import StrEnum
 from typing import ClassVar
 
@@ -77,9 +77,8 @@ class Outcome:
     bytes: int = 0
     verified: str | None = None
     note: str | None = None
-    renamed_metadata: dict[str, str] = field(default_factory=dict)
-    # Properties left off the blob, with their values: Azure's headers carry ASCII only.
-    dropped: dict[str, str] = field(default_factory=dict)
+    # How the blob's properties landed: metadata keys renamed, values left off.
+    landing: Landing | None = None
     blocks_reused: int = 0
     # How the bytes went: "whole" (one GET, one Put Blob, held here), "pipe" (one GET
     # streamed into one Put Blob), "blocks" (ranges staged in parallel) or "server-side".
@@ -501,8 +500,7 @@ class Copier:
             info.size,
             AZURE_CHECKED,
             note,
-            renamed_metadata=landing.renamed,
-            dropped=landing.dropped,
+            landing=landing,
             route="pipe",
         )
 
@@ -629,8 +627,7 @@ class Copier:
             info.size,
             verified,
             note,
-            renamed_metadata=landing.renamed,
-            dropped=landing.dropped,
+            landing=landing,
             route="whole",
         )
 
@@ -696,8 +693,7 @@ class Copier:
             Status.COPIED,
             info.size,
             "size: server-side copy, the bytes went from S3 to Azure without passing here",
-            renamed_metadata=landing.renamed,
-            dropped=landing.dropped,
+            landing=landing,
             blocks_reused=len(done),
             route="server-side",
         )
@@ -779,8 +775,7 @@ class Copier:
             info.size,
             verified,
             note,
-            renamed_metadata=landing.renamed,
-            dropped=landing.dropped,
+            landing=landing,
             blocks_reused=reused,
             route="blocks",
         )
