@@ -56,6 +56,22 @@ from daemon.s3 import Chunks
 from daemon.settings import Settings
 
 _RETRYABLE_CODES = {"ServerBusy", "InternalError", "OperationTimedOut", "ServiceUnavailable"}
+# Refusals a person can act on, by Azure's error code: what is wrong and what to do.
+_LEASED = "the blob has an active lease; break or release it, or let it expire"
+_TIER = "Azure refused the access tier; change the job's 'tier' or the 'tiers' setting"
+_WHY = {
+    "InvalidResourceName": "Azure rejected the name",
+    "InvalidBlobOrBlock": "Azure rejected the name",
+    "InvalidUri": "Azure rejected the name",
+    "InvalidMetadata": "Azure rejected the metadata",
+    "InvalidBlobType": "a page or append blob holds this name and blocks cannot be staged "
+    "into it; delete it or choose another destination",
+    "LeaseIdMissing": _LEASED,
+    "LeaseIdMismatchWithBlobOperation": _LEASED,
+    "BlobImmutableDueToPolicy": "the blob is immutable (a retention policy or legal hold)",
+    "InvalidBlobTier": _TIER,
+    "BlobAccessTierNotSupportedForAccountType": _TIER,
+}
 _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 
 
@@ -579,8 +595,6 @@ def _failure(status: int, code: str, dst: AzAddress, what: str) -> Exception:
         return CorruptBlockError(f"{where}: Azure received damaged bytes ({code})")
     if code in _RETRYABLE_CODES or status >= 500 or status in (408, 429):
         return RetryableError(f"{where}: Azure answered {status} {code}")
-    if code in ("InvalidResourceName", "InvalidBlobOrBlock", "InvalidUri"):
-        return PermanentError(f"{where}: Azure rejected the name ({code})")
-    if code == "InvalidMetadata":
-        return PermanentError(f"{where}: Azure rejected the metadata ({code})")
+    if code in _WHY:
+        return PermanentError(f"{where}: {_WHY[code]} ({code})")
     return PermanentError(f"{where}: Azure answered {status} {code}".rstrip())

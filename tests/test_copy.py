@@ -363,6 +363,54 @@ async def test_missing_things_fail_with_a_reason(
     assert blob_names(blob_service, container) == []
 
 
+@pytest.mark.parametrize("route", ["whole", "pipe", "blocks"])
+@pytest.mark.parametrize("kind", ["AppendBlob", "PageBlob", "leased"])
+async def test_a_blob_in_the_way_is_replaced_whole_or_left_with_a_reason(
+    route: str,
+    kind: str,
+    settings: Settings,
+    s3_client: Any,
+    blob_service: BlobServiceClient,
+    bucket: str,
+    container: str,
+) -> None:
+    """Put Blob, whole or piped, replaces a page or append blob in one step, as overwrite
+    asks. Blocks
+    cannot be staged into one (Azure answers InvalidBlobType, AzCopy's and blobferry's
+    old reason for a failure nobody could act on), and a leased blob takes no write at
+    all: those fail saying what is in the way, and the blob in the way is untouched."""
+    size = 1024 if route == "whole" else 9 * MiB
+    tuned = settings.model_copy(update={"pipe_max_mb": 16, "pipe_rtt_ms": 1000.0})
+    data = payload(size, seed=5)
+    s3_client.put_object(Bucket=bucket, Key="o.bin", Body=data)
+    old = blob_service.get_blob_client(container, "o.bin")
+    if kind == "AppendBlob":
+        old.create_append_blob()
+        old.append_block(b"old bytes")
+    elif kind == "PageBlob":
+        old.create_page_blob(512)
+    else:
+        old.upload_blob(b"old bytes")
+        old.acquire_lease(-1)
+    before = blob_bytes(blob_service, container, "o.bin")
+    status, [row] = await copy(
+        tuned if route == "pipe" else settings,
+        f"s3://{bucket}/o.bin",
+        f"az://{container}/o.bin",
+        overwrite="always",
+    )
+    if route != "blocks" and kind != "leased":
+        assert (status, row.detail["route"]) == ("done", route), row.error
+        assert blob_bytes(blob_service, container, "o.bin") == data
+        assert old.get_blob_properties().blob_type == "BlockBlob"
+        return
+    reason = "active lease; break or release it" if kind == "leased" else "page or append blob"
+    assert (status, row.status) == ("failed", "failed")
+    assert row.error is not None and reason in row.error, row.error
+    assert old.get_blob_properties().blob_type == ("BlockBlob" if kind == "leased" else kind)
+    assert blob_bytes(blob_service, container, "o.bin") == before
+
+
 async def test_account_url_with_key_or_sas_token(
     settings: Settings,
     azurite_endpoint: str,
