@@ -176,36 +176,75 @@ class QuerySigner:
     credentials are used as soon as botocore has them) in microseconds, where a full
     botocore presign costs about a millisecond. Anything unexpected in the resolved URL
     and the bucket is presigned by botocore every time instead.
+
+    A URL must be signed for the bucket's own region, which need not be the configured
+    one: botocore follows the redirect for its own calls, but a presigned URL is only
+    refused (AuthorizationQueryParametersError). So the bucket's region is asked once
+    (HEAD bucket, which names it even when it refuses) and a bucket elsewhere is signed
+    by a client of its region, from ``regional``.
     """
 
     PLACEHOLDER = "__blobferry_key__"
 
-    def __init__(self, client: Any, expires: int) -> None:
+    def __init__(
+        self, client: Any, expires: int, regional: Callable[[str], Awaitable[Any]] | None = None
+    ) -> None:
         self._client = client
         self._expires = expires
-        self._shapes: dict[str, UrlShape | None] = {}
+        self._regional = regional
+        self._learnt: dict[str, asyncio.Future[tuple[Any, UrlShape | None]]] = {}
         self._keys: dict[tuple[str, str, str], bytes] = {}
 
     async def url(self, bucket: str, key: str, now: datetime | None = None) -> str:
-        shape = self._shapes.get(bucket, _UNKNOWN)
-        if shape is _UNKNOWN:
-            shape = self._shapes[bucket] = await self._learn(bucket)
+        learnt = self._learnt.get(bucket)
+        if learnt is None:  # the first transfer from a bucket learns it; the others wait
+            learnt = self._learnt[bucket] = asyncio.ensure_future(self._learn(bucket))
+        try:
+            client, shape = await asyncio.shield(learnt)
+        except BaseException:
+            failed = learnt.done() and (learnt.cancelled() or learnt.exception() is not None)
+            if failed and self._learnt.get(bucket) is learnt:
+                del self._learnt[bucket]  # the next URL asks again
+            raise
         if shape is None:
-            return await self._botocore(bucket, key)
-        credentials = self._client._get_credentials()
+            return await self._botocore(client, bucket, key)
+        credentials = client._get_credentials()
         if credentials is None:
             raise NoCredentialsError()
         creds = await credentials.get_frozen_credentials()
         return self.sign(shape, key, creds.access_key, creds.secret_key, creds.token, now)
 
-    async def _botocore(self, bucket: str, key: str) -> str:
-        url: str = await self._client.generate_presigned_url(
+    async def _botocore(self, client: Any, bucket: str, key: str) -> str:
+        url: str = await client.generate_presigned_url(
             "get_object", Params={"Bucket": bucket, "Key": key}, ExpiresIn=self._expires
         )
         return url
 
-    async def _learn(self, bucket: str) -> UrlShape | None:
-        url = urlsplit(await self._botocore(bucket, self.PLACEHOLDER))
+    async def region(self, bucket: str) -> str | None:
+        """The bucket's region, as S3 names it in a HEAD bucket's answer (a refusal and
+        a redirect name it too); None when it is not named (no such bucket)."""
+        try:
+            response = await self._client.head_bucket(Bucket=bucket)
+        except ClientError as e:
+            response = e.response
+        except (NoCredentialsError, PartialCredentialsError):
+            raise
+        except BotoCoreError as e:  # the connection: the GET that follows is retried
+            raise RetryableError(f"s3://{bucket}: HEAD bucket: {type(e).__name__}") from None
+        headers = response.get("ResponseMetadata", {}).get("HTTPHeaders", {})
+        named: str | None = headers.get("x-amz-bucket-region")
+        return named
+
+    async def _learn(self, bucket: str) -> tuple[Any, UrlShape | None]:
+        client = self._client
+        if self._regional is not None:
+            region = await self.region(bucket)
+            if region and region != client.meta.region_name:
+                client = await self._regional(region)
+        return client, await self._shape(client, bucket)
+
+    async def _shape(self, client: Any, bucket: str) -> UrlShape | None:
+        url = urlsplit(await self._botocore(client, bucket, self.PLACEHOLDER))
         query = dict(parse_qsl(url.query))
         scope = query.get("X-Amz-Credential", "").split("/")
         if (
@@ -247,7 +286,6 @@ class QuerySigner:
         return found
 
 
-_UNKNOWN: Any = object()
 _SIGV4_PARAMS = {
     "X-Amz-Algorithm",
     "X-Amz-Credential",
@@ -316,7 +354,23 @@ class S3Reader:
         self._client = await self._stack.enter_async_context(
             session.create_client("s3", endpoint_url=s.endpoint_url, config=config)
         )
-        self._signer = QuerySigner(self._client, s.presign_expires_s)
+        regional: dict[str, Any] = {}
+        creating = asyncio.Lock()
+
+        async def client_in(region: str) -> Any:
+            """A client like the first, for buckets that live in ``region``."""
+            async with creating:
+                if region not in regional:
+                    regional[region] = await self._stack.enter_async_context(
+                        session.create_client(
+                            "s3",
+                            endpoint_url=s.endpoint_url,
+                            config=config.merge(AioConfig(region_name=region)),
+                        )
+                    )
+            return regional[region]
+
+        self._signer = QuerySigner(self._client, s.presign_expires_s, client_in)
         timeout = aiohttp.ClientTimeout(
             total=None,  # a block may take long on a slow link; stalls are caught below
             connect=self._settings.retry.connect_timeout_s,

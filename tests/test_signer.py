@@ -6,10 +6,12 @@ dependency here). The test pins ours to both, at the timestamp botocore chose.
 
 from __future__ import annotations
 
+import asyncio
 from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
+import aiohttp
 import boto3
 import botocore.auth
 import pytest
@@ -17,7 +19,9 @@ from aiobotocore.config import AioConfig
 from aiobotocore.session import get_session
 from botocore.config import Config
 
-from daemon.s3 import QuerySigner
+from daemon.jobs import S3Address
+from daemon.s3 import QuerySigner, S3Reader
+from daemon.settings import Settings
 
 KEYS = [
     "plain.bin",
@@ -93,3 +97,27 @@ def test_the_fast_timestamp_parser_agrees_with_botocores(value: str) -> None:
 
     ours, theirs = _timestamp(value), parse_timestamp(value)
     assert ours == theirs and ours.utcoffset() == theirs.utcoffset()
+
+
+async def test_a_bucket_in_another_region_is_signed_for_its_region(
+    settings: Settings, moto_endpoint: str, s3_client: Any, bucket: str
+) -> None:
+    """S3 refuses a presigned URL signed for another region than the bucket's, so a
+    bucket outside ``s3.region`` would fail every GET: the region is asked of S3."""
+    eu = boto3.client("s3", endpoint_url=moto_endpoint, region_name="eu-west-1")
+    away = f"eu-{bucket}"
+    eu.create_bucket(Bucket=away, CreateBucketConfiguration={"LocationConstraint": "eu-west-1"})
+    eu.put_object(Bucket=away, Key="k.bin", Body=b"far away")
+    s3_client.put_object(Bucket=bucket, Key="k.bin", Body=b"at home")
+    assert settings.s3.region == "us-east-1"
+
+    def region(url: str) -> str:
+        return dict(parse_qsl(urlsplit(url).query))["X-Amz-Credential"].split("/")[2]
+
+    async with S3Reader(settings) as s3:
+        urls = await asyncio.gather(*(s3.presign(S3Address(away, "k.bin")) for _ in range(5)))
+        assert {region(u) for u in urls} == {"eu-west-1"}
+        assert region(await s3.presign(S3Address(bucket, "k.bin"))) == "us-east-1"
+        assert region(await s3.presign(S3Address("no-such-bucket-here", "k"))) == "us-east-1"
+        async with aiohttp.ClientSession() as http, http.get(urls[0]) as r:
+            assert (r.status, await r.read()) == (200, b"far away")
