@@ -373,12 +373,19 @@ class AzureWriter:
         )
 
     async def stage_from_url(
-        self, dst: AzAddress, block_id: str, url: str, offset: int, length: int
+        self,
+        dst: AzAddress,
+        block_id: str,
+        url: str,
+        offset: int,
+        length: int,
+        md5: bytes | None = None,
     ) -> None:
-        """Azure fetches the range itself: no payload byte passes through this host."""
+        """Azure fetches the range itself: no payload byte passes through this host.
+        With ``md5`` (the range's), Azure checks what it fetched against it."""
         try:
             await self._blob(dst).stage_block_from_url(
-                block_id, url, source_offset=offset, source_length=length
+                block_id, url, source_offset=offset, source_length=length, source_content_md5=md5
             )
         except AzureError as e:
             code = _code(e)

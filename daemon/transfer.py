@@ -59,6 +59,7 @@ _ID_LENGTH = 24 + 6 + 32  # identity, index, MD5: every ID the same length, as A
 Progress = Callable[[int], None]
 SourceUrls = Callable[[ObjectInfo], Awaitable[str]]
 AZURE_CHECKED = "etag: Azure checked the bytes against S3's MD5 as they arrived"
+SERVER_SIDE_CHECKED = "etag: Azure checked the bytes it fetched from S3 against S3's MD5"
 SERVER_SIDE_MD5 = bytes(16)  # server-side blocks: no bytes here, so no MD5 in the ID
 log = structlog.get_logger("blobferry.transfer")
 
@@ -395,7 +396,10 @@ class Copier:
         skip = await self._skip_reason(spec, fp)
         if skip:
             return Outcome(Status.SKIPPED, note=skip)
-        if listed is not None and listed.size > bs:
+        # Server-side, even a small object goes as a block Azure fetches itself: its
+        # properties come from a HEAD, as no GET passes through here.
+        server_side = (spec.options.mode or self._settings.mode) == "server-side"
+        if listed is not None and (listed.size > bs or server_side and listed.size):
             info = await self._head(src)
             fp = fingerprint(src, info.etag, info.size)  # the version actually copied
         if info is None:
@@ -406,7 +410,7 @@ class Copier:
             )
         if await self._pipes(info, spec):
             return await self._pipe(info, spec, fp, progress)
-        if info.size <= bs:
+        if info.size <= bs and not (server_side and info.size):
             whole = info
 
             async def read() -> tuple[ObjectInfo, Chunks]:
@@ -656,6 +660,8 @@ class Copier:
         policy = self._settings.retry
         dst = spec.destination
         plan = plan_blocks(info, self._settings.block_size, None, flavour="server-side")
+        # An object in one block whose ETag is its MD5: Azure checks what it fetched.
+        md5 = info.md5 if len(plan.blocks) == 1 else None
         done = await self._staged(plan, dst)
         lanes = asyncio.Semaphore(self._settings.block_concurrency)
 
@@ -672,6 +678,7 @@ class Copier:
                         url,
                         block.start,
                         block.length,
+                        md5,
                     )
 
                 await retrying(stage, policy, f"stage {dst} block {block.index} from URL")
@@ -688,11 +695,13 @@ class Copier:
         except BaseExceptionGroup as eg:
             raise _first_error(eg) from None
         ids = [plan.block_id(b.index, SERVER_SIDE_MD5) for b in plan.blocks]
-        landing = await self._commit(info, spec, fp, ids, None)
+        landing = await self._commit(info, spec, fp, ids, md5)
         return Outcome(
             Status.COPIED,
             info.size,
-            "size: server-side copy, the bytes went from S3 to Azure without passing here",
+            SERVER_SIDE_CHECKED
+            if md5
+            else "size: server-side copy, the bytes went from S3 to Azure without passing here",
             landing=landing,
             blocks_reused=len(done),
             route="server-side",

@@ -8,20 +8,38 @@ presigned URL per block) is checked on its own, and a real S3 URL shows the fall
 from __future__ import annotations
 
 import asyncio
+import hashlib
 from datetime import UTC, datetime, timedelta
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
+import pytest
 from azure.storage.blob import BlobSasPermissions, BlobServiceClient, generate_blob_sas
 
 from daemon.azure import AzureWriter
 from daemon.budget import ByteBudget
+from daemon.errors import RetriesExhaustedError
 from daemon.jobs import parse_job
 from daemon.s3 import ObjectInfo, S3Reader
 from daemon.settings import Settings
-from daemon.transfer import Copier
+from daemon.transfer import SERVER_SIDE_CHECKED, Copier
 from tests.emulators import AZURITE_KEY
-from tests.helpers import MiB, blob_bytes, copy, payload
+from tests.helpers import MiB, blob_bytes, blob_names, copy, payload
+
+
+def _azurite_url(blob_service: BlobServiceClient, container: str, name: str, body: bytes) -> str:
+    """A URL Azurite can fetch from itself, holding ``body``: the stand-in for S3's."""
+    client = blob_service.get_blob_client(container, name)
+    client.upload_blob(body)
+    sas = generate_blob_sas(
+        "devstoreaccount1",
+        container,
+        name,
+        account_key=AZURITE_KEY,
+        permission=BlobSasPermissions(read=True),
+        expiry=datetime.now(UTC) + timedelta(minutes=5),
+    )
+    return f"{client.url}?{sas}"
 
 
 async def test_blocks_are_fetched_by_azure_from_a_url_it_can_reach(
@@ -33,16 +51,7 @@ async def test_blocks_are_fetched_by_azure_from_a_url_it_can_reach(
 ) -> None:
     body = payload(20 * MiB + 5, seed=31)
     s3_client.put_object(Bucket=bucket, Key="obj.bin", Body=body, ContentType="x/y")
-    blob_service.get_blob_client(container, "source.bin").upload_blob(body)
-    sas = generate_blob_sas(
-        "devstoreaccount1",
-        container,
-        "source.bin",
-        account_key=AZURITE_KEY,
-        permission=BlobSasPermissions(read=True),
-        expiry=datetime.now(UTC) + timedelta(minutes=5),
-    )
-    source_url = blob_service.get_blob_client(container, "source.bin").url + "?" + sas
+    source_url = _azurite_url(blob_service, container, "source.bin", body)
     asked: list[str] = []
 
     async def urls(info: ObjectInfo) -> str:
@@ -95,3 +104,63 @@ async def test_each_presigned_url_is_fresh_and_short_lived(settings: Settings, b
     assert q1["X-Amz-Expires"] == ["60"] and q1["X-Amz-Algorithm"] == ["AWS4-HMAC-SHA256"]
     assert q1["X-Amz-Date"] != q2["X-Amz-Date"] and q1["X-Amz-Signature"] != q2["X-Amz-Signature"]
     assert urlsplit(first).path == f"/{bucket}/k.bin"
+
+
+async def test_a_small_object_is_fetched_by_azure_and_checked_against_its_md5(
+    settings: Settings,
+    s3_client: Any,
+    blob_service: BlobServiceClient,
+    bucket: str,
+    container: str,
+) -> None:
+    """An object of one block goes server-side too (it used to pass through here), and
+    Azure checks the bytes it fetched against the ETag: a URL serving other bytes of
+    the same size is refused on every attempt and nothing is committed."""
+    body = payload(300 * 1024, seed=33)
+    s3_client.put_object(Bucket=bucket, Key="small.bin", Body=body, ContentType="x/small")
+    for source, bytes_there in (("good", body), ("bad", payload(len(body), seed=34))):
+        url = _azurite_url(blob_service, container, f"{source}-source.bin", bytes_there)
+
+        async def urls(info: ObjectInfo, url: str = url) -> str:
+            return url
+
+        [spec] = parse_job(
+            f'{{"source": "s3://{bucket}/small.bin", "destination": "az://{container}/{source}",'
+            ' "mode": "server-side"}'
+        )
+        async with S3Reader(settings) as s3, AzureWriter(settings) as az:
+            budget = ByteBudget(settings.memory_bytes)
+            copier = Copier(settings, s3, az, budget, source_urls=urls)
+            if source == "good":
+                outcome = await copier.copy(spec)
+                assert (outcome.status, outcome.route) == ("copied", "server-side")
+                assert outcome.verified == SERVER_SIDE_CHECKED
+                assert budget.peak == 0
+            else:
+                with pytest.raises(RetriesExhaustedError, match="Md5Mismatch"):
+                    await copier.copy(spec)
+    assert blob_bytes(blob_service, container, "good") == body
+    props = blob_service.get_blob_client(container, "good").get_blob_properties()
+    assert props.content_settings.content_type == "x/small"
+    assert bytes(props.content_settings.content_md5) == hashlib.md5(body).digest()
+    assert "bad" not in blob_names(blob_service, container)
+
+
+async def test_a_prefix_of_small_objects_falls_back_to_streaming_each(
+    settings: Settings,
+    s3_client: Any,
+    blob_service: BlobServiceClient,
+    bucket: str,
+    container: str,
+) -> None:
+    objects = {f"p/{n}.bin": payload(n * 1000, seed=n) for n in range(3)}  # 0 bytes first
+    for key, body in objects.items():
+        s3_client.put_object(Bucket=bucket, Key=key, Body=body)
+    server_side = settings.model_copy(update={"mode": "server-side"})
+    status, rows = await copy(server_side, f"s3://{bucket}/p/", f"az://{container}/q/")
+    assert status == "done", [r.error for r in rows]
+    for row in rows:
+        if row.bytes_done:  # an empty object has no block to fetch: it goes whole
+            assert "server-side copy impossible" in row.detail["note"], row.detail
+    for key, body in objects.items():
+        assert blob_bytes(blob_service, container, "q/" + key[2:]) == body
