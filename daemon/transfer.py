@@ -399,7 +399,7 @@ class Copier:
         # Server-side, even a small object goes as a block Azure fetches itself: its
         # properties come from a HEAD, as no GET passes through here.
         server_side = (spec.options.mode or self._settings.mode) == "server-side"
-        if listed is not None and (listed.size > bs or server_side and listed.size):
+        if listed is not None and (listed.size > bs or (server_side and listed.size)):
             info = await self._head(src)
             fp = fingerprint(src, info.etag, info.size)  # the version actually copied
         if info is None:
