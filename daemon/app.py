@@ -27,7 +27,7 @@ from daemon.s3 import S3Reader
 from daemon.settings import Settings, require_azure
 from daemon.sources.directory import DirectorySource
 from daemon.state import StateStore
-from daemon.supervisor import Supervisor
+from daemon.supervisor import Supervisor, state_failure
 from daemon.systemd import Notifier
 from daemon.transfer import Copier
 
@@ -122,6 +122,8 @@ async def serve(
                 tg.create_task(_announce_stop(stop, notifier, sup))
                 await sup.serve(source)
                 keepalive.cancel()
+            if sup.state_lost is not None:
+                raise sup.state_lost  # exits non-zero with the reason: systemd restarts
     finally:
         state.close()
         if jobs_lock is not None:
@@ -147,5 +149,11 @@ async def copy_once(
     state = StateStore.in_dir(settings.state_dir)
     async with engine(settings, stop) as e:
         sup = Supervisor(settings, e.s3, e.copier, state, stop, on_progress=on_progress)
-        status = await sup.run_job(name, specs)
+        try:
+            status = await sup.run_job(name, specs)
+        except BaseExceptionGroup as eg:
+            lost = state_failure(eg)
+            if lost is None:
+                raise
+            raise lost from None
     return status, state

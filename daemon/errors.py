@@ -83,6 +83,20 @@ class RetriesExhaustedError(PermanentError):
         self.last = last
 
 
+class StateError(BlobferryError):
+    """The state database cannot be written: most likely its disk is full.
+
+    Nothing is recorded reliably after that, so the daemon stops (systemd starts it
+    again); started with room to write, it resumes every job where it was."""
+
+    def __init__(self, path: str, error: BaseException) -> None:
+        super().__init__(
+            f"cannot write the state database {path} ({error}); free space on its disk "
+            "or fix its permissions. blobferry stops; started again, it resumes every job "
+            "where it was"
+        )
+
+
 class Interrupted(BlobferryError):
     """The daemon is stopping: the transfer was left to resume on the next start."""
 

@@ -5,10 +5,14 @@ says which blocks exist, and the ``processing/`` folder says which jobs are unfi
 So writes are batched (committed on job events and by the supervisor's ticker) and
 nothing is lost that a restart could not rebuild. Transfer rows are also what a job's
 report is streamed from, so a job of 100,000 transfers never holds them all in memory.
+
+A write that fails (a full disk, most likely) raises StateError, and the daemon stops:
+without a record, no report could be trusted.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sqlite3
 import time
@@ -18,6 +22,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any
 
+from daemon.errors import StateError
+
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
     job TEXT PRIMARY KEY,
@@ -25,6 +31,10 @@ CREATE TABLE IF NOT EXISTS jobs (
     started_at REAL NOT NULL,
     finished_at REAL,
     error TEXT
+);
+CREATE TABLE IF NOT EXISTS opened (
+    one INTEGER PRIMARY KEY CHECK (one = 1),
+    at REAL NOT NULL
 );
 CREATE TABLE IF NOT EXISTS transfers (
     job TEXT NOT NULL,
@@ -105,55 +115,83 @@ class StateStore:
         if isinstance(path, Path):
             path.parent.mkdir(parents=True, exist_ok=True)
         self._path = str(path)
-        self._db = sqlite3.connect(self._path, isolation_level="DEFERRED")
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.executescript(_SCHEMA)
-        self._db.commit()
+        try:
+            self._db = sqlite3.connect(self._path, isolation_level="DEFERRED")
+        except sqlite3.Error as e:
+            raise StateError(self._path, e) from None
+        self._open()
+
+    def _open(self) -> None:
+        with self._writing():
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._db.executescript(_SCHEMA)
+            # One row written at every start: a disk too full to take it stops the daemon
+            # here, with the reason, not at the first job.
+            self._db.execute(
+                "INSERT OR REPLACE INTO opened (one, at) VALUES (1, ?)", (time.time(),)
+            )
+            self._db.commit()
+
+    @contextlib.contextmanager
+    def _writing(self) -> Iterator[None]:
+        """A write: on failure what was pending is rolled back and StateError raised."""
+        try:
+            yield
+        except sqlite3.Error as e:
+            with contextlib.suppress(sqlite3.Error):
+                self._db.rollback()
+            raise StateError(self._path, e) from None
 
     @classmethod
     def in_dir(cls, state_dir: Path) -> StateStore:
         return cls(state_dir / "blobferry.sqlite3")
 
     def close(self) -> None:
-        self._db.commit()
+        with contextlib.suppress(sqlite3.Error):  # after a StateError this fails again
+            self._db.commit()
         self._db.close()
 
     def flush(self) -> None:
-        self._db.commit()
+        with self._writing():
+            self._db.commit()
 
     # -- writes ---------------------------------------------------------------------
 
     def job_started(self, job: str) -> None:
-        # A job name seen before (a crash, or a resubmission) starts a fresh record.
-        self._db.execute("DELETE FROM transfers WHERE job = ?", (job,))
-        self._db.execute(
-            "INSERT OR REPLACE INTO jobs (job, status, started_at) VALUES (?, 'running', ?)",
-            (job, time.time()),
-        )
-        self._db.commit()
+        with self._writing():
+            # A job name seen before (a crash, or a resubmission) starts a fresh record.
+            self._db.execute("DELETE FROM transfers WHERE job = ?", (job,))
+            self._db.execute(
+                "INSERT OR REPLACE INTO jobs (job, status, started_at) VALUES (?, 'running', ?)",
+                (job, time.time()),
+            )
+            self._db.commit()
 
     def job_finished(self, job: str, status: str, error: str | None = None) -> None:
-        self._db.execute(
-            "UPDATE jobs SET status = ?, finished_at = ?, error = ? WHERE job = ?",
-            (status, time.time(), error, job),
-        )
-        self._db.commit()
+        with self._writing():
+            self._db.execute(
+                "UPDATE jobs SET status = ?, finished_at = ?, error = ? WHERE job = ?",
+                (status, time.time(), error, job),
+            )
+            self._db.commit()
 
     def transfer_started(self, job: str, seq: int, source: str, destination: str) -> None:
-        now = time.time()
-        self._db.execute(
-            "INSERT OR REPLACE INTO transfers (job, seq, source, destination, status, "
-            "started_at, updated_at) VALUES (?, ?, ?, ?, 'running', ?, ?)",
-            (job, seq, source, destination, now, now),
-        )
+        with self._writing():
+            now = time.time()
+            self._db.execute(
+                "INSERT OR REPLACE INTO transfers (job, seq, source, destination, status, "
+                "started_at, updated_at) VALUES (?, ?, ?, ?, 'running', ?, ?)",
+                (job, seq, source, destination, now, now),
+            )
 
     def transfer_progress(self, job: str, seq: int, done: int, total: int | None) -> None:
-        self._db.execute(
-            "UPDATE transfers SET bytes_done = ?, bytes_total = ?, updated_at = ? "
-            "WHERE job = ? AND seq = ?",
-            (done, total, time.time(), job, seq),
-        )
+        with self._writing():
+            self._db.execute(
+                "UPDATE transfers SET bytes_done = ?, bytes_total = ?, updated_at = ? "
+                "WHERE job = ? AND seq = ?",
+                (done, total, time.time(), job, seq),
+            )
 
     def transfer_finished(
         self,
@@ -164,12 +202,13 @@ class StateStore:
         error: str | None = None,
         detail: dict[str, Any] | None = None,
     ) -> None:
-        now = time.time()
-        self._db.execute(
-            "UPDATE transfers SET status = ?, bytes_done = ?, updated_at = ?, finished_at = ?, "
-            "error = ?, detail = ? WHERE job = ? AND seq = ?",
-            (status, done, now, now, error, json.dumps(detail or {}), job, seq),
-        )
+        with self._writing():
+            now = time.time()
+            self._db.execute(
+                "UPDATE transfers SET status = ?, bytes_done = ?, updated_at = ?, finished_at = ?, "
+                "error = ?, detail = ? WHERE job = ? AND seq = ?",
+                (status, done, now, now, error, json.dumps(detail or {}), job, seq),
+            )
 
     # -- reads ----------------------------------------------------------------------
 

@@ -22,7 +22,7 @@ from functools import partial
 
 import structlog
 
-from daemon.errors import Interrupted, JobFileError, TransferError, redact
+from daemon.errors import Interrupted, JobFileError, StateError, TransferError, redact
 from daemon.jobs import TransferSpec, parse_job
 from daemon.s3 import Listed, S3Reader
 from daemon.settings import Settings
@@ -51,6 +51,18 @@ class Tally:
 class _Writers:
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     count: int = 0  # transfers holding or waiting for the lock
+
+
+def state_failure(e: BaseException) -> StateError | None:
+    """The StateError in ``e`` (itself, or inside TaskGroups' exception groups), if any."""
+    if isinstance(e, StateError):
+        return e
+    if isinstance(e, BaseExceptionGroup):
+        for inner in e.exceptions:
+            found = state_failure(inner)
+            if found is not None:
+                return found
+    return None
 
 
 def _internal_error(e: BaseException) -> str:
@@ -112,6 +124,8 @@ class Supervisor:
         self._last_flush = time.monotonic()
         self.active_jobs: set[str] = set()
         self._writing: dict[str, _Writers] = {}  # destination -> its transfers
+        # Set when the state database cannot be written: the daemon drains and stops.
+        self.state_lost: StateError | None = None
         self.copied = self.failed = self.bytes_copied = self.running = 0
 
     def summary(self) -> str:
@@ -150,7 +164,16 @@ class Supervisor:
             finally:
                 await claims.aclose()  # type: ignore[attr-defined]
             await self._drain(jobs)
-        self.state.flush()
+        if self.state_lost is None:
+            self.state.flush()
+
+    def _lose_state(self, e: StateError) -> None:
+        """Nothing can be recorded: stop taking jobs and drain. The jobs in flight stay
+        in processing/ and resume on the next start, where they were."""
+        if self.state_lost is None:
+            self.state_lost = e
+            log.error("stopping: the state cannot be written", error=str(e))
+            self._stop.set()
 
     async def _wait_for_slot(self) -> None:
         waiter = asyncio.ensure_future(self._slots.acquire())
@@ -184,6 +207,15 @@ class Supervisor:
 
     async def _run_claimed(self, source: JobSource, job: ClaimedJob) -> None:
         structlog.contextvars.bind_contextvars(job=job.name)
+        try:
+            await self._run_and_file(source, job)
+        except Exception as e:
+            lost = state_failure(e)
+            if lost is None:
+                raise
+            self._lose_state(lost)  # the job is left in processing/, unfiled
+
+    async def _run_and_file(self, source: JobSource, job: ClaimedJob) -> None:
         log.info("claimed", recovered=job.recovered)
         try:
             # A large job file takes seconds to parse: not on the loop serving sockets.
@@ -197,6 +229,8 @@ class Supervisor:
             try:
                 status = await self.run_job(job.name, specs)
             except Exception as e:  # a bug must cost one job, never the daemon
+                if state_failure(e) is not None:
+                    raise
                 error = _internal_error(e)
                 self.state.job_finished(job.name, "failed", error)
                 log.exception("job failed", error=error)
@@ -357,6 +391,8 @@ class Supervisor:
             self.state.transfer_finished(job, seq, Status.FAILED, tracker.done, error)
             log.error("failed", error=error, bytes=tracker.done)
             return
+        except StateError:
+            raise  # not this transfer's failure: nothing can be recorded any more
         except Exception as e:  # a bug must cost one transfer, never the daemon
             tally.failed += 1
             error = _internal_error(e)

@@ -115,6 +115,12 @@ def test_exit_codes_and_one_line_errors(
     no_azure = {k: v for k, v in env.items() if k != "AZURE_STORAGE_CONNECTION_STRING"}
     unset = run(["copy", f"s3://{bucket}/k", f"az://{container}/k"], no_azure)
     assert unset.returncode == 2 and "azure" in unset.stderr
+    unwritable = tmp_path / "unwritable-state"
+    (unwritable / "blobferry.sqlite3").mkdir(parents=True)  # no database can open here
+    for command in (["copy", f"s3://{bucket}/k", f"az://{container}/k"], ["run"]):
+        state = run(command, dict(env, BLOBFERRY_STATE_DIR=str(unwritable)), timeout=30)
+        assert state.returncode == 1, state.stderr
+        assert "cannot write the state database" in state.stderr.splitlines()[-1]
 
 
 def test_run_submit_status_and_sigterm(

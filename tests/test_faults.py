@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import resource
 import signal
 import socket
 import sys
@@ -501,3 +502,61 @@ async def test_an_upload_that_stalls_is_cut_and_sent_again(
     assert status == "done", row.error
     assert time.monotonic() - t0 < 60
     assert blob_bytes(blob_service, container, "up.bin") == body
+
+
+async def test_a_state_disk_that_fills_stops_the_daemon_and_the_job_resumes_after(
+    settings: Settings,
+    moto_endpoint: str,
+    azurite_endpoint: str,
+    s3_client: Any,
+    blob_service: BlobServiceClient,
+    bucket: str,
+    container: str,
+) -> None:
+    """The instance's disk is small and shared: the state database may find it full.
+    A real write limit (RLIMIT_FSIZE: writes past it fail with EFBIG, as on a full disk)
+    makes SQLite fail during a job. The daemon says why and stops (systemd starts it
+    again), the job waits in processing/ with no report, and each blob that landed is
+    whole. Started again with room, the job resumes: what landed is skipped."""
+    objects = {f"p/{n:02d}-" + "k" * 900: payload(2000, seed=n) for n in range(40)}
+    for key, body in objects.items():  # 40 rows of ~2 KB: more than the limit below
+        s3_client.put_object(Bucket=bucket, Key=key, Body=body)
+    env = daemon_env(settings, moto_endpoint, azurite_endpoint)
+    die_with_us = dies_with_this_process()
+
+    def small_disk() -> None:
+        die_with_us()
+        resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, 64 * 1024))
+
+    proc = await asyncio.create_subprocess_exec(
+        BLOBFERRY,
+        "run",
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        preexec_fn=small_disk,
+    )
+    inbox = settings.jobs_dir / "inbox"
+    while not inbox.exists():
+        await asyncio.sleep(0.05)
+    job = {"source": f"s3://{bucket}/p/", "destination": f"az://{container}/q/"}
+    (inbox / "full.json").write_text(json.dumps(job))
+    out, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode != 0
+    assert "cannot write the state database" in err.decode(), err.decode()[-2000:]
+    assert "free space on its disk" in err.decode()
+    stopped = [json.loads(line) for line in out.decode().splitlines()]
+    assert any(e["event"] == "stopping: the state cannot be written" for e in stopped)
+    assert os.listdir(settings.jobs_dir / "processing") == ["full.json"]
+    assert os.listdir(settings.jobs_dir / "done") == os.listdir(settings.jobs_dir / "failed") == []
+    landed = blob_names(blob_service, container)  # all or some: commits come each second
+    for name in landed:
+        assert blob_bytes(blob_service, container, name) == objects["p/" + name[2:]]
+
+    report = await restart_to_report(env, settings.jobs_dir, "full")
+    assert report["folder"] == "done", report.get("error")
+    statuses = [t["status"] for t in report["transfers"]]
+    assert len(statuses) == len(objects)
+    assert statuses.count("skipped") == len(landed)  # what landed is not copied again
+    for key, body in objects.items():
+        assert blob_bytes(blob_service, container, "q/" + key[2:]) == body
