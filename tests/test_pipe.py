@@ -166,12 +166,13 @@ async def test_a_broken_stream_is_sent_again(
 ) -> None:
     body = payload(16 * MiB, seed=7)
     s3_client.put_object(Bucket=bucket, Key="b.bin", Body=body)
-    # S3's connection 1 is the HEAD, 2 the stream, which breaks 3 MiB in. Or the Put
-    # Blob's connection stops being read 1 MiB in: 16 MiB is more than the sockets'
-    # buffers hold, so the sender blocks, and only a deadline on progress sees it.
+    # S3's connection 1 is the HEAD, 2 the HEAD bucket that finds the bucket's region,
+    # 3 the stream, which breaks 3 MiB in. Or the Put Blob's connection stops being
+    # read 1 MiB in: 16 MiB is more than the sockets' buffers hold, so the sender
+    # blocks, and only a deadline on progress sees it.
     s3_faults = {
-        "reset": Faults(reset_every=2, reset_after=3 * MiB),
-        "stall": Faults(stall_every=2, stall_after=3 * MiB),
+        "reset": Faults(reset_every=3, reset_after=3 * MiB),
+        "stall": Faults(stall_every=3, stall_after=3 * MiB),
     }.get(fault)
     azure_faults = (
         Faults(upload_stall_at=-1, upload_stall_after=MiB) if fault == "upload stall" else None
