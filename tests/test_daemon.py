@@ -5,11 +5,13 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import subprocess
 from pathlib import Path
 from typing import Any
 
 import pytest
 from azure.storage.blob import BlobServiceClient
+from structlog.testing import capture_logs
 
 from daemon import app
 from daemon.errors import ConfigError
@@ -218,6 +220,42 @@ async def test_a_job_that_cannot_be_filed_waits_in_processing(
     [t] = report["transfers"]
     assert t["status"] == "skipped", t  # the blob landed the first time
     assert os.listdir(processing) == []
+
+
+def chattr(flag: str, path: Path) -> bool:
+    """Set or clear a file attribute (+i: immutable); whether that worked here."""
+    return subprocess.run(["chattr", flag, str(path)], capture_output=True).returncode == 0
+
+
+async def test_a_job_file_that_cannot_be_moved_is_named_once_and_left(
+    settings: Settings,
+    s3_client: Any,
+    blob_service: BlobServiceClient,
+    bucket: str,
+    container: str,
+) -> None:
+    """A job file the daemon may not move out of inbox/ (another user's file in a sticky
+    inbox, say; here an immutable one, which not even root may move) is logged once,
+    with what to fix, and left where it is. It used to stop the daemon."""
+    s3_client.put_object(Bucket=bucket, Key="a", Body=b"aaa")
+    inbox = settings.jobs_dir / "inbox"
+    inbox.mkdir(parents=True)
+    stuck = inbox / "stuck.json"
+    stuck.write_text(job(f"s3://{bucket}/a", f"az://{container}/stuck"))
+    if not chattr("+i", stuck):
+        pytest.skip("chattr +i is not available on this machine")
+    try:
+        with capture_logs() as logs:
+            async with running_daemon(settings) as d:
+                d.drop("after.json", job(f"s3://{bucket}/a", f"az://{container}/after"))
+                assert (await d.wait_finished("after.json"))[0] == "done"
+                await asyncio.sleep(1.0)  # five more scans of the inbox
+        refused = [e for e in logs if e["event"] == "job file cannot be claimed, left in inbox/"]
+        assert [e["job"] for e in refused] == ["stuck.json"]
+        assert refused[0]["error"] == "Operation not permitted"
+        assert stuck.exists() and blob_names(blob_service, container) == ["after"]
+    finally:
+        assert chattr("-i", stuck)
 
 
 async def test_a_bug_costs_one_job_or_one_transfer_never_the_daemon(

@@ -54,6 +54,7 @@ class DirectorySource:
         self._settle_s = settle_s
         self._watch_enabled = watch
         self._changed = asyncio.Event()
+        self._refused: dict[str, float] = {}  # job files that could not be claimed: mtime
 
     def prepare(self) -> None:
         for folder in (self.inbox, self.processing, self.done, self.failed):
@@ -104,6 +105,9 @@ class DirectorySource:
                         os.rename(self.inbox / name, self.processing / name)
                     except FileNotFoundError:
                         continue  # another daemon (or the user) took it first
+                    except OSError as e:  # not ours to move: say so once, leave it be
+                        self._refuse(name, mtime, e)
+                        continue
                     claimed = True
                     yield ClaimedJob(name, self.processing / name)
                 if not claimed:
@@ -111,6 +115,19 @@ class DirectorySource:
         finally:
             watcher.cancel()
             await asyncio.gather(watcher, return_exceptions=True)
+
+    def _refuse(self, name: str, mtime: float, e: OSError) -> None:
+        """A job file this daemon cannot claim (a sticky inbox and another user's file,
+        an inbox it may not write): logged once per version of the file, left in place."""
+        if self._refused.get(name) != mtime:
+            self._refused[name] = mtime
+            log.error(
+                "job file cannot be claimed, left in inbox/",
+                job=name,
+                error=e.strerror,
+                fix="the daemon's user must be able to move it: write permission on inbox/ "
+                "and processing/, and in a sticky inbox, the file must be that user's",
+            )
 
     async def _watch(self, stop: asyncio.Event) -> None:
         if not self._watch_enabled:
