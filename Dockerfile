@@ -3,6 +3,10 @@
 ARG BASE=python:3.11-slim-bookworm
 
 FROM ${BASE} AS build
+# Behind a TLS-inspecting proxy, pass its CA bundle (mounted) to pip and uv; these are
+# build arguments, so nothing of them reaches the image.
+ARG PIP_CERT
+ARG SSL_CERT_FILE
 ENV UV_LINK_MODE=copy UV_COMPILE_BYTECODE=1 UV_PYTHON_DOWNLOADS=never
 RUN python3 -m venv /opt/uv && /opt/uv/bin/pip install --no-cache-dir uv==0.13.9
 WORKDIR /opt/blobferry

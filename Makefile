@@ -3,7 +3,7 @@ UV_VERSION := 0.13.9
 UV := .tools/bin/uv
 RUN := $(UV) run --frozen
 
-.PHONY: setup demo test lint typecheck format bench clean
+.PHONY: setup demo image test lint typecheck format bench clean
 
 $(UV):
 	python3 -m venv .tools
@@ -15,6 +15,10 @@ setup: $(UV)
 
 demo: setup
 	$(RUN) python -m tests.demo
+
+# The Docker image built and the demo run with the daemon inside it (buildah, root).
+image: setup
+	$(RUN) python -m tests.image
 
 lint: setup
 	$(RUN) ruff check .

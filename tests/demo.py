@@ -16,6 +16,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import boto3
 from azure.storage.blob import BlobServiceClient
@@ -43,7 +44,32 @@ def sample_objects(s3: object) -> dict[str, bytes]:
     return objects
 
 
-def main() -> int:
+class Daemon:
+    """`blobferry run` as a process of this Python; tests/image.py runs it in the image."""
+
+    def __init__(self, env: dict[str, str], run_dir: Path) -> None:
+        self.log_path = run_dir / "daemon.log"
+        self._log = open(self.log_path, "w")  # noqa: SIM115
+        self.proc = subprocess.Popen(
+            self.command(env, run_dir),
+            env=env,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            preexec_fn=dies_with_this_process(),
+        )
+
+    def command(self, env: dict[str, str], run_dir: Path) -> list[str]:
+        return [sys.executable, "-m", "daemon", "run"]
+
+    def stop(self) -> int:
+        """SIGTERM, as systemd stops it; its exit code."""
+        self.proc.send_signal(signal.SIGTERM)
+        self.proc.wait(60)
+        self._log.close()
+        return self.proc.returncode
+
+
+def main(daemon: type[Daemon] = Daemon) -> int:
     run_dir = ROOT / "demo-run"
     shutil.rmtree(run_dir, ignore_errors=True)
     run_dir.mkdir()
@@ -77,14 +103,8 @@ def main() -> int:
             f"put {len(objects)} sample objects ({sum(map(len, objects.values())) / MiB:.1f} MiB) in s3://{BUCKET}/"
         )
 
-        log = open(run_dir / "daemon.log", "w")  # noqa: SIM115
-        daemon = subprocess.Popen(
-            [sys.executable, "-m", "daemon", "run"],
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            preexec_fn=dies_with_this_process(),
-        )
+        (run_dir / "jobs" / "inbox").mkdir(parents=True)
+        running = daemon(env, run_dir)
         try:
             job = {
                 "transfers": [
@@ -106,17 +126,15 @@ def main() -> int:
                     p = run_dir / "jobs" / folder / "sample.report.json"
                     if p.exists():
                         report_path = p
-                if daemon.poll() is not None:
+                if running.proc.poll() is not None:
                     raise SystemExit(
-                        f"the daemon exited with {daemon.returncode}; see {run_dir / 'daemon.log'}"
+                        f"the daemon exited with {running.proc.returncode}; see {running.log_path}"
                     )
                 time.sleep(0.2)
             if report_path is None:
                 raise SystemExit("the job did not finish in time")
         finally:
-            daemon.send_signal(signal.SIGTERM)
-            daemon.wait(60)
-            log.close()
+            exit_code = running.stop()
         report = json.loads(report_path.read_text())
         print(json.dumps(report, indent=2))
         wrong = []
@@ -125,11 +143,9 @@ def main() -> int:
             got = blobs.get_blob_client(CONTAINER, name).download_blob(decompress=False).readall()
             if got != body:
                 wrong.append(name)
-        print(
-            f"daemon log: {run_dir / 'daemon.log'} (JSON lines); daemon exit code {daemon.returncode}"
-        )
-        if report["status"] != "done" or wrong:
-            print(f"FAILED: status {report['status']}, wrong blobs: {wrong}")
+        print(f"daemon log: {running.log_path} (JSON lines); daemon exit code {exit_code}")
+        if report["status"] != "done" or wrong or exit_code != 0:
+            print(f"FAILED: status {report['status']}, wrong blobs: {wrong}, exit {exit_code}")
             return 1
         print(f"OK: {len(objects)} objects copied, every blob equal to its object byte for byte")
         return 0
