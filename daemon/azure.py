@@ -61,7 +61,7 @@ _LEASED = "the blob has an active lease; break or release it, or let it expire"
 _TIER = "Azure refused the access tier; change the job's 'tier' or the 'tiers' setting"
 _WHY = {
     "InvalidResourceName": "Azure rejected the name",
-    "InvalidBlobOrBlock": "Azure rejected the name",
+    "InvalidBlobOrBlock": "Azure rejected the name or a block",
     "InvalidUri": "Azure rejected the name",
     "InvalidMetadata": "Azure rejected the metadata",
     "InvalidBlobType": "a page or append blob holds this name and blocks cannot be staged "
@@ -404,6 +404,16 @@ class AzureWriter:
         except AzureError as e:
             raise _translate(e, dst, "list blocks") from None
         return {b.id: b.size for b in uncommitted}
+
+    async def discard_uncommitted(self, dst: AzAddress) -> None:
+        """Delete a blob that has uncommitted blocks and nothing committed: the one way
+        to be rid of blocks another writer left. Only for a blob a HEAD found absent."""
+        try:
+            await self._blob(dst).delete_blob()
+        except ResourceNotFoundError:
+            return  # gone already: what was asked
+        except AzureError as e:
+            raise _translate(e, dst, "delete uncommitted blocks") from None
 
     async def commit(
         self,

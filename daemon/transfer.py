@@ -55,6 +55,20 @@ MAX_BLOCK_SIZE = 4000 * MiB
 WHOLE_PART_MAX = 16 * MiB
 PIPE_BUFFER = MiB
 _ID_LENGTH = 24 + 6 + 32  # identity, index, MD5: every ID the same length, as Azure requires
+_SENT_LENGTH = len(base64.b64encode(bytes(_ID_LENGTH)))  # as Azure holds it: base64
+
+
+def _sent_length(block_id: str) -> int:
+    """A staged block's ID length as Azure compares it, base64. The SDK hands an ID back
+    decoded where it decodes to text, as sent where it does not."""
+    try:
+        base64.b64decode(block_id, validate=True).decode()
+    except UnicodeDecodeError:
+        return len(block_id)  # binary underneath: handed back as sent
+    except ValueError:
+        pass  # not base64 at all: decoded text
+    return len(base64.b64encode(block_id.encode()))
+
 
 Progress = Callable[[int], None]
 SourceUrls = Callable[[ObjectInfo], Awaitable[str]]
@@ -662,7 +676,7 @@ class Copier:
         plan = plan_blocks(info, self._settings.block_size, None, flavour="server-side")
         # An object in one block whose ETag is its MD5: Azure checks what it fetched.
         md5 = info.md5 if len(plan.blocks) == 1 else None
-        done = await self._staged(plan, dst)
+        done, cleared = await self._staged(plan, dst)
         lanes = asyncio.Semaphore(self._settings.block_concurrency)
 
         async def one(block: Block) -> None:
@@ -702,29 +716,47 @@ class Copier:
             SERVER_SIDE_CHECKED
             if md5
             else "size: server-side copy, the bytes went from S3 to Azure without passing here",
+            cleared,
             landing=landing,
             blocks_reused=len(done),
             route="server-side",
         )
 
-    async def _staged(self, plan: Plan, dst: AzAddress) -> dict[int, bytes]:
+    async def _staged(self, plan: Plan, dst: AzAddress) -> tuple[dict[int, bytes], str | None]:
         """Blocks of this plan already on the destination, from Azure's own record:
-        {index: MD5 carried in the block ID}, for IDs of the right size only."""
+        {index: MD5 carried in the block ID}, for IDs of the right size only; and a note
+        when blocks another writer left had to be discarded first."""
+        policy = self._settings.retry
         try:
-            staged = await retrying(
-                lambda: self._azure.staged_blocks(dst), self._settings.retry, f"blocks {dst}"
-            )
+            staged = await retrying(lambda: self._azure.staged_blocks(dst), policy, f"blocks {dst}")
         except NotPermittedError:
             # A write-only SAS (create and write: the least an upload needs) may not
             # list blocks. The transfer goes on, staging every block; it cannot resume.
             log.warning("no permission to list staged blocks: every block is sent")
-            return {}
+            return {}, None
+        # Azure takes block IDs of one length per blob: an upload another tool left
+        # unfinished (its IDs of another length) refuses every block of ours as
+        # InvalidBlobOrBlock for the 7 days its blocks live.
+        foreign = sum(_sent_length(i) != _SENT_LENGTH for i in staged)
+        if foreign:
+            if await retrying(lambda: self._azure.existing(dst), policy, f"head {dst}"):
+                raise PermanentError(
+                    f"{dst}: {foreign} uncommitted block(s) another tool left on this blob "
+                    "have IDs of another length, and Azure takes no block of ours beside "
+                    "them; they go when that tool commits or 7 days after its last block; "
+                    "or copy to another name"
+                )
+            # Nothing is committed: deleting the blob deletes only those blocks.
+            await retrying(lambda: self._azure.discard_uncommitted(dst), policy, f"clear {dst}")
+            log.warning("discarded uncommitted blocks another tool left", blocks=foreign)
+            note = f"discarded {foreign} uncommitted block(s) another tool had left on the blob"
+            return {}, note
         found: dict[int, bytes] = {}
         for block_id, size in staged.items():
             parsed = plan.parse_id(block_id)
             if parsed is not None and plan.blocks[parsed[0]].length == size:
                 found[parsed[0]] = parsed[1]
-        return found
+        return found, None
 
     async def _stream_blocks(
         self, info: ObjectInfo, spec: TransferSpec, fp: str, progress: Progress
@@ -737,7 +769,7 @@ class Copier:
             else None
         )
         plan = plan_blocks(info, self._settings.block_size, part_sizes)
-        staged = await self._staged(plan, dst)
+        staged, cleared = await self._staged(plan, dst)
         md5s: list[bytes | None] = [staged.get(b.index) for b in plan.blocks]
         reused = sum(m is not None for m in md5s)
         todo = [b for b in plan.blocks if md5s[b.index] is None]
@@ -777,6 +809,7 @@ class Copier:
             damaged = sum(a != b for a, b in zip(first, md5s, strict=True))
             verified, md5 = self._proof(info, plan, md5s, digest, reused)
             note = f"{damaged} block(s) arrived damaged from S3 and were read again"
+        note = "; ".join(n for n in (cleared, note) if n) or None
         ids = [plan.block_id(b.index, m) for b, m in zip(plan.blocks, md5s, strict=True)]
         landing = await self._commit(info, spec, fp, ids, md5)
         return Outcome(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import hashlib
 import json
 from contextlib import aclosing
@@ -18,7 +19,7 @@ from daemon.s3 import S3Reader
 from daemon.settings import Settings
 from daemon.state import StateStore
 from daemon.supervisor import Supervisor
-from daemon.transfer import AZURE_CHECKED
+from daemon.transfer import AZURE_CHECKED, _sent_length
 from tests.conftest import make_settings
 from tests.helpers import MiB, blob_bytes, blob_names, copy, gz, payload, random_bytes, s3_bytes
 
@@ -409,6 +410,50 @@ async def test_a_blob_in_the_way_is_replaced_whole_or_left_with_a_reason(
     assert row.error is not None and reason in row.error, row.error
     assert old.get_blob_properties().blob_type == ("BlockBlob" if kind == "leased" else kind)
     assert blob_bytes(blob_service, container, "o.bin") == before
+
+
+@pytest.mark.parametrize("committed", [False, True], ids=["nothing-committed", "a-blob"])
+async def test_blocks_another_tool_left_are_discarded_or_named(
+    committed: bool,
+    settings: Settings,
+    s3_client: Any,
+    blob_service: BlobServiceClient,
+    bucket: str,
+    container: str,
+) -> None:
+    """An upload another tool left unfinished holds block IDs of another length, and
+    Azure takes only one length per blob: every block of ours was refused as
+    InvalidBlobOrBlock ("rejected the name") for the 7 days such blocks live. With
+    nothing committed, deleting the blob deletes only those blocks, so blobferry does
+    and copies; beside a committed blob it says what is in the way and touches nothing."""
+    data = payload(9 * MiB, seed=8)
+    s3_client.put_object(Bucket=bucket, Key="o.bin", Body=data)
+    blob = blob_service.get_blob_client(container, "o.bin")
+    if committed:
+        blob.upload_blob(b"old bytes")
+    for n in range(3):
+        blob.stage_block(f"rclone-{n:04d}", b"partial")
+    status, [row] = await copy(
+        settings, f"s3://{bucket}/o.bin", f"az://{container}/o.bin", overwrite="always"
+    )
+    if committed:
+        assert (status, row.status) == ("failed", "failed")
+        assert row.error is not None and "another tool left on this blob" in row.error
+        assert blob_bytes(blob_service, container, "o.bin") == b"old bytes"
+        assert len(blob.get_block_list("uncommitted")[1]) == 3
+        return
+    assert status == "done", row.error
+    assert row.detail["route"] == "blocks"
+    assert "discarded 3 uncommitted block(s)" in row.detail["note"]
+    assert blob_bytes(blob_service, container, "o.bin") == data
+
+
+def test_block_id_lengths_are_compared_as_azure_holds_them() -> None:
+    ours = "a" * 62
+    assert _sent_length(ours) == 84  # what every block ID of blobferry's is
+    assert _sent_length("rclone-0000") == len(base64.b64encode(b"rclone-0000"))
+    binary = base64.b64encode(b"\xff\xfe\x00\x01\x02\x03").decode()  # not text: as sent
+    assert _sent_length(binary) == len(binary)
 
 
 async def test_account_url_with_key_or_sas_token(
