@@ -679,35 +679,39 @@ class Copier:
         done, cleared = await self._staged(plan, dst)
         lanes = asyncio.Semaphore(self._settings.block_concurrency)
 
+        async def stage(block: Block) -> None:
+            url = await self._source_urls(info)  # fresh for every request
+            block_id = plan.block_id(block.index, SERVER_SIDE_MD5)
+            await self._azure.stage_from_url(dst, block_id, url, block.start, block.length, md5)
+
         async def one(block: Block) -> None:
-            async with lanes:
-                if self._stopping.is_set():
-                    raise Interrupted()
-
-                async def stage() -> None:
-                    url = await self._source_urls(info)  # fresh for every request
-                    await self._azure.stage_from_url(
-                        dst,
-                        plan.block_id(block.index, SERVER_SIDE_MD5),
-                        url,
-                        block.start,
-                        block.length,
-                        md5,
-                    )
-
-                await retrying(stage, policy, f"stage {dst} block {block.index} from URL")
+            try:
+                what = f"stage {dst} block {block.index} from URL"
+                await retrying(lambda: stage(block), policy, what)
                 progress(block.length)
+            finally:
+                lanes.release()
 
-        # The first block alone: if Azure cannot reach the source, nothing else is tried.
         todo = [b for b in plan.blocks if b.index not in done]
+        interrupted = False
         try:
-            if todo:
-                await one(todo[0])
             async with asyncio.TaskGroup() as tg:
-                for block in todo[1:]:
-                    tg.create_task(one(block))
+                for n, block in enumerate(todo):
+                    # A lane before a task exists: however many blocks, no more than
+                    # block_concurrency tasks, and a drain lets those in flight land.
+                    await lanes.acquire()
+                    if self._stopping.is_set():
+                        lanes.release()
+                        interrupted = True
+                        break
+                    if n == 0:
+                        await one(block)  # alone: if Azure cannot reach S3, nothing else goes
+                    else:
+                        tg.create_task(one(block))
         except BaseExceptionGroup as eg:
             raise _first_error(eg) from None
+        if interrupted:
+            raise Interrupted()  # the blocks in flight have landed; the rest go next start
         ids = [plan.block_id(b.index, SERVER_SIDE_MD5) for b in plan.blocks]
         landing = await self._commit(info, spec, fp, ids, md5)
         return Outcome(

@@ -18,7 +18,7 @@ from azure.storage.blob import BlobSasPermissions, BlobServiceClient, generate_b
 
 from daemon.azure import AzureWriter
 from daemon.budget import ByteBudget
-from daemon.errors import RetriesExhaustedError
+from daemon.errors import Interrupted, RetriesExhaustedError
 from daemon.jobs import parse_job
 from daemon.s3 import ObjectInfo, S3Reader
 from daemon.settings import Settings
@@ -164,3 +164,54 @@ async def test_a_prefix_of_small_objects_falls_back_to_streaming_each(
             assert "server-side copy impossible" in row.detail["note"], row.detail
     for key, body in objects.items():
         assert blob_bytes(blob_service, container, "q/" + key[2:]) == body
+
+
+async def test_a_server_side_copy_stopped_halfway_resumes_from_the_blocks_azure_holds(
+    settings: Settings,
+    s3_client: Any,
+    blob_service: BlobServiceClient,
+    bucket: str,
+    container: str,
+) -> None:
+    """A drain lets the blocks in flight land (they were cancelled) and starts no more;
+    the next run fetches only what Azure does not hold."""
+    body = payload(24 * MiB + 7, seed=35)  # seven blocks
+    s3_client.put_object(Bucket=bucket, Key="obj.bin", Body=body)
+    source_url = _azurite_url(blob_service, container, "source.bin", body)
+    stopping = asyncio.Event()
+    asked = 0
+    tasks: list[int] = []  # how many tasks there are as each block starts
+
+    async def urls(info: ObjectInfo) -> str:
+        nonlocal asked
+        asked += 1
+        tasks.append(len(asyncio.all_tasks()))
+        if asked == 3:
+            stopping.set()  # a drain begins: blocks in flight land, no new one starts
+        return source_url
+
+    [spec] = parse_job(
+        f'{{"source": "s3://{bucket}/obj.bin", "destination": "az://{container}/copy.bin",'
+        ' "mode": "server-side"}'
+    )
+    narrow = settings.model_copy(update={"block_concurrency": 2})
+    async with S3Reader(settings) as s3, AzureWriter(settings) as az:
+        budget = ByteBudget(settings.memory_bytes)
+        before = len(asyncio.all_tasks())
+        with pytest.raises(Interrupted):
+            await Copier(narrow, s3, az, budget, source_urls=urls, stopping=stopping).copy(spec)
+        # A task per lane, not per block: a 50,000-block object made 50,000 at once.
+        assert max(tasks) - before <= 2
+        staged = len(
+            blob_service.get_blob_client(container, "copy.bin").get_block_list("uncommitted")[1]
+        )
+        assert 0 < staged < 7 and asked == staged
+        asked = 0
+        outcome = await Copier(settings, s3, az, budget, source_urls=urls).copy(spec)
+    assert (outcome.status, outcome.route, outcome.blocks_reused) == (
+        "copied",
+        "server-side",
+        staged,
+    )
+    assert asked == 7 - staged  # only the blocks Azure did not hold were fetched
+    assert blob_bytes(blob_service, container, "copy.bin") == body
