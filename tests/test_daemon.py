@@ -21,6 +21,7 @@ from daemon.settings import Settings
 from daemon.transfer import Copier
 from tests.conftest import AZURITE_KEY, make_settings, running_daemon
 from tests.helpers import MiB, blob_bytes, blob_names, payload
+from tests.proxy import FaultProxy, Faults
 
 
 def job(source: str, destination: str, **extra: Any) -> str:
@@ -357,3 +358,44 @@ async def test_two_jobs_writing_one_blob_take_turns(
     # Whole, not a mix of the two: the one that committed last.
     last = max(results, key=lambda r: r[1]["finished_at"])[1]["job"].removesuffix(".json")
     assert blob_bytes(blob_service, container, "same") == bodies[last]
+
+
+async def test_a_job_named_as_one_still_running_waits_its_turn(
+    settings: Settings,
+    moto_endpoint: str,
+    s3_client: Any,
+    blob_service: BlobServiceClient,
+    bucket: str,
+    container: str,
+) -> None:
+    """The same job file dropped again (a nightly.json) while the last one still runs.
+    Claiming it replaced the running job's file in processing/: the first job then
+    filed the second's file and the second could not be filed at all. Now it waits in
+    inbox/ until its namesake is filed, then runs."""
+    body = payload(8 * MiB, seed=3)
+    s3_client.put_object(Bucket=bucket, Key="k", Body=body)
+    async with FaultProxy(moto_endpoint, Faults(rate_bps=4 * MiB)) as slow:
+        tuned = settings.model_copy(
+            update={"s3": settings.s3.model_copy(update={"endpoint_url": slow.endpoint})}
+        )
+        with capture_logs() as logs:
+            async with running_daemon(tuned) as d:
+                d.drop("nightly.json", job(f"s3://{bucket}/k", f"az://{container}/first"))
+                while not (d.settings.jobs_dir / "processing" / "nightly.json").exists():
+                    await asyncio.sleep(0.02)
+                d.drop("nightly.json", job(f"s3://{bucket}/k", f"az://{container}/second"))
+                report: dict[str, Any] = {}
+                while (
+                    report.get("transfers", [{}])[0].get("destination", "").split("/")[-1]
+                    != "second"
+                ):
+                    folder, report = await d.wait_finished("nightly.json")
+                    assert folder == "done", report
+                    await asyncio.sleep(0.05)
+    events = [e["event"] for e in logs]
+    assert not [e for e in events if e.startswith("job not filed")]
+    assert os.listdir(settings.jobs_dir / "processing") == []
+    assert os.listdir(settings.jobs_dir / "inbox") == []
+    for name in ("first", "second"):
+        assert blob_bytes(blob_service, container, name) == body
+    assert events.count("job waits: one of the same name is still running") == 1

@@ -55,6 +55,8 @@ class DirectorySource:
         self._watch_enabled = watch
         self._changed = asyncio.Event()
         self._refused: dict[str, float] = {}  # job files that could not be claimed: mtime
+        self._held: set[str] = set()  # job files waiting for a namesake in processing/
+        self._claimed: set[str] = set()  # in processing/, claimed by this daemon, not filed
 
     def prepare(self) -> None:
         for folder in (self.inbox, self.processing, self.done, self.failed):
@@ -79,6 +81,7 @@ class DirectorySource:
         self.prepare()
         for _, name in self._waiting(self.processing):
             log.info("job recovered", job=name)
+            self._claimed.add(name)
             yield ClaimedJob(name, self.processing / name, recovered=True)
         watcher = asyncio.create_task(self._watch(stop), name="inbox-watch")
         # Let it take its first step before the first scan: awatch sets up its inotify
@@ -101,6 +104,11 @@ class DirectorySource:
                     if young > 0 and not await asyncio.to_thread(self._complete, name):
                         wait = min(wait, young + 0.01)
                         continue
+                    if name in self._claimed:
+                        # A job of the same name is still in processing/: the rename
+                        # would replace its file under it. This one waits its turn.
+                        self._hold(name)
+                        continue
                     try:
                         os.rename(self.inbox / name, self.processing / name)
                     except FileNotFoundError:
@@ -109,12 +117,19 @@ class DirectorySource:
                         self._refuse(name, mtime, e)
                         continue
                     claimed = True
+                    self._held.discard(name)
+                    self._claimed.add(name)
                     yield ClaimedJob(name, self.processing / name)
                 if not claimed:
                     await _first_of(stop.wait(), self._changed.wait(), within=wait)
         finally:
             watcher.cancel()
             await asyncio.gather(watcher, return_exceptions=True)
+
+    def _hold(self, name: str) -> None:
+        if name not in self._held:
+            self._held.add(name)
+            log.info("job waits: one of the same name is still running", job=name)
 
     def _refuse(self, name: str, mtime: float, e: OSError) -> None:
         """A job file this daemon cannot claim (a sticky inbox and another user's file,
@@ -183,6 +198,7 @@ class DirectorySource:
         self, job: ClaimedJob, ok: bool, write_report: Callable[[IO[str]], object]
     ) -> None:
         await asyncio.to_thread(self._finish, job, ok, write_report)
+        self._claimed.discard(job.name)  # filed: a namesake in inbox/ may go now
 
     def _finish(self, job: ClaimedJob, ok: bool, write_report: Callable[[IO[str]], object]) -> None:
         target = self.done if ok else self.failed
