@@ -60,8 +60,11 @@ async def engine(settings: Settings, stopping: asyncio.Event) -> AsyncIterator[E
 def _lock(folder: Path, setting: str) -> IO[bytes]:
     """One daemon per state folder and per jobs folder: a second one would claim the
     jobs the first has recovered from processing/, and copy them twice."""
-    folder.mkdir(parents=True, exist_ok=True)
-    f = open(folder / "daemon.lock", "ab")  # noqa: SIM115 (held for the run)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        f = open(folder / "daemon.lock", "ab")  # noqa: SIM115 (held for the run)
+    except OSError as e:
+        raise _unusable(setting, folder, e) from None
     try:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -70,6 +73,10 @@ def _lock(folder: Path, setting: str) -> IO[bytes]:
             f"configuration error: {setting}: another blobferry daemon is using {folder}"
         ) from None
     return f
+
+
+def _unusable(setting: str, folder: Path, e: OSError) -> ConfigError:
+    return ConfigError(f"configuration error: {setting}: cannot use {folder}: {e.strerror}")
 
 
 async def serve(
@@ -88,15 +95,19 @@ async def serve(
             state_lock.close()
             raise
     notifier = Notifier()
-    state = StateStore.in_dir(settings.state_dir)
-    source = DirectorySource(
-        settings.jobs_dir,
-        settings.poll_interval_s,
-        settings.max_job_file_mb << 20,
-        watch=settings.watch,
-    )
-    source.prepare()
+    state: StateStore | None = None
     try:
+        state = StateStore.in_dir(settings.state_dir)
+        source = DirectorySource(
+            settings.jobs_dir,
+            settings.poll_interval_s,
+            settings.max_job_file_mb << 20,
+            watch=settings.watch,
+        )
+        try:
+            source.prepare()
+        except OSError as error:
+            raise _unusable("jobs_dir", settings.jobs_dir, error) from None
         async with engine(settings, stop) as e:
             sup = Supervisor(
                 settings,
@@ -125,7 +136,8 @@ async def serve(
             if sup.state_lost is not None:
                 raise sup.state_lost  # exits non-zero with the reason: systemd restarts
     finally:
-        state.close()
+        if state is not None:
+            state.close()
         if jobs_lock is not None:
             jobs_lock.close()
         state_lock.close()

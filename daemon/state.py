@@ -112,12 +112,12 @@ class TransferRow:
 
 class StateStore:
     def __init__(self, path: Path | str) -> None:
-        if isinstance(path, Path):
-            path.parent.mkdir(parents=True, exist_ok=True)
         self._path = str(path)
         try:
+            if isinstance(path, Path):
+                path.parent.mkdir(parents=True, exist_ok=True)
             self._db = sqlite3.connect(self._path, isolation_level="DEFERRED")
-        except sqlite3.Error as e:
+        except (OSError, sqlite3.Error) as e:
             raise StateError(self._path, e) from None
         self._open()
 

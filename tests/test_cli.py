@@ -121,6 +121,15 @@ def test_exit_codes_and_one_line_errors(
         state = run(command, dict(env, BLOBFERRY_STATE_DIR=str(unwritable)), timeout=30)
         assert state.returncode == 1, state.stderr
         assert "cannot write the state database" in state.stderr.splitlines()[-1]
+    a_file = tmp_path / "a-file"
+    a_file.write_text("not a folder")
+    for setting in ("JOBS_DIR", "STATE_DIR"):
+        folder = run(["run"], dict(env, **{f"BLOBFERRY_{setting}": str(a_file / "x")}), timeout=30)
+        assert folder.returncode == 2
+        assert folder.stderr.strip() == (
+            f"blobferry: configuration error: {setting.lower()}: cannot use {a_file / 'x'}: "
+            "Not a directory"
+        )
 
 
 def test_run_submit_status_and_sigterm(
