@@ -193,19 +193,11 @@ class QuerySigner:
         self._expires = expires
         self._regional = regional
         self._learnt: dict[str, asyncio.Future[tuple[Any, UrlShape | None]]] = {}
+        self._known: dict[str, tuple[Any, UrlShape | None]] = {}  # what they taught
         self._keys: dict[tuple[str, str, str], bytes] = {}
 
     async def url(self, bucket: str, key: str, now: datetime | None = None) -> str:
-        learnt = self._learnt.get(bucket)
-        if learnt is None:  # the first transfer from a bucket learns it; the others wait
-            learnt = self._learnt[bucket] = asyncio.ensure_future(self._learn(bucket))
-        try:
-            client, shape = await asyncio.shield(learnt)
-        except BaseException:
-            failed = learnt.done() and (learnt.cancelled() or learnt.exception() is not None)
-            if failed and self._learnt.get(bucket) is learnt:
-                del self._learnt[bucket]  # the next URL asks again
-            raise
+        client, shape = self._known.get(bucket) or await self._learning(bucket)
         if shape is None:
             return await self._botocore(client, bucket, key)
         credentials = client._get_credentials()
@@ -213,6 +205,14 @@ class QuerySigner:
             raise NoCredentialsError()
         creds = await credentials.get_frozen_credentials()
         return self.sign(shape, key, creds.access_key, creds.secret_key, creds.token, now)
+
+    async def _learning(self, bucket: str) -> tuple[Any, UrlShape | None]:
+        """The first transfer from a bucket learns it; the others wait for that."""
+        learnt = self._learnt.get(bucket)
+        if learnt is None or (learnt.done() and (learnt.cancelled() or learnt.exception())):
+            learnt = self._learnt[bucket] = asyncio.ensure_future(self._learn(bucket))
+        self._known[bucket] = known = await asyncio.shield(learnt)
+        return known
 
     async def _botocore(self, client: Any, bucket: str, key: str) -> str:
         url: str = await client.generate_presigned_url(
