@@ -176,14 +176,25 @@ def daemon_env(settings: Settings, s3_endpoint: str, azurite: str, **extra: str)
     return env
 
 
-async def start_daemon(env: dict[str, str]) -> asyncio.subprocess.Process:
+async def start_daemon(
+    env: dict[str, str], file_size_limit: int | None = None
+) -> asyncio.subprocess.Process:
+    """`blobferry run`; with ``file_size_limit``, no file it writes may grow past that
+    (RLIMIT_FSIZE: writes fail with EFBIG, as on a full disk)."""
+    die_with_us = dies_with_this_process()
+
+    def limits() -> None:
+        die_with_us()
+        if file_size_limit is not None:
+            resource.setrlimit(resource.RLIMIT_FSIZE, (file_size_limit, file_size_limit))
+
     return await asyncio.create_subprocess_exec(
         BLOBFERRY,
         "run",
         env=env,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
-        preexec_fn=dies_with_this_process(),
+        preexec_fn=limits,
     )
 
 
@@ -522,20 +533,7 @@ async def test_a_state_disk_that_fills_stops_the_daemon_and_the_job_resumes_afte
     for key, body in objects.items():  # 40 rows of ~2 KB: more than the limit below
         s3_client.put_object(Bucket=bucket, Key=key, Body=body)
     env = daemon_env(settings, moto_endpoint, azurite_endpoint)
-    die_with_us = dies_with_this_process()
-
-    def small_disk() -> None:
-        die_with_us()
-        resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, 64 * 1024))
-
-    proc = await asyncio.create_subprocess_exec(
-        BLOBFERRY,
-        "run",
-        env=env,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        preexec_fn=small_disk,
-    )
+    proc = await start_daemon(env, file_size_limit=64 * 1024)
     inbox = settings.jobs_dir / "inbox"
     while not inbox.exists():
         await asyncio.sleep(0.05)
