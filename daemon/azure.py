@@ -26,10 +26,11 @@ import warnings
 from collections.abc import AsyncIterable, AsyncIterator, Mapping
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from email.utils import formatdate
 from types import TracebackType
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import parse_qs, quote
 
 import aiohttp
 from azure.core import MatchConditions
@@ -189,6 +190,11 @@ class AzureWriter:
             sock_read=settings.retry.stall_timeout_s,
         )
 
+    @property
+    def sas_expiry(self) -> datetime | None:
+        """When the SAS token in use expires; None for other credentials."""
+        return self._direct.sas_expiry if self._direct is not None else None
+
     async def __aenter__(self) -> AzureWriter:
         try:
             return await self._enter()
@@ -279,7 +285,7 @@ class AzureWriter:
         try:
             url, headers = await self._direct.prepare(method, dst, query or {}, headers or {})
         except AzureError as e:  # the identity gave no token
-            raise _translate(e, dst, what) from None
+            raise _translate(e, dst, what, self.sas_expiry) from None
         again = self._direct.refused_before(headers)
         stall = self._settings.retry.stall_timeout_s
         try:
@@ -318,7 +324,7 @@ class AzureWriter:
             # A bearer token refused (expired early, revoked): try again with a new one.
             # The same token handed back and refused again is the failure below.
             raise RetryableError(f"{dst}: {what}: Azure refused the token ({code or 401})")
-        raise _failure(r.status, code, dst, what)
+        raise _failure(r.status, code, dst, what, self.sas_expiry)
 
     async def existing(self, dst: AzAddress) -> ExistingBlob | None:
         h = await self._send("HEAD", dst, "read properties", ok=(200,), missing_ok=True)
@@ -391,7 +397,7 @@ class AzureWriter:
             code = _code(e)
             if code.startswith("CannotVerifyCopySource"):
                 raise SourceUnreachableError(dst, code) from None
-            raise _translate(e, dst, f"stage block {block_id} from URL") from None
+            raise _translate(e, dst, f"stage block {block_id} from URL", self.sas_expiry) from None
 
     async def staged_blocks(self, dst: AzAddress) -> dict[str, int]:
         """Uncommitted blocks already on the destination: {block id: size}."""
@@ -399,10 +405,10 @@ class AzureWriter:
             _, uncommitted = await self._blob(dst).get_block_list("uncommitted")
         except ResourceNotFoundError as e:
             if _code(e) == "ContainerNotFound":
-                raise _translate(e, dst, "list blocks") from None
+                raise _translate(e, dst, "list blocks", self.sas_expiry) from None
             return {}
         except AzureError as e:
-            raise _translate(e, dst, "list blocks") from None
+            raise _translate(e, dst, "list blocks", self.sas_expiry) from None
         return {b.id: b.size for b in uncommitted}
 
     async def discard_uncommitted(self, dst: AzAddress) -> None:
@@ -413,7 +419,7 @@ class AzureWriter:
         except ResourceNotFoundError:
             return  # gone already: what was asked
         except AzureError as e:
-            raise _translate(e, dst, "delete uncommitted blocks") from None
+            raise _translate(e, dst, "delete uncommitted blocks", self.sas_expiry) from None
 
     async def commit(
         self,
@@ -441,9 +447,9 @@ class AzureWriter:
         except HttpResponseError as e:
             if e.status_code == 412 and not overwrite:
                 raise DestinationExistsError(dst) from None
-            raise _translate(e, dst, "commit block list") from None
+            raise _translate(e, dst, "commit block list", self.sas_expiry) from None
         except AzureError as e:
-            raise _translate(e, dst, "commit block list") from None
+            raise _translate(e, dst, "commit block list", self.sas_expiry) from None
 
 
 class _Direct:
@@ -458,6 +464,7 @@ class _Direct:
         self._base = service.primary_endpoint.split("?")[0].rstrip("/")
         # The SAS token, when that is the credential (the SDK keeps it as a query string).
         self._sas = str(getattr(service, "_query_str", "")).lstrip("?")
+        self.sas_expiry = _sas_expiry(self._sas)
         self._version = service.api_version
         self._policy = policy
         self._context = PipelineContext(transport)
@@ -568,6 +575,16 @@ async def _paced(
         yield piece
 
 
+def _sas_expiry(sas: str) -> datetime | None:
+    """The end of a SAS token's validity (its ``se``), if it is one and says."""
+    end = parse_qs(sas).get("se", [""])[0]
+    try:
+        when = datetime.fromisoformat(end.replace("Z", "+00:00")) if end else None
+    except ValueError:
+        return None
+    return when if when is None or when.tzinfo else when.replace(tzinfo=UTC)
+
+
 def _account_name(account_url: str) -> str:
     from urllib.parse import urlsplit
 
@@ -581,17 +598,22 @@ def _code(e: AzureError) -> str:
     return str(getattr(code, "value", code) or "")  # the SDK's enum, or a plain string
 
 
-def _translate(e: AzureError, dst: AzAddress, what: str) -> Exception:
+def _translate(
+    e: AzureError, dst: AzAddress, what: str, sas_expiry: datetime | None = None
+) -> Exception:
     if isinstance(e, (ServiceRequestError, ServiceResponseError)):
         return RetryableError(f"{dst}: {what}: connection failed ({type(e).__name__})")
     status = getattr(e, "status_code", None) or 0
     if isinstance(e, ClientAuthenticationError) and status not in (401, 403):
         status = 403  # the SDK found the credential unusable before sending anything
-    return _failure(status, _code(e) or type(e).__name__, dst, what)
+    return _failure(status, _code(e) or type(e).__name__, dst, what, sas_expiry)
 
 
-def _failure(status: int, code: str, dst: AzAddress, what: str) -> Exception:
-    """Azure's answer ``status`` with error code ``code``, as an error to act on."""
+def _failure(
+    status: int, code: str, dst: AzAddress, what: str, sas_expiry: datetime | None = None
+) -> Exception:
+    """Azure's answer ``status`` with error code ``code``, as an error to act on.
+    ``sas_expiry``: when the credential is a SAS token, its end (``se``)."""
     where = f"{dst}: {what}"
     if code == "ContainerNotFound":
         return PermanentError(f"{where}: container {dst.container!r} does not exist")
@@ -604,6 +626,13 @@ def _failure(status: int, code: str, dst: AzAddress, what: str) -> Exception:
         "AuthenticationFailed",
         "AuthorizationPermissionMismatch",
     ):
+        if sas_expiry is not None and sas_expiry <= datetime.now(UTC):
+            # A transfer of days outlives a SAS of hours: say so, not "check the token".
+            return PermanentError(
+                f"{where}: the SAS token expired at {sas_expiry:%Y-%m-%d %H:%M:%S} UTC "
+                f"({code or status}); put a new one in the settings, restart, and submit "
+                "the job again: the blocks already staged are reused"
+            )
         return PermanentError(
             f"{where}: Azure refused the credentials ({code or status}); check the account "
             "key, SAS token or identity and its permissions on the container"

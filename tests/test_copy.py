@@ -491,6 +491,46 @@ async def test_account_url_with_key_or_sas_token(
         assert blob_bytes(blob_service, container, name) == payload(5 * MiB, seed=9)
 
 
+@pytest.mark.parametrize("size", [1024, 9 * MiB], ids=["whole", "blocks"])
+async def test_an_expired_sas_token_is_named_as_the_reason(
+    size: int,
+    settings: Settings,
+    azurite_endpoint: str,
+    s3_client: Any,
+    blob_service: BlobServiceClient,
+    bucket: str,
+    container: str,
+) -> None:
+    """A transfer of days outlives a SAS token of hours. Azure says only
+    AuthenticationFailed; the report says the token expired, when, and what to do."""
+    from datetime import UTC, datetime, timedelta
+
+    from azure.storage.blob import AccountSasPermissions, ResourceTypes, generate_account_sas
+    from pydantic import SecretStr
+
+    from daemon.settings import AzureSettings
+    from tests.emulators import AZURITE_KEY
+
+    s3_client.put_object(Bucket=bucket, Key="k.bin", Body=payload(size))
+    ended = datetime.now(UTC).replace(microsecond=0) - timedelta(minutes=5)
+    sas = generate_account_sas(
+        "devstoreaccount1",
+        AZURITE_KEY,
+        ResourceTypes(object=True, container=True),
+        AccountSasPermissions(read=True, write=True, create=True, list=True),
+        expiry=ended,
+    )
+    url = f"{azurite_endpoint}/devstoreaccount1"
+    azure = AzureSettings(account_url=url, sas_token=SecretStr(sas))
+    tuned = settings.model_copy(update={"azure": azure})
+    status, [row] = await copy(tuned, f"s3://{bucket}/k.bin", f"az://{container}/k.bin")
+    assert (status, row.status) == ("failed", "failed")
+    assert row.error is not None
+    assert f"the SAS token expired at {ended:%Y-%m-%d %H:%M:%S} UTC" in row.error, row.error
+    assert "sig=" not in row.error and sas not in row.error
+    assert blob_names(blob_service, container) == []
+
+
 async def test_a_write_only_sas_copies_every_route_with_overwrite_always(
     settings: Settings,
     azurite_endpoint: str,
