@@ -432,7 +432,7 @@ class AzureWriter:
         tier: str | None = None,
     ) -> None:
         conditions: dict[str, Any] = (
-            {} if overwrite else {"etag": "*", "match_condition": MatchConditions.IfMissing}
+            {} if overwrite else {"match_condition": MatchConditions.IfMissing}
         )
         try:
             await self._blob(dst).commit_block_list(

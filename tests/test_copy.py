@@ -321,6 +321,30 @@ async def test_overwrite_never_skips_existing(
     assert blob_bytes(blob_service, container, "k") == b"new"
 
 
+@pytest.mark.parametrize("route", ["whole", "pipe", "blocks"])
+async def test_overwrite_never_writes_on_every_route(
+    route: str,
+    settings: Settings,
+    s3_client: Any,
+    blob_service: BlobServiceClient,
+    bucket: str,
+    container: str,
+) -> None:
+    """'never' makes every write conditional on the blob's absence. The block route's
+    condition went to the SDK as etag='*' with IfMissing, which the SDK does not take
+    for IfMissing and handed on to aiohttp: every such commit failed as an internal
+    error, and no test had written a large object with 'never'."""
+    data = payload(1024 if route == "whole" else 9 * MiB, seed=13)
+    s3_client.put_object(Bucket=bucket, Key="n.bin", Body=data)
+    tuned = settings.model_copy(
+        update={"pipe_max_mb": 16 if route == "pipe" else 0, "pipe_rtt_ms": 1000.0}
+    )
+    status, [row] = await copy(tuned, f"s3://{bucket}/n.bin", f"az://{container}/n.bin", "never")
+    assert status == "done", row.error
+    assert (row.status, row.detail["route"]) == ("copied", route)
+    assert blob_bytes(blob_service, container, "n.bin") == data
+
+
 @pytest.mark.parametrize(
     ("source", "destination", "reason"),
     [
