@@ -31,6 +31,7 @@ from awscrt import checksums as awscrt_checksums
 from daemon.azure import (
     AzureWriter,
     BlobHeaders,
+    DestinationExistsError,
     NotPermittedError,
     SourceUnreachableError,
     azure_metadata,
@@ -511,7 +512,12 @@ class Copier:
 
         # The stream's own buffers (aiohttp's, a few hundred KiB) count against the budget.
         async with self._budget.hold(PIPE_BUFFER):
-            await retrying(once, self._settings.retry, f"pipe {info.address} to {dst}")
+            try:
+                await retrying(once, self._settings.retry, f"pipe {info.address} to {dst}")
+            except DestinationExistsError:
+                if not await self._ours_already(dst, fp, info.size):
+                    raise
+                progress(info.size)
         note = f"Azure found the bytes damaged {damaged} time(s); sent again" if damaged else None
         return Outcome(
             Status.COPIED,
@@ -607,8 +613,10 @@ class Copier:
         dst = spec.destination
         damaged = 0
 
+        sent: tuple[ObjectInfo, str, Landing] | None = None  # the last attempt's
+
         async def once() -> tuple[ObjectInfo, str, Landing]:
-            nonlocal damaged
+            nonlocal damaged, sent
             info, data = await read()
             try:
                 if info.md5 is not None:
@@ -624,6 +632,7 @@ class Copier:
                         raise CorruptBlockError(str(e)) from None
                 landing = self._landing(info, spec, fp)
                 overwrite = spec.overwrite is not Overwrite.NEVER
+                sent = (info, verified, landing)
                 await self._azure.put(
                     dst, data, md5, landing.headers, landing.metadata, overwrite, landing.tier
                 )
@@ -633,9 +642,14 @@ class Copier:
             return info, verified, landing
 
         async with self._budget.hold(size):
-            info, verified, landing = await retrying(
-                once, self._settings.retry, f"copy {spec.source}"
-            )
+            try:
+                info, verified, landing = await retrying(
+                    once, self._settings.retry, f"copy {spec.source}"
+                )
+            except DestinationExistsError:
+                if sent is None or not await self._ours_already(dst, fp, sent[0].size):
+                    raise
+                info, verified, landing = sent
         progress(info.size)
         note = (
             f"the bytes arrived damaged {damaged} time(s); read and sent again" if damaged else None
@@ -833,14 +847,32 @@ class Copier:
         landing = self._landing(info, spec, fp)
         overwrite = spec.overwrite is not Overwrite.NEVER
         dst = spec.destination
-        await retrying(
-            lambda: self._azure.commit(
-                dst, ids, md5, landing.headers, landing.metadata, overwrite, landing.tier
-            ),
-            self._settings.retry,
-            f"commit {dst}",
-        )
+        try:
+            await retrying(
+                lambda: self._azure.commit(
+                    dst, ids, md5, landing.headers, landing.metadata, overwrite, landing.tier
+                ),
+                self._settings.retry,
+                f"commit {dst}",
+            )
+        except DestinationExistsError:
+            if not await self._ours_already(dst, fp, info.size):
+                raise
         return landing
+
+    async def _ours_already(self, dst: AzAddress, fp: str, size: int) -> bool:
+        """After a write on condition of absence ('never') was refused: whether the blob
+        there is this very copy, committed by an earlier attempt whose answer was lost
+        (a reset after Azure had done the work), so the retry found it in the way."""
+        existing = await retrying(
+            lambda: self._azure.existing(dst), self._settings.retry, f"check {dst}"
+        )
+        if existing is None or existing.size != size:
+            return False
+        if existing.metadata.get(FINGERPRINT_KEY) != fp:
+            return False
+        log.warning("the blob had landed already: an attempt's answer was lost")
+        return True
 
     @staticmethod
     def _proof(

@@ -2,7 +2,8 @@
 
 It forwards bytes both ways and, on the way back (server to client), can: cap each
 connection's rate, delay, stall after N bytes, reset a connection after N bytes, and
-flip one byte; on the way up it can stop reading one connection's request body. Faults pick their victims by connection number, so "every third
+flip one byte, or lose the answer to one request; on the way up it can stop reading one
+connection's request body. Faults pick their victims by connection number, so "every third
 connection" is exact. It counts what it forwards, so a test can measure how many
 bytes blobferry really read from S3.
 """
@@ -42,6 +43,9 @@ class Faults:
     error_match: bytes = b""
     # Refuse presigned requests past X-Amz-Date + X-Amz-Expires, as S3 does (moto does not).
     enforce_expiry: bool = False
+    # Lose the answer to the first request that holds this: the server has done the work
+    # (a Put Blob committed, say) and the client sees its connection reset.
+    lose_reply_match: bytes = b""
 
 
 class FaultProxy:
@@ -58,6 +62,8 @@ class FaultProxy:
         self.flips = 0
         self.expired = 0
         self.requests: list[str] = []  # "METHOD /path" of every request seen
+        self.lost_replies = 0
+        self._losing: set[int] = set()  # connections whose next answer is to be lost
         self.errors = 0
         self._matching = 0
         self._server: asyncio.Server | None = None
@@ -139,6 +145,9 @@ class FaultProxy:
                 return
             if not down and (m := _REQUEST.match(chunk)):
                 self.requests.append(f"{m.group(1).decode()} {m.group(2).decode()}")
+                lose = f.lose_reply_match and f.lose_reply_match in chunk
+                if lose and not self.lost_replies and not self._losing:
+                    self._losing.add(number)
             if not down and f.error_every and _REQUEST.match(chunk) and f.error_match in chunk:
                 self._matching += 1
                 if self._matching % f.error_every == 0:
@@ -166,6 +175,11 @@ class FaultProxy:
                     await asyncio.sleep(3600)  # never read again: the client's send blocks
                 sent += len(chunk)
             if down:  # server to client: most faults live here
+                if number in self._losing:  # the server answered: it did the work
+                    self._losing.discard(number)
+                    self.lost_replies += 1
+                    _abort(dst)
+                    raise _Reset()
                 if f.delay_s:
                     await asyncio.sleep(f.delay_s)
                 if (

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
 from azure.storage.blob import BlobServiceClient
 from pydantic import SecretStr
 
@@ -478,6 +479,76 @@ async def test_a_permanent_error_fails_at_once_without_retrying(
         row.error is not None and "access denied by S3 (AccessDenied: Access Denied)" in row.error
     )
     assert proxy.errors == 1  # one refused GET, no retry
+    assert blob_names(blob_service, container) == []
+
+
+@pytest.mark.parametrize("route", ["whole", "pipe", "blocks"])
+async def test_a_write_whose_answer_is_lost_is_not_refused_by_its_own_retry(
+    route: str,
+    settings: Settings,
+    azurite_endpoint: str,
+    s3_client: Any,
+    blob_service: BlobServiceClient,
+    bucket: str,
+    container: str,
+) -> None:
+    """With overwrite 'never' every write is conditional on the blob's absence. Azure
+    commits, the answer is lost (a reset), the write is sent again and refused: the
+    blob exists. It is this very copy, so the transfer is copied, not failed as
+    'already exists'."""
+    data = payload(1024 if route == "whole" else 9 * MiB, seed=12)
+    s3_client.put_object(Bucket=bucket, Key="o.bin", Body=data)
+    commit = (
+        b"comp=blocklist"
+        if route == "blocks"
+        else f"PUT /devstoreaccount1/{container}/o.bin HTTP".encode()
+    )
+    async with FaultProxy(azurite_endpoint, Faults(lose_reply_match=commit)) as azp:
+        tuned = settings.model_copy(
+            update={
+                "azure": settings.azure.model_copy(
+                    update={"connection_string": SecretStr(connection_string(azp.endpoint))}
+                ),
+                "pipe_max_mb": 16 if route == "pipe" else 0,
+                "pipe_rtt_ms": 1000.0,
+            }
+        )
+        status, [row] = await copy(
+            tuned, f"s3://{bucket}/o.bin", f"az://{container}/o.bin", overwrite="never"
+        )
+    assert azp.lost_replies == 1
+    assert status == "done", row.error
+    assert (row.status, row.detail["route"]) == ("copied", route)
+    assert blob_bytes(blob_service, container, "o.bin") == data
+
+
+async def test_a_refusal_as_existing_is_believed_when_the_blob_is_not_this_copy(
+    settings: Settings,
+    azurite_endpoint: str,
+    s3_client: Any,
+    blob_service: BlobServiceClient,
+    bucket: str,
+    container: str,
+) -> None:
+    """The other side of the test above: Azure says the blob exists (here the proxy says
+    it, and nothing is there) and no blob holding this copy is found, so the transfer
+    fails as 'already exists': only this very copy is taken for a lost answer."""
+    s3_client.put_object(Bucket=bucket, Key="o.bin", Body=b"data")
+    exists = Faults(
+        error_every=1,
+        error_status=409,
+        error_headers="x-ms-error-code: BlobAlreadyExists\r\n",
+        error_match=f"PUT /devstoreaccount1/{container}/o.bin HTTP".encode(),
+    )
+    async with FaultProxy(azurite_endpoint, exists) as azp:
+        azure = {"connection_string": SecretStr(connection_string(azp.endpoint))}
+        tuned = settings.model_copy(update={"azure": settings.azure.model_copy(update=azure)})
+        status, [row] = await copy(
+            tuned, f"s3://{bucket}/o.bin", f"az://{container}/o.bin", overwrite="never"
+        )
+    assert azp.errors == 1
+    assert (status, row.status) == ("failed", "failed")
+    assert row.error is not None and "already exists and overwrite is 'never'" in row.error
     assert blob_names(blob_service, container) == []
 
 
