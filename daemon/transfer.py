@@ -19,6 +19,7 @@ import asyncio
 import base64
 import dataclasses
 import hashlib
+import time
 import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -76,6 +77,7 @@ SourceUrls = Callable[[ObjectInfo], Awaitable[str]]
 AZURE_CHECKED = "etag: Azure checked the bytes against S3's MD5 as they arrived"
 SERVER_SIDE_CHECKED = "etag: Azure checked the bytes it fetched from S3 against S3's MD5"
 SERVER_SIDE_MD5 = bytes(16)  # server-side blocks: no bytes here, so no MD5 in the ID
+UNREACHABLE_FOR_S = 300.0  # how long "Azure cannot reach this bucket" is believed
 log = structlog.get_logger("blobferry.transfer")
 
 
@@ -378,6 +380,8 @@ class Copier:
         self._budget = budget
         # Set when the daemon drains: no new transfer and no new block starts.
         self._stopping = stopping or asyncio.Event()
+        # Buckets Azure could not fetch from in server-side mode: (when, its answer).
+        self._unreachable: dict[str, tuple[float, str]] = {}
 
     async def copy(
         self, spec: TransferSpec, listed: Listed | None = None, progress: Progress | None = None
@@ -423,18 +427,26 @@ class Copier:
             return await self._whole(
                 listed.size, lambda: self._read_listed(listed, src), spec, fp, progress
             )
+        if server_side and info.size:
+            return await self._server_side(info, spec, fp, progress)
         if await self._pipes(info, spec):
             return await self._pipe(info, spec, fp, progress)
-        if info.size <= bs and not (server_side and info.size):
-            whole = info
+        return await self._streamed(info, spec, fp, progress)
 
-            async def read() -> tuple[ObjectInfo, Chunks]:
-                if not whole.size:
-                    return whole, Chunks()
-                return whole, await self._s3.read_range(whole, 0, whole.size)
+    async def _streamed(
+        self, info: ObjectInfo, spec: TransferSpec, fp: str, progress: Progress
+    ) -> Outcome:
+        """Through this host: a small object in one GET and one Put Blob, a larger one
+        as blocks."""
+        if info.size > self._settings.block_size:
+            return await self._stream_blocks(info, spec, fp, progress)
 
-            return await self._whole(info.size, read, spec, fp, progress)
-        return await self._copy_blocks(info, spec, fp, progress)
+        async def read() -> tuple[ObjectInfo, Chunks]:
+            if not info.size:
+                return info, Chunks()
+            return info, await self._s3.read_range(info, 0, info.size)
+
+        return await self._whole(info.size, read, spec, fp, progress)
 
     async def _pipes(self, info: ObjectInfo, spec: TransferSpec) -> bool:
         """Whether ``info`` goes as one GET piped into one Put Blob: a single-part
@@ -663,22 +675,28 @@ class Copier:
             route="whole",
         )
 
-    async def _copy_blocks(
+    async def _server_side(
         self, info: ObjectInfo, spec: TransferSpec, fp: str, progress: Progress
     ) -> Outcome:
-        note = None
-        if (spec.options.mode or self._settings.mode) == "server-side":
+        """Azure fetches the object itself; where it cannot reach the bucket, the object
+        streams through here and the report says why. That answer is remembered for the
+        bucket a while, so a prefix of small objects does not ask it of every one."""
+        seen = self._unreachable.get(info.bucket)
+        if seen is not None and time.monotonic() - seen[0] < UNREACHABLE_FOR_S:
+            code = seen[1]
+        else:
             try:
                 return await self._copy_server_side(info, spec, fp, progress)
             except SourceUnreachableError as e:
-                note = (
-                    f"server-side copy impossible (Azure answered {e.code}: it cannot reach "
-                    "the source); streamed through this host instead"
-                )
-                log.warning("server-side copy impossible, streaming", code=e.code)
-        outcome = await self._stream_blocks(info, spec, fp, progress)
-        if note:
-            outcome.note = f"{note}; {outcome.note}" if outcome.note else note
+                code = e.code
+                self._unreachable[info.bucket] = (time.monotonic(), code)
+                log.warning("server-side copy impossible, streaming", code=code)
+        note = (
+            f"server-side copy impossible (Azure answered {code}: it cannot reach "
+            "the source); streamed through this host instead"
+        )
+        outcome = await self._streamed(info, spec, fp, progress)
+        outcome.note = f"{note}; {outcome.note}" if outcome.note else note
         return outcome
 
     async def _copy_server_side(
