@@ -193,6 +193,13 @@ class TransferSpec:
         )
 
 
+def _header_value(what: str, value: str) -> None:
+    """Azure takes only printable ASCII in a header: a value a job gives that Azure would
+    refuse is an error when the job is read, not a property quietly left off the blob."""
+    if not (value.isascii() and value.isprintable()):
+        raise ValueError(f"{what} must be printable ASCII (Azure takes no other), not {value!r}")
+
+
 class _OptionsIn(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
@@ -205,12 +212,20 @@ class _OptionsIn(BaseModel):
     @field_validator("metadata")
     @classmethod
     def _names(cls, v: dict[str, str] | None) -> dict[str, str] | None:
-        for name in v or ():
+        for name, value in (v or {}).items():
             if not _METADATA_NAME.match(name) or name.lower().startswith("blobferry_"):
                 raise ValueError(
                     f"metadata name {name!r} must be a C# identifier (letters, digits, _) "
                     "and not start with blobferry_"
                 )
+            _header_value(f"metadata {name!r}", value)
+        return v
+
+    @field_validator("content_type")
+    @classmethod
+    def _content_type(cls, v: str | None) -> str | None:
+        if v is not None:
+            _header_value("content_type", v)
         return v
 
     def over(self, base: Options) -> Options:
