@@ -195,6 +195,10 @@ class AzureWriter:
         """When the SAS token in use expires; None for other credentials."""
         return self._direct.sas_expiry if self._direct is not None else None
 
+    def _error(self, e: AzureError, dst: AzAddress, what: str) -> Exception:
+        """The SDK's exception ``e`` as blobferry's, knowing this writer's credential."""
+        return _translate(e, dst, what, self.sas_expiry)
+
     async def __aenter__(self) -> AzureWriter:
         try:
             return await self._enter()
@@ -285,7 +289,7 @@ class AzureWriter:
         try:
             url, headers = await self._direct.prepare(method, dst, query or {}, headers or {})
         except AzureError as e:  # the identity gave no token
-            raise _translate(e, dst, what, self.sas_expiry) from None
+            raise self._error(e, dst, what) from None
         again = self._direct.refused_before(headers)
         stall = self._settings.retry.stall_timeout_s
         try:
@@ -397,7 +401,7 @@ class AzureWriter:
             code = _code(e)
             if code.startswith("CannotVerifyCopySource"):
                 raise SourceUnreachableError(dst, code) from None
-            raise _translate(e, dst, f"stage block {block_id} from URL", self.sas_expiry) from None
+            raise self._error(e, dst, f"stage block {block_id} from URL") from None
 
     async def staged_blocks(self, dst: AzAddress) -> dict[str, int]:
         """Uncommitted blocks already on the destination: {block id: size}."""
@@ -405,10 +409,10 @@ class AzureWriter:
             _, uncommitted = await self._blob(dst).get_block_list("uncommitted")
         except ResourceNotFoundError as e:
             if _code(e) == "ContainerNotFound":
-                raise _translate(e, dst, "list blocks", self.sas_expiry) from None
+                raise self._error(e, dst, "list blocks") from None
             return {}
         except AzureError as e:
-            raise _translate(e, dst, "list blocks", self.sas_expiry) from None
+            raise self._error(e, dst, "list blocks") from None
         return {b.id: b.size for b in uncommitted}
 
     async def discard_uncommitted(self, dst: AzAddress) -> None:
@@ -419,7 +423,7 @@ class AzureWriter:
         except ResourceNotFoundError:
             return  # gone already: what was asked
         except AzureError as e:
-            raise _translate(e, dst, "delete uncommitted blocks", self.sas_expiry) from None
+            raise self._error(e, dst, "delete uncommitted blocks") from None
 
     async def commit(
         self,
@@ -447,9 +451,9 @@ class AzureWriter:
         except HttpResponseError as e:
             if e.status_code == 412 and not overwrite:
                 raise DestinationExistsError(dst) from None
-            raise _translate(e, dst, "commit block list", self.sas_expiry) from None
+            raise self._error(e, dst, "commit block list") from None
         except AzureError as e:
-            raise _translate(e, dst, "commit block list", self.sas_expiry) from None
+            raise self._error(e, dst, "commit block list") from None
 
 
 class _Direct:
@@ -621,11 +625,7 @@ def _failure(
         return DestinationExistsError(dst)
     if code == "AuthorizationPermissionMismatch":
         return NotPermittedError(dst, what)
-    if status in (401, 403) or code in (
-        "AuthorizationFailure",
-        "AuthenticationFailed",
-        "AuthorizationPermissionMismatch",
-    ):
+    if status in (401, 403) or code in ("AuthorizationFailure", "AuthenticationFailed"):
         if sas_expiry is not None and sas_expiry <= datetime.now(UTC):
             # A transfer of days outlives a SAS of hours: say so, not "check the token".
             return PermanentError(
