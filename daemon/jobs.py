@@ -193,10 +193,16 @@ class TransferSpec:
         )
 
 
+def header_safe(value: str) -> bool:
+    """Whether Azure takes ``value`` in a header (a property, metadata): printable ASCII
+    only; anything else it refuses as a bad signature."""
+    return value.isascii() and value.isprintable()
+
+
 def _header_value(what: str, value: str) -> None:
-    """Azure takes only printable ASCII in a header: a value a job gives that Azure would
-    refuse is an error when the job is read, not a property quietly left off the blob."""
-    if not (value.isascii() and value.isprintable()):
+    """A value a job gives that Azure would refuse is an error when the job is read, not
+    a property quietly left off the blob."""
+    if not header_safe(value):
         raise ValueError(f"{what} must be printable ASCII (Azure takes no other), not {value!r}")
 
 

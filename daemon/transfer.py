@@ -24,7 +24,7 @@ import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import ClassVar
+from typing import ClassVar, TypeVar
 
 import structlog
 from awscrt import checksums as awscrt_checksums
@@ -33,6 +33,7 @@ from daemon.azure import (
     AzureWriter,
     BlobHeaders,
     DestinationExistsError,
+    ExistingBlob,
     NotPermittedError,
     SourceUnreachableError,
     azure_metadata,
@@ -47,7 +48,14 @@ from daemon.errors import (
     TransferError,
     VerificationError,
 )
-from daemon.jobs import AzAddress, Overwrite, S3Address, TransferSpec, blob_name_problem
+from daemon.jobs import (
+    AzAddress,
+    Overwrite,
+    S3Address,
+    TransferSpec,
+    blob_name_problem,
+    header_safe,
+)
 from daemon.retry import retrying
 from daemon.s3 import ArchivedObjectError, Chunks, Listed, ObjectInfo, S3Reader
 from daemon.settings import MiB, Settings
@@ -72,6 +80,7 @@ def _sent_length(block_id: str) -> int:
     return len(base64.b64encode(block_id.encode()))
 
 
+T = TypeVar("T")
 Progress = Callable[[int], None]
 SourceUrls = Callable[[ObjectInfo], Awaitable[str]]
 AZURE_CHECKED = "etag: Azure checked the bytes against S3's MD5 as they arrived"
@@ -198,10 +207,6 @@ class Landing:
     tier: str | None
     renamed: dict[str, str]  # metadata keys: S3's -> Azure's
     dropped: dict[str, str]  # property -> the value left off
-
-
-def _sendable(value: str) -> bool:
-    return value.isascii() and value.isprintable()
 
 
 def headers_of(info: ObjectInfo) -> BlobHeaders:
@@ -484,7 +489,7 @@ class Copier:
         dst = spec.destination
         damaged = 0
 
-        async def once() -> None:
+        async def once() -> bool:
             nonlocal damaged
             sent = 0
             # What went wrong on the S3 side while Azure was reading the body: aiohttp
@@ -514,6 +519,7 @@ class Copier:
                         overwrite,
                         landing.tier,
                     )
+                return True
             except BaseException as e:
                 progress(-sent)  # nothing landed: a next try starts from the first byte
                 if not isinstance(e, TransferError):
@@ -524,12 +530,8 @@ class Copier:
 
         # The stream's own buffers (aiohttp's, a few hundred KiB) count against the budget.
         async with self._budget.hold(PIPE_BUFFER):
-            try:
-                await retrying(once, self._settings.retry, f"pipe {info.address} to {dst}")
-            except DestinationExistsError:
-                if not await self._ours_already(dst, fp, info.size):
-                    raise
-                progress(info.size)
+            if await self._write(once, f"pipe {info.address} to {dst}", dst, fp, info.size) is None:
+                progress(info.size)  # an earlier attempt landed it; only its answer was lost
         note = f"Azure found the bytes damaged {damaged} time(s); sent again" if damaged else None
         return Outcome(
             Status.COPIED,
@@ -567,9 +569,7 @@ class Copier:
             return None
         dst = spec.destination
         try:
-            existing = await retrying(
-                lambda: self._azure.existing(dst), self._settings.retry, f"check {dst}"
-            )
+            existing = await self._existing(dst)
         except NotPermittedError:
             raise PermanentError(
                 f"{dst}: overwrite '{spec.overwrite}' reads the blob first, and the "
@@ -599,10 +599,10 @@ class Copier:
         dropped = {
             f.name: v
             for f in dataclasses.fields(headers)
-            if (v := getattr(headers, f.name)) and not _sendable(v)
+            if (v := getattr(headers, f.name)) and not header_safe(v)
         }
         headers = dataclasses.replace(headers, **dict.fromkeys(dropped))
-        for key in [k for k, v in metadata.items() if not _sendable(v)]:
+        for key in [k for k, v in metadata.items() if not header_safe(v)]:
             dropped[f"metadata {key}"] = metadata.pop(key)
         metadata[FINGERPRINT_KEY] = fp
         metadata[ETAG_KEY] = info.etag.strip('"')
@@ -654,14 +654,11 @@ class Copier:
             return info, verified, landing
 
         async with self._budget.hold(size):
-            try:
-                info, verified, landing = await retrying(
-                    once, self._settings.retry, f"copy {spec.source}"
-                )
-            except DestinationExistsError:
-                if sent is None or not await self._ours_already(dst, fp, sent[0].size):
-                    raise
-                info, verified, landing = sent
+            done = await self._write(once, f"copy {spec.source}", dst, fp, size)
+        if done is None:  # an earlier attempt landed it; only its answer was lost
+            assert sent is not None, "only a put is refused as existing"
+            done = sent
+        info, verified, landing = done
         progress(info.size)
         note = (
             f"the bytes arrived damaged {damaged} time(s); read and sent again" if damaged else None
@@ -775,7 +772,7 @@ class Copier:
         # InvalidBlobOrBlock for the 7 days its blocks live.
         foreign = sum(_sent_length(i) != _SENT_LENGTH for i in staged)
         if foreign:
-            if await retrying(lambda: self._azure.existing(dst), policy, f"head {dst}"):
+            if await self._existing(dst):
                 raise PermanentError(
                     f"{dst}: {foreign} uncommitted block(s) another tool left on this blob "
                     "have IDs of another length, and Azure takes no block of ours beside "
@@ -865,26 +862,39 @@ class Copier:
         landing = self._landing(info, spec, fp)
         overwrite = spec.overwrite is not Overwrite.NEVER
         dst = spec.destination
-        try:
-            await retrying(
-                lambda: self._azure.commit(
-                    dst, ids, md5, landing.headers, landing.metadata, overwrite, landing.tier
-                ),
-                self._settings.retry,
-                f"commit {dst}",
-            )
-        except DestinationExistsError:
-            if not await self._ours_already(dst, fp, info.size):
-                raise
+        await self._write(
+            lambda: self._azure.commit(
+                dst, ids, md5, landing.headers, landing.metadata, overwrite, landing.tier
+            ),
+            f"commit {dst}",
+            dst,
+            fp,
+            info.size,
+        )
         return landing
+
+    async def _existing(self, dst: AzAddress) -> ExistingBlob | None:
+        return await retrying(
+            lambda: self._azure.existing(dst), self._settings.retry, f"check {dst}"
+        )
+
+    async def _write(
+        self, once: Callable[[], Awaitable[T]], what: str, dst: AzAddress, fp: str, size: int
+    ) -> T | None:
+        """``once`` retried; None when a retry under 'never' was refused because an
+        earlier attempt had landed this very copy and only its answer was lost."""
+        try:
+            return await retrying(once, self._settings.retry, what)
+        except DestinationExistsError:
+            if not await self._ours_already(dst, fp, size):
+                raise
+            return None
 
     async def _ours_already(self, dst: AzAddress, fp: str, size: int) -> bool:
         """After a write on condition of absence ('never') was refused: whether the blob
         there is this very copy, committed by an earlier attempt whose answer was lost
         (a reset after Azure had done the work), so the retry found it in the way."""
-        existing = await retrying(
-            lambda: self._azure.existing(dst), self._settings.retry, f"check {dst}"
-        )
+        existing = await self._existing(dst)
         if existing is None or existing.size != size:
             return False
         if existing.metadata.get(FINGERPRINT_KEY) != fp:
