@@ -8,11 +8,13 @@ import os
 from typing import Any
 
 from azure.storage.blob import BlobServiceClient
+from pydantic import SecretStr
 
 from daemon import app
 from daemon.jobs import parse_job
 from daemon.settings import Settings
 from daemon.state import TransferRow
+from tests.emulators import connection_string
 
 MiB = 1024 * 1024
 
@@ -40,6 +42,13 @@ def blob_bytes(svc: BlobServiceClient, container: str, name: str) -> bytes:
 
 def s3_bytes(s3: Any, bucket: str, key: str) -> bytes:
     return bytes(s3.get_object(Bucket=bucket, Key=key)["Body"].read())
+
+
+def azure_through(settings: Settings, endpoint: str, **changes: Any) -> Settings:
+    """``settings`` reaching Azurite at ``endpoint`` (a fault proxy's), with ``changes``."""
+    via = SecretStr(connection_string(endpoint))
+    azure = settings.azure.model_copy(update={"connection_string": via})
+    return settings.model_copy(update={"azure": azure, **changes})
 
 
 def blob_names(svc: BlobServiceClient, container: str) -> list[str]:

@@ -21,7 +21,15 @@ from daemon.settings import Settings
 from daemon.systemd import Notifier
 from tests.conftest import connection_string, make_settings
 from tests.emulators import dies_with_this_process
-from tests.helpers import MiB, blob_bytes, blob_names, copy, multipart_object, payload
+from tests.helpers import (
+    MiB,
+    azure_through,
+    blob_bytes,
+    blob_names,
+    copy,
+    multipart_object,
+    payload,
+)
 from tests.proxy import FaultProxy, Faults
 
 BLOBFERRY = str(Path(sys.executable).parent / "blobferry")
@@ -504,15 +512,8 @@ async def test_a_write_whose_answer_is_lost_is_not_refused_by_its_own_retry(
         else f"PUT /devstoreaccount1/{container}/o.bin HTTP".encode()
     )
     async with FaultProxy(azurite_endpoint, Faults(lose_reply_match=commit)) as azp:
-        tuned = settings.model_copy(
-            update={
-                "azure": settings.azure.model_copy(
-                    update={"connection_string": SecretStr(connection_string(azp.endpoint))}
-                ),
-                "pipe_max_mb": 16 if route == "pipe" else 0,
-                "pipe_rtt_ms": 1000.0,
-            }
-        )
+        pipe_max_mb = 16 if route == "pipe" else 0
+        tuned = azure_through(settings, azp.endpoint, pipe_max_mb=pipe_max_mb, pipe_rtt_ms=1000.0)
         status, [row] = await copy(
             tuned, f"s3://{bucket}/o.bin", f"az://{container}/o.bin", overwrite="never"
         )
@@ -541,8 +542,7 @@ async def test_a_refusal_as_existing_is_believed_when_the_blob_is_not_this_copy(
         error_match=f"PUT /devstoreaccount1/{container}/o.bin HTTP".encode(),
     )
     async with FaultProxy(azurite_endpoint, exists) as azp:
-        azure = {"connection_string": SecretStr(connection_string(azp.endpoint))}
-        tuned = settings.model_copy(update={"azure": settings.azure.model_copy(update=azure)})
+        tuned = azure_through(settings, azp.endpoint)
         status, [row] = await copy(
             tuned, f"s3://{bucket}/o.bin", f"az://{container}/o.bin", overwrite="never"
         )

@@ -15,7 +15,6 @@ from urllib.parse import parse_qs, urlsplit
 
 import pytest
 from azure.storage.blob import BlobSasPermissions, BlobServiceClient, generate_blob_sas
-from pydantic import SecretStr
 
 from daemon.azure import AzureWriter
 from daemon.budget import ByteBudget
@@ -24,8 +23,8 @@ from daemon.jobs import parse_job
 from daemon.s3 import ObjectInfo, S3Reader
 from daemon.settings import Settings
 from daemon.transfer import SERVER_SIDE_CHECKED, Copier
-from tests.emulators import AZURITE_KEY, connection_string
-from tests.helpers import MiB, blob_bytes, blob_names, copy, payload
+from tests.emulators import AZURITE_KEY
+from tests.helpers import MiB, azure_through, blob_bytes, blob_names, copy, payload
 from tests.proxy import FaultProxy
 
 
@@ -163,14 +162,7 @@ async def test_a_prefix_azure_cannot_fetch_from_is_asked_once_then_streamed_whol
     for key, body in objects.items():
         s3_client.put_object(Bucket=bucket, Key=key, Body=body)
     async with FaultProxy(azurite_endpoint) as azp:
-        azure = {"connection_string": SecretStr(connection_string(azp.endpoint))}
-        one_at_a_time = settings.model_copy(
-            update={
-                "mode": "server-side",
-                "max_transfers": 1,
-                "azure": settings.azure.model_copy(update=azure),
-            }
-        )
+        one_at_a_time = azure_through(settings, azp.endpoint, mode="server-side", max_transfers=1)
         status, rows = await copy(one_at_a_time, f"s3://{bucket}/p/", f"az://{container}/q/")
     assert status == "done", [r.error for r in rows]
     assert sum("comp=block&" in r for r in azp.requests) == 1  # the one attempt
