@@ -31,6 +31,7 @@ from tests.helpers import (
     payload,
 )
 from tests.proxy import FaultProxy, Faults
+from tests.sandbox import Sandbox
 
 BLOBFERRY = str(Path(sys.executable).parent / "blobferry")
 
@@ -186,16 +187,19 @@ def daemon_env(settings: Settings, s3_endpoint: str, azurite: str, **extra: str)
 
 
 async def start_daemon(
-    env: dict[str, str], file_size_limit: int | None = None
+    env: dict[str, str], file_size_limit: int | None = None, sandbox: Sandbox | None = None
 ) -> asyncio.subprocess.Process:
     """`blobferry run`; with ``file_size_limit``, no file it writes may grow past that
-    (RLIMIT_FSIZE: writes fail with EFBIG, as on a full disk)."""
+    (RLIMIT_FSIZE: writes fail with EFBIG, as on a full disk); with ``sandbox``, inside
+    those system-call filters."""
     die_with_us = dies_with_this_process()
 
     def limits() -> None:
         die_with_us()
         if file_size_limit is not None:
             resource.setrlimit(resource.RLIMIT_FSIZE, (file_size_limit, file_size_limit))
+        if sandbox is not None:
+            sandbox.enter()  # last: the filters forbid setrlimit
 
     return await asyncio.create_subprocess_exec(
         BLOBFERRY,
