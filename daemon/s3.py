@@ -39,6 +39,7 @@ from daemon.errors import (
 )
 from daemon.jobs import S3Address
 from daemon.latency import RoundTrips
+from daemon.retry import retrying
 from daemon.settings import Settings
 from daemon.sigv4 import UrlShape, presign_get, signing_key
 
@@ -50,8 +51,6 @@ _RETRYABLE_CODES = {
     "ServiceUnavailable",
     "RequestTimeout",
     "RequestTimeTooSkewed",
-    "ExpiredToken",
-    "TokenRefreshRequired",
 }
 
 
@@ -229,8 +228,8 @@ class QuerySigner:
             response = e.response
         except (NoCredentialsError, PartialCredentialsError):
             raise
-        except BotoCoreError as e:  # the connection: the GET that follows is retried
-            raise RetryableError(f"s3://{bucket}: HEAD bucket: {type(e).__name__}") from None
+        except BotoCoreError as e:  # the connection or the credentials' renewal: retried
+            raise RetryableError(f"s3://{bucket}: HEAD bucket: {e}") from None
         headers = response.get("ResponseMetadata", {}).get("HTTPHeaders", {})
         named: str | None = headers.get("x-amz-bucket-region")
         return named
@@ -447,7 +446,11 @@ class S3Reader:
             args: dict[str, Any] = {"Bucket": prefix.bucket, "Prefix": prefix.key, "MaxKeys": size}
             if token is not None:
                 args["ContinuationToken"] = token
-            return await self._call("LIST", prefix, self._client.list_objects_v2, **args)
+            return await retrying(
+                lambda: self._call("LIST", prefix, self._client.list_objects_v2, **args),
+                self._settings.retry,
+                f"LIST {prefix}",
+            )
 
         pending: asyncio.Future[Any] | None = asyncio.ensure_future(page(None, min(first, 1000)))
         try:
@@ -497,6 +500,8 @@ class S3Reader:
                 f"{address}: access denied by S3 ({code}); check the AWS credentials "
                 "and that they may read this bucket"
             )
+        if code in _EXPIRED_CREDENTIALS:
+            return _expired_credentials(str(address), code)
         if code in _RETRYABLE_CODES or status >= 500 or status == 429:
             return RetryableError(f"{address}: S3 answered {code or status}")
         return PermanentError(f"{address}: S3 answered {code or status}: {err.get('Message', '')}")
@@ -517,6 +522,10 @@ class S3Reader:
             return await self._signer.url(info.bucket, info.key)
         except (NoCredentialsError, PartialCredentialsError):
             raise _no_credentials() from None
+        except BotoCoreError as e:
+            # Renewing the credentials failed: their source (instance metadata, a
+            # container endpoint) was down or throttled us, which passes.
+            raise RetryableError(f"{info}: renewing the AWS credentials: {e}") from None
 
     @asynccontextmanager
     async def _get(
@@ -604,6 +613,8 @@ class S3Reader:
             raise PermanentError(f"{what}: the endpoint ignored the Range header")
         if resp.status == 416:
             raise SourceChangedError(str(address))
+        if code in _EXPIRED_CREDENTIALS:
+            raise _expired_credentials(what, code)
         if resp.status == 403 and "expired" in message.lower():
             # Presigned just now, so the clock or the credentials moved: sign again.
             raise RetryableError(f"{what}: presigned URL expired")
@@ -628,6 +639,18 @@ class ArchivedObjectError(PermanentError):
             f"{address} is archived ({storage_class or 'InvalidObjectState'}) and not "
             "restored; restore it in S3 first, then submit the job again"
         )
+
+
+_EXPIRED_CREDENTIALS = ("ExpiredToken", "TokenRefreshRequired")
+
+
+def _expired_credentials(what: str, code: str) -> RetryableError:
+    # botocore renews credentials before they end, so a refusal means their source
+    # (instance metadata, a container endpoint, a profile) stopped renewing them.
+    return RetryableError(
+        f"{what}: S3 refused the AWS credentials as expired ({code}); check that their "
+        "source (instance role, container endpoint, profile) renews them"
+    )
 
 
 def _no_credentials() -> PermanentError:

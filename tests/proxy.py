@@ -37,12 +37,16 @@ class Faults:
     # Answer every Nth request (matching error_match) with this status and body instead of
     # forwarding it: S3's SlowDown, Azure's ServerBusy, a permanent 403 ...
     error_every: int = 0
+    error_first: int = 0  # or the first N such requests: an outage that passes
     error_status: int = 503
     error_body: bytes = b""
     error_headers: str = ""
     error_match: bytes = b""
     # Refuse presigned requests past X-Amz-Date + X-Amz-Expires, as S3 does (moto does not).
     enforce_expiry: bool = False
+    # Access key ID -> when its temporary credentials expire (epoch s): a request signed
+    # with them later is refused with ExpiredToken, as S3 does (moto does not).
+    credential_expiry: dict[str, float] | None = None
     # Lose the answer to the first request that holds this: the server has done the work
     # (a Put Blob committed, say) and the client sees its connection reset.
     lose_reply_match: bytes = b""
@@ -148,19 +152,31 @@ class FaultProxy:
                 lose = f.lose_reply_match and f.lose_reply_match in chunk
                 if lose and not self.lost_replies and not self._losing:
                     self._losing.add(number)
-            if not down and f.error_every and _REQUEST.match(chunk) and f.error_match in chunk:
+            erring = f.error_every or f.error_first
+            if not down and erring and _REQUEST.match(chunk) and f.error_match in chunk:
                 self._matching += 1
-                if self._matching % f.error_every == 0:
+                if self._matching <= f.error_first or (
+                    f.error_every and self._matching % f.error_every == 0
+                ):
                     self.errors += 1
                     await self._refuse(src, chunk)
                     raise _Reset()
+            status, body = b"403 Forbidden", b""
             if not down and f.enforce_expiry and _expired(chunk):
-                self.expired += 1
                 body = b"<Error><Code>AccessDenied</Code><Message>Request has expired</Message></Error>"
+            elif not down and f.credential_expiry and _stale(chunk, f.credential_expiry):
+                status, body = (
+                    b"400 Bad Request",
+                    b"<Error><Code>ExpiredToken</Code>"
+                    b"<Message>The provided token has expired.</Message></Error>",
+                )
+            if body:
+                self.expired += 1
                 reply = (
-                    b"HTTP/1.1 403 Forbidden\r\nContent-Type: application/xml\r\n"
-                    b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(body)
-                ) + body
+                    b"HTTP/1.1 %s\r\nContent-Type: application/xml\r\n" % status
+                    + b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(body)
+                    + body
+                )
                 back = self._client_writer.get(id(src))
                 if back is not None:
                     back.write(reply)
@@ -238,6 +254,18 @@ def _expired(request: bytes) -> bool:
         return False
     signed = datetime.strptime(date.group(1).decode(), "%Y%m%dT%H%M%SZ").replace(tzinfo=UTC)
     return datetime.now(UTC).timestamp() > signed.timestamp() + int(expires.group(1))
+
+
+_KEY_ID = re.compile(rb"Credential=([^/%\s,]+)(?:/|%2F)")
+
+
+def _stale(request: bytes, expiry: dict[str, float]) -> bool:
+    if not _REQUEST.match(request):
+        return False
+    head = request.split(b"\r\n\r\n", 1)[0]
+    key = _KEY_ID.search(head)
+    ends = expiry.get(key.group(1).decode()) if key else None
+    return ends is not None and datetime.now(UTC).timestamp() > ends
 
 
 async def _drain_body(src: asyncio.StreamReader, first: bytes) -> None:

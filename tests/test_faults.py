@@ -10,10 +10,12 @@ import signal
 import socket
 import sys
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
+from aiohttp import web
 from azure.storage.blob import BlobServiceClient
 from pydantic import SecretStr
 
@@ -143,6 +145,104 @@ async def test_proxy_refuses_an_expired_url(
             async with http.get(url) as r:
                 assert r.status == 403 and "expired" in await r.text()
     assert proxy.expired == 1
+
+
+class CredentialsEndpoint:
+    """A container-credentials endpoint, what ECS and EKS Pod Identity serve: each call
+    issues new temporary credentials that live ``lifetime`` seconds. botocore refreshes
+    them as it refreshes an instance role's (RefreshableCredentials), but without the
+    grace period it gives instance-metadata credentials during an outage."""
+
+    def __init__(self, lifetime: int, outage: range = range(0)) -> None:
+        self.lifetime = lifetime
+        self.outage = outage  # calls (0 = the first) answered 500, as a source that is down
+        self.calls = 0
+        self.issued: dict[str, float] = {}  # access key ID -> expiry (epoch s)
+        self._runner: web.AppRunner | None = None
+        self.url = ""
+
+    async def __aenter__(self) -> CredentialsEndpoint:
+        app = web.Application()
+        app.router.add_get("/creds", self._issue)
+        self._runner = web.AppRunner(app)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        await site.start()
+        port = self._runner.addresses[0][1]
+        self.url = f"http://127.0.0.1:{port}/creds"
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._runner is not None
+        await self._runner.cleanup()
+
+    async def _issue(self, request: web.Request) -> web.Response:
+        self.calls += 1
+        if self.calls - 1 in self.outage:
+            return web.Response(status=500, text="unavailable")
+        expires = int(time.time()) + self.lifetime
+        key = f"ASIATEST{len(self.issued):08d}"
+        self.issued[key] = expires
+        return web.json_response(
+            {
+                "AccessKeyId": key,
+                "SecretAccessKey": os.urandom(20).hex(),
+                "Token": f"token-{key}",
+                "Expiration": datetime.fromtimestamp(expires, UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+            }
+        )
+
+
+async def test_credentials_that_expire_mid_copy_are_renewed_before_each_request(
+    settings: Settings,
+    moto_endpoint: str,
+    s3_client: Any,
+    blob_service: BlobServiceClient,
+    bucket: str,
+    container: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The problem statement's four-day copy outlived the instance role's credentials.
+    Here each set of credentials lives 2 s, the copy takes several times that, and the
+    proxy refuses (ExpiredToken, as S3 does) anything signed with credentials past their
+    end: every HEAD, LIST and presigned range GET must carry credentials still alive.
+    Half-way, the credentials' source is down for a moment (botocore gives up on a
+    renewal after 3 tries): a presign that cannot renew them is retried like any
+    passing fault, where it used to fail the transfer as an internal error."""
+    body = payload(20 * MiB, seed=9)
+    s3_client.put_object(Bucket=bucket, Key="long.bin", Body=body)
+    async with CredentialsEndpoint(lifetime=2, outage=range(6, 12)) as creds:
+        monkeypatch.delenv("AWS_ACCESS_KEY_ID")
+        monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
+        monkeypatch.setenv("AWS_CONTAINER_CREDENTIALS_FULL_URI", creds.url)
+        faults = Faults(rate_bps=2 * MiB, credential_expiry=creds.issued)
+        async with FaultProxy(moto_endpoint, faults) as proxy:
+            tuned = through(settings, proxy, block_concurrency=2)
+            t0 = time.monotonic()
+            status, rows = await copy(tuned, f"s3://{bucket}/", f"az://{container}/")
+            took = time.monotonic() - t0
+    assert status == "done", [r.error for r in rows]
+    assert took > 3 * creds.lifetime, "the copy must outlive several sets of credentials"
+    assert len(creds.issued) >= 3 and creds.calls > creds.outage.stop  # after the outage
+    assert proxy.expired == 0
+    assert blob_bytes(blob_service, container, "long.bin") == body
+
+
+async def test_credentials_s3_calls_expired_are_named_as_the_reason(
+    settings: Settings, moto_endpoint: str, s3_client: Any, bucket: str, container: str
+) -> None:
+    """Credentials that are past their end and not renewed (a source that stopped
+    renewing them): S3 answers ExpiredToken, and the report says so, not 'S3 answered
+    ExpiredToken' or 'presigned URL expired'."""
+    s3_client.put_object(Bucket=bucket, Key="k", Body=b"x")
+    faults = Faults(credential_expiry={os.environ["AWS_ACCESS_KEY_ID"]: 0.0})
+    async with FaultProxy(moto_endpoint, faults) as proxy:
+        status, [row] = await copy(
+            through(settings, proxy), f"s3://{bucket}/", f"az://{container}/"
+        )
+    assert status == "failed" and proxy.expired == settings.retry.attempts
+    assert row.error is not None
+    assert "S3 refused the AWS credentials as expired (ExpiredToken)" in row.error
 
 
 async def test_source_overwritten_mid_copy_never_yields_a_mixed_blob(
@@ -465,6 +565,32 @@ async def test_throttling_on_both_sides_is_retried_per_request(
     assert s3p.errors >= 2 and azp.errors >= 2
     for key, body in objects.items():
         assert blob_bytes(blob_service, container, f"t/{key}") == body
+
+
+async def test_a_listing_outlasting_botocores_retries_is_retried(
+    settings: Settings,
+    moto_endpoint: str,
+    s3_client: Any,
+    blob_service: BlobServiceClient,
+    bucket: str,
+    container: str,
+) -> None:
+    """botocore tries a LIST 4 times within a second or two. S3 answering SlowDown
+    longer than that (the first 5 LISTs here) must not end a prefix job's listing: pages
+    are retried with the same patience as every other request."""
+    for i in range(3):
+        s3_client.put_object(Bucket=bucket, Key=f"l/{i}", Body=payload(100 + i, seed=i))
+    faults = Faults(
+        error_first=5, error_status=503, error_body=SLOWDOWN, error_match=b"list-type=2"
+    )
+    async with FaultProxy(moto_endpoint, faults) as proxy:
+        status, rows = await copy(
+            through(settings, proxy), f"s3://{bucket}/l/", f"az://{container}/"
+        )
+    assert status == "done", [r.error for r in rows]
+    assert proxy.errors == 5
+    for i in range(3):
+        assert blob_bytes(blob_service, container, str(i)) == payload(100 + i, seed=i)
 
 
 async def test_a_permanent_error_fails_at_once_without_retrying(
