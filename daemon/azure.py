@@ -234,9 +234,7 @@ class AzureWriter:
             elif a.sas_token is not None:
                 credential = a.sas_token.get_secret_value()
             else:
-                from azure.identity.aio import DefaultAzureCredential
-
-                credential = await self._stack.enter_async_context(DefaultAzureCredential())
+                credential = await self._stack.enter_async_context(_Identity())
             self._service = BlobServiceClient(a.account_url, credential=credential, **kwargs)
         else:
             raise PermanentError("no Azure account configured")
@@ -456,6 +454,54 @@ class AzureWriter:
             raise self._error(e, dst, "commit block list") from None
 
 
+class TokenError(ClientAuthenticationError):
+    """No Azure AD token: the identity failed (its endpoint, its setup), not Azure
+    Storage, which never saw a request. ``passing``: the endpoint was down or busy."""
+
+    def __init__(self, cause: Exception) -> None:
+        super().__init__(message=f"no Azure AD token ({type(cause).__name__})")
+        status = getattr(cause, "status_code", None) or 0
+        self.detail = f"{type(cause).__name__} {status}" if status else type(cause).__name__
+        connection = isinstance(cause, (ServiceRequestError, ServiceResponseError))
+        self.passing = connection or status >= 500 or status == 429
+
+
+class _Identity:
+    """azure-identity's DefaultAzureCredential, its failures raised as TokenError.
+
+    Without this, a token endpoint that was down for a moment when a token was due
+    (hourly, on a copy of days) failed the transfer as "Azure refused the credentials".
+    Once a source has given a token, azure-identity asks it alone, and its errors keep
+    the endpoint's HTTP status; the first time, the chain's error does not."""
+
+    def __init__(self) -> None:
+        from azure.identity.aio import DefaultAzureCredential
+
+        self._inner = DefaultAzureCredential()
+
+    async def get_token(self, *scopes: str, **kwargs: Any) -> Any:
+        try:
+            return await self._inner.get_token(*scopes, **kwargs)
+        except AzureError as e:
+            raise TokenError(e) from None
+
+    async def get_token_info(self, *scopes: str, options: Any = None) -> Any:
+        try:
+            return await self._inner.get_token_info(*scopes, options=options)
+        except AzureError as e:
+            raise TokenError(e) from None
+
+    async def close(self) -> None:
+        await self._inner.close()
+
+    async def __aenter__(self) -> _Identity:
+        await self._inner.__aenter__()
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        await self._inner.__aexit__(*exc)
+
+
 class _Direct:
     """URLs and authorization for the direct path, built as the SDK builds them."""
 
@@ -607,6 +653,14 @@ def _translate(
 ) -> Exception:
     if isinstance(e, (ServiceRequestError, ServiceResponseError)):
         return RetryableError(f"{dst}: {what}: connection failed ({type(e).__name__})")
+    if isinstance(e, TokenError) and e.passing:
+        return RetryableError(f"{dst}: {what}: the identity endpoint gave no token ({e.detail})")
+    if isinstance(e, TokenError):
+        return PermanentError(
+            f"{dst}: {what}: no Azure AD token for this machine's identity ({e.detail}); "
+            "check its managed identity (or azure-identity's other sources), or set "
+            "azure.account_key or azure.sas_token"
+        )
     status = getattr(e, "status_code", None) or 0
     if isinstance(e, ClientAuthenticationError) and status not in (401, 403):
         status = 403  # the SDK found the credential unusable before sending anything

@@ -84,8 +84,16 @@ class Identity:
     unsigned JWT for ``audience``; the client is told it lasts ``life_s`` seconds, and
     Azurite refuses it ``grace_s`` seconds after that."""
 
-    def __init__(self, audience: str = STORAGE, life_s: float = 3600, grace_s: float = 0) -> None:
+    def __init__(
+        self,
+        audience: str = STORAGE,
+        life_s: float = 3600,
+        grace_s: float = 0,
+        outage: range = range(0),
+    ) -> None:
         self.audience, self.life_s, self.grace_s = audience, life_s, grace_s
+        self.outage = outage  # calls (0 = the first) answered 500: an endpoint that is down
+        self.calls = 0
         self.secret = uuid.uuid4().hex  # the X-IDENTITY-HEADER value
         self.issued: list[str] = []
         self.refused = 0  # requests without the identity header
@@ -93,6 +101,10 @@ class Identity:
 
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self) -> None:
+                identity.calls += 1
+                if identity.calls - 1 in identity.outage:
+                    self.send_error(500)
+                    return
                 if self.headers.get("X-IDENTITY-HEADER") != identity.secret:
                     identity.refused += 1
                     self.send_error(401)
@@ -236,12 +248,15 @@ async def test_tokens_are_renewed_while_a_job_runs(
 ) -> None:
     """Tokens said to last 2 s, refused by Azure 4 s after they are issued, and a job of
     several seconds (S3 read at 500 kB/s, one object at a time): it succeeds only if
-    blobferry asks for new tokens as it goes."""
+    blobferry asks for new tokens as it goes. Early on, the token endpoint is down for
+    six calls, longer than azure-identity's own three retries: a renewal that fails
+    so is retried like any passing fault. It used to fail the transfer as "Azure
+    refused the credentials", which Azure never saw."""
     bodies = {f"t/{i:02d}.bin": payload(200_000 + i, seed=i) for i in range(16)}
     for key, body in bodies.items():
         s3_client.put_object(Bucket=bucket, Key=key, Body=body)
     async with FaultProxy(stage.moto, Faults(rate_bps=500_000)) as slow_s3:
-        with Identity(life_s=2, grace_s=2) as identity:
+        with Identity(life_s=2, grace_s=2, outage=range(2, 8)) as identity:
             env = stage.env(identity, slow_s3.endpoint, BLOBFERRY_MAX_TRANSFERS="1")
             started = time.monotonic()
             proc = await asyncio.create_subprocess_exec(
@@ -261,7 +276,7 @@ async def test_tokens_are_renewed_while_a_job_runs(
     report = json.loads(out)
     assert took > 6, f"the job took {took:.1f} s, too short to outlive a token"
     assert [t["status"] for t in report["transfers"]] == ["copied"] * len(bodies)
-    assert len(identity.issued) >= 3
+    assert len(identity.issued) >= 3 and identity.calls > identity.outage.stop
     for key, body in bodies.items():
         assert stage.blob(key) == body
 
@@ -280,6 +295,22 @@ def test_an_identity_azure_refuses_fails_with_a_reason(
     assert "gave up" not in t["error"]  # refused at once, not retried
     assert list(stage.service.get_container_client(stage.container).list_blobs()) == []
     assert all(token not in output for token in identity.issued)
+
+
+def test_an_identity_with_no_token_to_give_is_not_called_a_refusal(
+    stage: Stage, s3_client: Any, bucket: str
+) -> None:
+    """The token endpoint fails from the first call on: Azure Storage never saw a
+    request, so the reason names the identity, not Azure refusing credentials."""
+    s3_client.put_object(Bucket=bucket, Key="k.bin", Body=b"x" * 1000)
+    with Identity(outage=range(1000)) as identity:
+        code, report, output = copy(
+            stage.env(identity), f"s3://{bucket}/k.bin", f"az://{stage.container}/k.bin"
+        )
+    assert code == 1, output
+    [t] = report["transfers"]
+    assert "no Azure AD token for this machine's identity" in t["error"]
+    assert "Azure refused" not in t["error"] and identity.issued == []
 
 
 def test_an_identity_needs_https(
