@@ -53,6 +53,7 @@ from azure.storage.blob.aio import BlobClient, BlobServiceClient
 from daemon.errors import CorruptBlockError, PermanentError, RetryableError
 from daemon.jobs import AzAddress
 from daemon.latency import RoundTrips
+from daemon.proxies import Proxies
 from daemon.s3 import Chunks
 from daemon.settings import Settings
 
@@ -184,6 +185,7 @@ class AzureWriter:
         self._session: aiohttp.ClientSession | None = None
         self._direct: _Direct | None = None
         self.round_trips = RoundTrips()  # of direct HEADs: how near Azure is
+        self._proxies = Proxies()
         self._timeout = aiohttp.ClientTimeout(
             total=None,
             sock_connect=settings.retry.connect_timeout_s,
@@ -223,10 +225,12 @@ class AzureWriter:
             "max_single_put_size": 4000 * 1024 * 1024,
         }
         if a.connection_string is not None:
-            self._service = BlobServiceClient.from_connection_string(
-                a.connection_string.get_secret_value(), **kwargs
-            )
+            cs = a.connection_string.get_secret_value()
+            # A client that sends nothing, only to read the endpoint the string names.
+            self._route_sdk(BlobServiceClient.from_connection_string(cs).url, kwargs)
+            self._service = BlobServiceClient.from_connection_string(cs, **kwargs)
         elif a.account_url is not None:
+            self._route_sdk(a.account_url, kwargs)
             credential: Any
             if a.account_key is not None:
                 name = _account_name(a.account_url)
@@ -253,6 +257,12 @@ class AzureWriter:
         self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
     ) -> None:
         await self._stack.aclose()
+
+    def _route_sdk(self, account_url: str, kwargs: dict[str, Any]) -> None:
+        """The SDK's requests take the proxy (if any) the direct path takes."""
+        proxy = self._proxies.route(account_url)
+        if proxy is not None:
+            kwargs["proxies"] = {account_url.partition("://")[0]: str(proxy)}
 
     def _check_account(self, dst: AzAddress) -> None:
         assert self._service is not None
@@ -305,6 +315,7 @@ class AzureWriter:
                     method,
                     url,
                     headers=headers,
+                    proxy=self._proxies.route(url),
                     data=body,
                     timeout=self._timeout,
                     skip_auto_headers=("Content-Type",),  # it is signed: nothing may add one

@@ -39,6 +39,7 @@ from daemon.errors import (
 )
 from daemon.jobs import S3Address
 from daemon.latency import RoundTrips
+from daemon.proxies import Proxies
 from daemon.retry import retrying
 from daemon.settings import Settings
 from daemon.sigv4 import UrlShape, presign_get, signing_key
@@ -321,6 +322,7 @@ class S3Reader:
         self._stack = AsyncExitStack()
         self._client: Any = None
         self._http: aiohttp.ClientSession | None = None
+        self._proxies = Proxies()  # botocore finds its own, from the same variables
         self._signer: QuerySigner | None = None
         self.round_trips = RoundTrips()  # of HEADs: how near S3 is
 
@@ -538,7 +540,10 @@ class S3Reader:
         assert self._http is not None
         async with AsyncExitStack() as stack:
             try:
-                resp = await stack.enter_async_context(self._http.get(url, headers=headers))
+                proxy = self._proxies.route(url)
+                resp = await stack.enter_async_context(
+                    self._http.get(url, headers=headers, proxy=proxy)
+                )
                 if resp.status != status:
                     await self._raise_for(resp, address, what)
             except TimeoutError:
