@@ -504,6 +504,13 @@ class S3Reader:
             )
         if code in _EXPIRED_CREDENTIALS:
             return _expired_credentials(str(address), code)
+        if code == "400":  # a HEAD's answer has no body, so botocore has only the status
+            return PermanentError(
+                f"{address}: S3 answered a HEAD with 400 Bad Request, which names no "
+                "reason: most often the AWS credentials are expired or invalid (check "
+                "their source), or the object is encrypted with a customer-provided key "
+                "(SSE-C), which blobferry cannot read"
+            )
         if code in _RETRYABLE_CODES or status >= 500 or status == 429:
             return RetryableError(f"{address}: S3 answered {code or status}")
         return PermanentError(f"{address}: S3 answered {code or status}: {err.get('Message', '')}")

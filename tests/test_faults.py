@@ -245,6 +245,22 @@ async def test_credentials_s3_calls_expired_are_named_as_the_reason(
     assert "S3 refused the AWS credentials as expired (ExpiredToken)" in row.error
 
 
+async def test_a_heads_bare_400_gets_its_likely_causes(
+    settings: Settings, moto_endpoint: str, s3_client: Any, bucket: str, container: str
+) -> None:
+    """A HEAD's error has no body: S3 refusing expired credentials, or an SSE-C object
+    read without its key, is a bare 400, which botocore reports as code '400'."""
+    s3_client.put_object(Bucket=bucket, Key="k", Body=b"x")
+    bare = Faults(error_every=1, error_status=400, error_match=f"HEAD /{bucket}/k".encode())
+    async with FaultProxy(moto_endpoint, bare) as proxy:
+        status, [row] = await copy(
+            through(settings, proxy), f"s3://{bucket}/k", f"az://{container}/k"
+        )
+    assert status == "failed" and proxy.errors >= 1  # botocore may ask twice
+    assert row.error is not None and "AWS credentials are expired or invalid" in row.error
+    assert "SSE-C" in row.error
+
+
 async def test_source_overwritten_mid_copy_never_yields_a_mixed_blob(
     settings: Settings,
     moto_endpoint: str,
