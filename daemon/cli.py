@@ -232,7 +232,11 @@ def _submit(args: argparse.Namespace, settings: Settings) -> int:
     inbox.mkdir(parents=True, exist_ok=True)
     target = inbox / name
     tmp = inbox / f".{name}.{os.getpid()}.tmp"
-    tmp.write_bytes(raw)
+    with open(tmp, "wb") as f:
+        # Readable by the daemon, which runs as a user of its own, whatever this
+        # user's umask: a job file holds addresses and options, no secret.
+        os.fchmod(f.fileno(), 0o644)
+        f.write(raw)
     try:
         os.link(tmp, target)  # unlike rename, refuses to replace a job of the same name
     except FileExistsError:

@@ -4,10 +4,13 @@ poll (30 s here, so a miss cannot pass for a slow machine)."""
 from __future__ import annotations
 
 import asyncio
+import os
+import stat
 from pathlib import Path
 
 import pytest
 
+from daemon import cli
 from daemon.sources.directory import DirectorySource
 
 
@@ -38,3 +41,33 @@ async def test_a_job_dropped_just_after_the_first_scan_is_seen_by_the_watch(
         stop.set()
         await claims.aclose()  # type: ignore[attr-defined]
     assert dropped and job.name == "j.json"
+
+
+def test_the_inbox_takes_jobs_from_other_users_of_the_daemons_group(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The service that drops jobs runs as a user of its own. Under the unit's
+    UMask=0027 the daemon made inbox/ 0750, which no other user could write; it is
+    now 2770 (its group writes, and what is dropped there belongs to that group). A
+    job that user submits with a strict umask (077) is still readable by the daemon.
+    An inbox someone made already keeps the mode they gave it."""
+    jobs = tmp_path / "jobs"
+    old = os.umask(0o027)
+    try:
+        DirectorySource(jobs).prepare()
+    finally:
+        os.umask(0o077)
+    try:
+        monkeypatch.setenv("BLOBFERRY_JOBS_DIR", str(jobs))
+        assert cli.main(["submit", "s3://bkt/k", "az://ctr/k"]) == 0
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((jobs / "inbox").stat().st_mode) == 0o2770
+    for folder in ("processing", "done", "failed"):
+        assert stat.S_IMODE((jobs / folder).stat().st_mode) == 0o750  # the umask's
+    [job] = (jobs / "inbox").iterdir()
+    assert job.name == capsys.readouterr().out.strip()
+    assert stat.S_IMODE(job.stat().st_mode) == 0o644
+    (jobs / "inbox").chmod(0o1733)  # a drop box its owner chose
+    DirectorySource(jobs).prepare()
+    assert stat.S_IMODE((jobs / "inbox").stat().st_mode) == 0o1733

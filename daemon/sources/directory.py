@@ -59,7 +59,14 @@ class DirectorySource:
         self._claimed: set[str] = set()  # in processing/, claimed by this daemon, not filed
 
     def prepare(self) -> None:
-        for folder in (self.inbox, self.processing, self.done, self.failed):
+        """Make the folders that are missing. A new inbox/ is one the daemon's group
+        may write (2770: setgid, so files dropped there belong to that group too):
+        the services that drop jobs run as users of their own, and under the unit's
+        UMask=0027 it was 0750, which only the daemon could write."""
+        if not self.inbox.is_dir():
+            self.inbox.mkdir(parents=True, exist_ok=True)
+            os.chmod(self.inbox, 0o2770)
+        for folder in (self.processing, self.done, self.failed):
             folder.mkdir(parents=True, exist_ok=True)
 
     def _waiting(self, folder: Path) -> list[tuple[float, str]]:
