@@ -23,6 +23,7 @@ from azure.storage.blob import BlobServiceClient
 
 from daemon import app
 from daemon.settings import Settings, load_settings
+from daemon.sources.directory import report_name
 from tests.emulators import AZURITE_KEY, connection_string, emulator
 
 __all__ = ["AZURITE_KEY", "connection_string", "make_settings", "running_daemon"]
@@ -116,11 +117,10 @@ class RunningDaemon:
         """Wait for a job to land in done/ or failed/; return the folder and its report."""
         import json
 
-        stem = name.removesuffix(".json")
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             for folder in ("done", "failed"):
-                report = self.settings.jobs_dir / folder / f"{stem}.report.json"
+                report = self.settings.jobs_dir / folder / report_name(name)
                 if report.exists() and (self.settings.jobs_dir / folder / name).exists():
                     return folder, json.loads(report.read_text())
             if self.task.done():

@@ -16,6 +16,7 @@ noticed through watchfiles (inotify); a scan every ``poll_interval_s`` backs it 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import os
 import stat
@@ -36,6 +37,23 @@ FOLDERS = ("inbox", "processing", "done", "failed")
 
 def is_job_name(name: str) -> bool:
     return not name.startswith(".") and not name.endswith((".tmp", ".part", ".report.json"))
+
+
+_NAME_MAX = 255  # bytes in a file name, on every Linux file system a jobs folder is on
+
+
+def report_name(job: str) -> str:
+    """NAME.report.json for the job file NAME.json. A name too long to take that suffix
+    (and the temporary one it is written under) is cut, and a hash of the whole keeps
+    it unique; the report itself names the job in full."""
+    stem = job.removesuffix(".json")
+    name = f"{stem}.report.json"
+    if len(f".{name}.tmp".encode()) <= _NAME_MAX:
+        return name
+    digest = hashlib.sha256(stem.encode()).hexdigest()[:12]
+    room = _NAME_MAX - len(f".~{digest}.report.json.tmp")
+    cut = stem.encode()[:room].decode(errors="ignore")  # whole characters only
+    return f"{cut}~{digest}.report.json"
 
 
 class DirectorySource:
@@ -209,9 +227,8 @@ class DirectorySource:
 
     def _finish(self, job: ClaimedJob, ok: bool, write_report: Callable[[IO[str]], object]) -> None:
         target = self.done if ok else self.failed
-        stem = job.name[:-5] if job.name.endswith(".json") else job.name
-        report = target / f"{stem}.report.json"
-        tmp = target / f".{stem}.report.json.tmp"
+        report = target / report_name(job.name)
+        tmp = target / f".{report.name}.tmp"
         try:
             with open(tmp, "w", encoding="utf-8") as f:
                 write_report(f)
