@@ -226,23 +226,31 @@ def _submit(args: argparse.Namespace, settings: Settings) -> int:
         raise JobFileError("submit takes FILE.json, or SOURCE DESTINATION")
     if not name.endswith(".json"):
         name += ".json"
-    if "/" in name or name.startswith("."):
+    if "/" in name or name.startswith(".") or "\0" in name:
         raise JobFileError(f"job name {name!r} must be a plain file name")
+    if len(name.encode()) > 255:
+        raise JobFileError("job name is longer than a file name may be (255 bytes)")
     inbox = settings.jobs_dir / "inbox"
-    inbox.mkdir(parents=True, exist_ok=True)
     target = inbox / name
-    tmp = inbox / f".{name}.{os.getpid()}.tmp"
-    with open(tmp, "wb") as f:
-        # Readable by the daemon, which runs as a user of its own, whatever this
-        # user's umask: a job file holds addresses and options, no secret.
-        os.fchmod(f.fileno(), 0o644)
-        f.write(raw)
+    tmp = inbox / f".submit-{os.getpid()}-{secrets.token_hex(4)}.tmp"
     try:
-        os.link(tmp, target)  # unlike rename, refuses to replace a job of the same name
-    except FileExistsError:
-        raise JobFileError(f"a job named {name} is already waiting in {inbox}") from None
-    finally:
-        tmp.unlink()
+        inbox.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "wb") as f:
+            # Readable by the daemon, which runs as a user of its own, whatever this
+            # user's umask: a job file holds addresses and options, no secret.
+            os.fchmod(f.fileno(), 0o644)
+            f.write(raw)
+        try:
+            os.link(tmp, target)  # unlike rename, refuses to replace a job of that name
+        except FileExistsError:
+            raise JobFileError(f"a job named {name} is already waiting in {inbox}") from None
+        finally:
+            tmp.unlink()
+    except OSError as e:
+        raise JobFileError(
+            f"cannot put a job into {inbox}: {e.strerror}; the daemon's group may write "
+            "there (see 'Running under systemd' in the README)"
+        ) from None
     print(name)
     return EXIT_OK
 

@@ -12,6 +12,7 @@ import pytest
 
 from daemon import cli
 from daemon.sources.directory import DirectorySource
+from tests.test_daemon import chattr
 
 
 async def test_a_job_dropped_just_after_the_first_scan_is_seen_by_the_watch(
@@ -71,3 +72,28 @@ def test_the_inbox_takes_jobs_from_other_users_of_the_daemons_group(
     (jobs / "inbox").chmod(0o1733)  # a drop box its owner chose
     DirectorySource(jobs).prepare()
     assert stat.S_IMODE((jobs / "inbox").stat().st_mode) == 0o1733
+
+
+def test_submit_says_why_it_cannot_put_a_job_in_the_inbox(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An inbox this user may not write (here an immutable one, which not even root may
+    write) and a name no file system takes: one line and exit code 2, no traceback. A
+    name of 250 characters goes: the temporary file no longer carries the name."""
+    inbox = tmp_path / "jobs" / "inbox"
+    inbox.mkdir(parents=True)
+    monkeypatch.setenv("BLOBFERRY_JOBS_DIR", str(tmp_path / "jobs"))
+    long = "n" * 250
+    assert cli.main(["submit", "s3://bkt/k", "az://ctr/k", "--name", long]) == 0
+    assert capsys.readouterr().out.strip() == f"{long}.json"
+    assert cli.main(["submit", "s3://bkt/k", "az://ctr/k", "--name", long + "n"]) == 2
+    assert "longer than a file name may be" in capsys.readouterr().err
+    if not chattr("+i", inbox):
+        pytest.skip("chattr +i is not available on this machine")
+    try:
+        assert cli.main(["submit", "s3://bkt/k", "az://ctr/k"]) == 2
+    finally:
+        assert chattr("-i", inbox)
+    err = capsys.readouterr().err
+    assert err.startswith(f"blobferry: cannot put a job into {inbox}: Operation not permitted")
+    assert err.count("\n") == 1
