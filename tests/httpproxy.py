@@ -10,35 +10,17 @@ import base64
 import contextlib
 import re
 
+from tests.proxy import LoopbackServer
 
-class HttpProxy:
+
+class HttpProxy(LoopbackServer):
     def __init__(self, login: tuple[str, str] | None = None) -> None:
+        super().__init__()
         self.login = login
         self.seen: list[str] = []  # "METHOD host:port/path" of every request forwarded
         self.refused = 0  # requests without the right Proxy-Authorization
-        self._server: asyncio.Server | None = None
-        self._tasks: set[asyncio.Task[None]] = set()
-        self.url = ""
 
-    async def __aenter__(self) -> HttpProxy:
-        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-        self.url = f"http://127.0.0.1:{self._server.sockets[0].getsockname()[1]}"
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        assert self._server is not None
-        self._server.close()
-        for t in list(self._tasks):
-            t.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        await self._server.wait_closed()
-
-    def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.ensure_future(self._one(reader, writer))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
-    async def _one(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         upstream: asyncio.StreamWriter | None = None
         try:
             head = await reader.readuntil(b"\r\n\r\n")

@@ -17,6 +17,7 @@ import socket
 import struct
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Self
 
 
 @dataclass
@@ -52,8 +53,48 @@ class Faults:
     lose_reply_match: bytes = b""
 
 
-class FaultProxy:
+class LoopbackServer:
+    """A TCP server on a free loopback port; the tasks serving its connections end
+    with it. Subclasses serve a connection in ``_accept``."""
+
+    def __init__(self) -> None:
+        self._server: asyncio.Server | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    @property
+    def endpoint(self) -> str:
+        assert self._server is not None
+        port = self._server.sockets[0].getsockname()[1]
+        return f"http://127.0.0.1:{port}"
+
+    async def __aenter__(self) -> Self:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._server is not None
+        self._server.close()
+        for t in list(self._tasks):
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._server.wait_closed()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._tasks.add(task)
+        try:
+            await self._accept(reader, writer)
+        finally:
+            self._tasks.discard(task)
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        raise NotImplementedError
+
+
+class FaultProxy(LoopbackServer):
     def __init__(self, upstream: str, faults: Faults | None = None) -> None:
+        super().__init__()
         host, _, port = upstream.removeprefix("http://").partition(":")
         self.upstream = (host, int(port))
         self.faults = faults or Faults()
@@ -70,32 +111,9 @@ class FaultProxy:
         self._losing: set[int] = set()  # connections whose next answer is to be lost
         self.errors = 0
         self._matching = 0
-        self._server: asyncio.Server | None = None
-        self._tasks: set[asyncio.Task[None]] = set()
         self._client_writer: dict[int, asyncio.StreamWriter] = {}
 
-    @property
-    def endpoint(self) -> str:
-        assert self._server is not None
-        port = self._server.sockets[0].getsockname()[1]
-        return f"http://127.0.0.1:{port}"
-
-    async def __aenter__(self) -> FaultProxy:
-        self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        assert self._server is not None
-        self._server.close()
-        for t in list(self._tasks):
-            t.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        await self._server.wait_closed()
-
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        self._tasks.add(task)
         self.connections += 1
         self.open += 1
         number = self.connections
@@ -103,7 +121,6 @@ class FaultProxy:
             up_reader, up_writer = await asyncio.open_connection(*self.upstream)
         except OSError:
             writer.close()
-            self._tasks.discard(task)
             self.open -= 1
             return
         try:
@@ -117,7 +134,6 @@ class FaultProxy:
             self._client_writer.pop(id(reader), None)
             for w in (writer, up_writer):
                 w.close()
-            self._tasks.discard(task)
             self.open -= 1
 
     async def _refuse(self, src: asyncio.StreamReader, chunk: bytes) -> None:

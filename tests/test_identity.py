@@ -294,7 +294,9 @@ async def test_https_goes_through_the_proxy_in_a_connect_tunnel(
     parts = multipart_object(s3_client, bucket, "px/b.bin", 11 * MiB, 5 * MiB)
     async with HttpProxy(login=("egress", "pa55word")) as proxy:
         with Identity() as identity:
-            env = stage.env(identity, HTTPS_PROXY=proxy.url.replace("//", "//egress:pa55word@"))
+            env = stage.env(
+                identity, HTTPS_PROXY=proxy.endpoint.replace("//", "//egress:pa55word@")
+            )
             proc = await asyncio.create_subprocess_exec(
                 BLOBFERRY,
                 "copy",

@@ -37,7 +37,7 @@ async def test_every_request_takes_the_proxy_the_environment_names(
         s3_client.put_object(Bucket=bucket, Key=f"p/{key}", Body=body)
     async with HttpProxy(login=("egress", "pa55word")) as proxy:
         with monkeypatch.context() as env:  # the test's own clients go straight
-            env.setenv("HTTP_PROXY", proxy.url.replace("//", "//egress:pa55word@"))
+            env.setenv("HTTP_PROXY", proxy.endpoint.replace("//", "//egress:pa55word@"))
             env.setenv("NO_PROXY", no_proxy)
             status, rows = await copy(settings, f"s3://{bucket}/p/", f"az://{container}/")
     assert status == "done", [r.error for r in rows]
