@@ -10,6 +10,7 @@ to act (a missing key, a denied credential, a bad name). Messages are built in
 from __future__ import annotations
 
 import re
+import sqlite3
 
 # A URL's query string can carry a SAS token or an S3 presigned signature and
 # session token; no message that leaves the process may keep one.
@@ -90,6 +91,13 @@ class StateError(BlobferryError):
     again); started with room to write, it resumes every job where it was."""
 
     def __init__(self, path: str, error: BaseException) -> None:
+        self.cause = error
+        if type(error) is sqlite3.DatabaseError:  # not a database, a malformed image
+            super().__init__(
+                f"the state database {path} is damaged ({error}); the daemon moves it "
+                "aside when it starts and begins a new one"
+            )
+            return
         super().__init__(
             f"cannot write the state database {path} ({error}); free space on its disk "
             "or fix its permissions. blobferry stops; started again, it resumes every job "

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import sqlite3
 import time
 from collections.abc import Iterator
@@ -22,7 +23,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any
 
+import structlog
+
 from daemon.errors import StateError
+
+log = structlog.get_logger("blobferry.state")
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -145,7 +150,27 @@ class StateStore:
 
     @classmethod
     def in_dir(cls, state_dir: Path) -> StateStore:
-        return cls(state_dir / "blobferry.sqlite3")
+        """The daemon's store in ``state_dir``. A database SQLite can no longer read
+        (not a database, a malformed image: a damaged disk) stopped the daemon at every
+        start, telling to free space. It is a record, and nothing a restart needs lives
+        only there, so it is moved aside, named in a warning, and a new one begun."""
+        path = state_dir / "blobferry.sqlite3"
+        try:
+            return cls(path)
+        except StateError as e:
+            if type(e.cause) is not sqlite3.DatabaseError:  # full, read-only, locked ...
+                raise
+            damage = str(e.cause)
+        aside = path.with_name(f"{path.name}.damaged-{datetime.now(UTC):%Y%m%dT%H%M%SZ}")
+        for suffix in ("", "-wal", "-shm"):
+            with contextlib.suppress(FileNotFoundError):
+                os.rename(f"{path}{suffix}", f"{aside}{suffix}")
+        log.warning(
+            "state database damaged, moved aside; a new one begun",
+            error=damage,
+            moved_to=str(aside),
+        )
+        return cls(path)
 
     def close(self) -> None:
         with contextlib.suppress(sqlite3.Error):  # after a StateError this fails again

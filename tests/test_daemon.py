@@ -399,3 +399,28 @@ async def test_a_job_named_as_one_still_running_waits_its_turn(
     for name in ("first", "second"):
         assert blob_bytes(blob_service, container, name) == body
     assert events.count("job waits: one of the same name is still running") == 1
+
+
+async def test_a_damaged_state_database_is_moved_aside_and_the_daemon_serves(
+    settings: Settings,
+    s3_client: Any,
+    blob_service: BlobServiceClient,
+    bucket: str,
+    container: str,
+) -> None:
+    """A state database SQLite cannot read (a damaged disk; here 8 KiB of noise) stopped
+    the daemon at every start, telling to free space on its disk. It is a record, not
+    what resuming needs: it is moved aside, named in a warning, and the daemon serves."""
+    s3_client.put_object(Bucket=bucket, Key="a", Body=b"aaa")
+    settings.state_dir.mkdir(parents=True)
+    noise = b"\0" + os.urandom(8191)  # never SQLite's own header
+    (settings.state_dir / "blobferry.sqlite3").write_bytes(noise)
+    with capture_logs() as logs:
+        async with running_daemon(settings) as d:
+            d.drop("j.json", job(f"s3://{bucket}/a", f"az://{container}/a"))
+            assert (await d.wait_finished("j.json"))[0] == "done"
+    [aside] = settings.state_dir.glob("blobferry.sqlite3.damaged-*")
+    assert aside.read_bytes() == noise
+    [warned] = [e for e in logs if e["event"].startswith("state database damaged")]
+    assert "not a database" in warned["error"] and warned["moved_to"] == str(aside)
+    assert blob_bytes(blob_service, container, "a") == b"aaa"
