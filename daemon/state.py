@@ -160,16 +160,18 @@ class StateStore:
         except StateError as e:
             if type(e.cause) is not sqlite3.DatabaseError:  # full, read-only, locked ...
                 raise
-            damage = str(e.cause)
-        aside = path.with_name(f"{path.name}.damaged-{datetime.now(UTC):%Y%m%dT%H%M%SZ}")
-        for suffix in ("", "-wal", "-shm"):
-            with contextlib.suppress(FileNotFoundError):
-                os.rename(f"{path}{suffix}", f"{aside}{suffix}")
-        log.warning(
-            "state database damaged, moved aside; a new one begun",
-            error=damage,
-            moved_to=str(aside),
-        )
+            aside = path.with_name(f"{path.name}.damaged-{datetime.now(UTC):%Y%m%dT%H%M%SZ}")
+            try:
+                for suffix in ("", "-wal", "-shm"):
+                    with contextlib.suppress(FileNotFoundError):
+                        os.rename(f"{path}{suffix}", f"{aside}{suffix}")
+            except OSError:
+                raise e from None  # it cannot be moved: say it is damaged, and stop
+            log.warning(
+                "state database damaged, moved aside; a new one begun",
+                error=str(e.cause),
+                moved_to=str(aside),
+            )
         return cls(path)
 
     def close(self) -> None:
