@@ -53,7 +53,7 @@ from azure.storage.blob.aio import BlobClient, BlobServiceClient
 from daemon.errors import CorruptBlockError, PermanentError, RetryableError
 from daemon.jobs import AzAddress
 from daemon.latency import RoundTrips
-from daemon.proxies import Proxies
+from daemon.proxies import Proxies, refused_by_proxy
 from daemon.s3 import Chunks
 from daemon.settings import Settings
 
@@ -329,6 +329,8 @@ class AzureWriter:
                     code = r.headers.get("x-ms-error-code", "")
         except TimeoutError:
             raise RetryableError(f"{dst}: {what}: no progress for {stall:g} s") from None
+        except aiohttp.ClientHttpProxyError as e:
+            raise refused_by_proxy(e.status, f"{dst}: {what}") from None
         except aiohttp.ClientError as e:
             raise RetryableError(f"{dst}: {what}: connection failed ({type(e).__name__})") from None
         if missing_ok and r.status == 404 and code in ("BlobNotFound", ""):
@@ -684,6 +686,8 @@ def _failure(
     """Azure's answer ``status`` with error code ``code``, as an error to act on.
     ``sas_expiry``: when the credential is a SAS token, its end (``se``)."""
     where = f"{dst}: {what}"
+    if status == 407 and not code:  # a plain-http request, refused by the proxy itself
+        return refused_by_proxy(407, where)
     if code == "ContainerNotFound":
         return PermanentError(f"{where}: container {dst.container!r} does not exist")
     if code == "BlobAlreadyExists":  # only a write conditional on absence gets this

@@ -15,6 +15,8 @@ from __future__ import annotations
 from aiohttp.helpers import get_env_proxy_for_url
 from yarl import URL
 
+from daemon.errors import PermanentError, RetryableError, TransferError
+
 
 class Proxies:
     def __init__(self) -> None:
@@ -39,3 +41,19 @@ def _lookup(origin: str) -> URL | None:
     if auth is not None:
         proxy = proxy.with_user(auth.login).with_password(auth.password)
     return proxy
+
+
+def refused_by_proxy(status: int, where: str) -> TransferError:
+    """The egress proxy answered ``status`` instead of passing a request on (to a
+    CONNECT, or to a plain-http request): what to fix, and whether it may pass."""
+    if status == 407:
+        return PermanentError(
+            f"{where}: the egress proxy refused its login (407 Proxy Authentication "
+            "Required); check the user and password in HTTPS_PROXY / HTTP_PROXY"
+        )
+    if status >= 500 or status == 429:
+        return RetryableError(f"{where}: the egress proxy answered {status}")
+    return PermanentError(
+        f"{where}: the egress proxy refused the connection ({status}); its rules must "
+        "let this host through, or NO_PROXY must name it"
+    )

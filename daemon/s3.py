@@ -39,7 +39,7 @@ from daemon.errors import (
 )
 from daemon.jobs import S3Address
 from daemon.latency import RoundTrips
-from daemon.proxies import Proxies
+from daemon.proxies import Proxies, refused_by_proxy
 from daemon.retry import retrying
 from daemon.settings import Settings
 from daemon.sigv4 import UrlShape, presign_get, signing_key
@@ -504,6 +504,8 @@ class S3Reader:
             )
         if code in _EXPIRED_CREDENTIALS:
             return _expired_credentials(str(address), code)
+        if status == 407:
+            return refused_by_proxy(407, str(address))
         if code == "400":  # a HEAD's answer has no body, so botocore has only the status
             return PermanentError(
                 f"{address}: S3 answered a HEAD with 400 Bad Request, which names no "
@@ -555,6 +557,8 @@ class S3Reader:
                     await self._raise_for(resp, address, what)
             except TimeoutError:
                 raise StallError(what, self._settings.retry.stall_timeout_s) from None
+            except aiohttp.ClientHttpProxyError as e:
+                raise refused_by_proxy(e.status, what) from None
             except aiohttp.ClientError as e:
                 raise RetryableError(f"{what}: {type(e).__name__}: {e}") from None
             yield resp
@@ -632,6 +636,8 @@ class S3Reader:
             raise RetryableError(f"{what}: presigned URL expired")
         if resp.status == 404:
             raise PermanentError(f"{what}: {code or 'not found'}")
+        if resp.status == 407:  # a plain-http request, refused by the proxy itself
+            raise refused_by_proxy(407, what)
         if resp.status == 403:
             # S3's message names the cause a person can act on, e.g. a missing
             # kms:Decrypt permission on an SSE-KMS object; it holds no secret.

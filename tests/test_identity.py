@@ -316,6 +316,33 @@ async def test_https_goes_through_the_proxy_in_a_connect_tunnel(
     assert "pa55word" not in output
 
 
+async def test_a_proxy_refusing_its_login_is_named_and_not_retried(
+    stage: Stage, s3_client: Any, bucket: str
+) -> None:
+    """A wrong password in HTTPS_PROXY: the proxy answers the CONNECT with 407. That was
+    "connection failed (ClientHttpProxyError)", retried as if it might pass."""
+    s3_client.put_object(Bucket=bucket, Key="px/a.bin", Body=b"x" * 1000)
+    async with HttpProxy(login=("egress", "pa55word")) as proxy:
+        with Identity() as identity:
+            wrong = proxy.endpoint.replace("//", "//egress:n0tThat@")
+            proc = await asyncio.create_subprocess_exec(
+                BLOBFERRY,
+                "copy",
+                f"s3://{bucket}/px/a.bin",
+                f"az://{stage.container}/px/a.bin",
+                env=stage.env(identity, HTTPS_PROXY=wrong),
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
+            )
+            out, err = await asyncio.wait_for(proc.communicate(), 120)
+    output = (out + err).decode()
+    assert proc.returncode == 1, output
+    [t] = json.loads(out)["transfers"]
+    assert "the egress proxy refused its login (407" in t["error"]
+    assert "gave up" not in t["error"] and proxy.refused == 1
+    assert "n0tThat" not in output
+
+
 def test_an_identity_azure_refuses_fails_with_a_reason(
     stage: Stage, s3_client: Any, bucket: str
 ) -> None:

@@ -55,3 +55,25 @@ async def test_every_request_takes_the_proxy_the_environment_names(
         assert any("comp=block&" in r for r in to_azure)  # direct: Put Block
         assert any("comp=blocklist" in r for r in to_azure)  # the SDK: Put Block List
         assert any(r.startswith("PUT") and r.endswith("/small.bin") for r in to_azure)
+
+
+async def test_a_plain_http_proxy_refusing_its_login_is_named(
+    tmp_path: Path,
+    moto_endpoint: str,
+    azurite_endpoint: str,
+    s3_client: Any,
+    bucket: str,
+    container: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Over plain http the proxy's 407 is the answer to the request itself (botocore's
+    LIST here): it was "S3 answered 407". Its password reaches no report."""
+    settings = make_settings(tmp_path, moto_endpoint, azurite_endpoint)
+    s3_client.put_object(Bucket=bucket, Key="p/a.bin", Body=b"a")
+    async with HttpProxy(login=("egress", "pa55word")) as proxy:
+        with monkeypatch.context() as env:
+            env.setenv("HTTP_PROXY", proxy.endpoint.replace("//", "//egress:n0tThat@"))
+            status, [row] = await copy(settings, f"s3://{bucket}/p/", f"az://{container}/")
+    assert status == "failed" and row.error is not None
+    assert "the egress proxy refused its login (407" in row.error
+    assert "n0tThat" not in row.error and proxy.refused >= 1
