@@ -22,6 +22,7 @@ from daemon.transfer import Copier
 from tests.conftest import AZURITE_KEY, make_settings, running_daemon
 from tests.helpers import MiB, blob_bytes, blob_names, payload
 from tests.proxy import FaultProxy, Faults
+from tests.test_faults import through
 
 
 def job(source: str, destination: str, **extra: Any) -> str:
@@ -424,3 +425,35 @@ async def test_a_damaged_state_database_is_moved_aside_and_the_daemon_serves(
     [warned] = [e for e in logs if e["event"].startswith("state database damaged")]
     assert "not a database" in warned["error"] and warned["moved_to"] == str(aside)
     assert blob_bytes(blob_service, container, "a") == b"aaa"
+
+
+async def test_a_job_file_removed_while_it_runs_does_not_hold_up_its_name(
+    settings: Settings,
+    moto_endpoint: str,
+    s3_client: Any,
+    blob_service: BlobServiceClient,
+    bucket: str,
+    container: str,
+) -> None:
+    """Someone deletes processing/j.json while j runs. Its report is still filed, and a
+    new j.json is taken: it used to wait in inbox/ until the daemon restarted, and the
+    log said the first stayed in processing/, where nothing was."""
+    s3_client.put_object(Bucket=bucket, Key="k", Body=payload(8 * MiB))
+    async with FaultProxy(moto_endpoint, Faults(rate_bps=2 * MiB)) as proxy:
+        slow = through(settings, proxy)
+        with capture_logs() as logs:
+            async with running_daemon(slow) as d:
+                d.drop("j.json", job(f"s3://{bucket}/k", f"az://{container}/first"))
+                running = slow.jobs_dir / "processing" / "j.json"
+                while proxy.bytes_down < MiB:
+                    await asyncio.sleep(0.02)
+                running.unlink()
+                while not (slow.jobs_dir / "done" / "j.report.json").exists():
+                    await asyncio.sleep(0.05)
+                d.drop("j.json", job(f"s3://{bucket}/k", f"az://{container}/second"))
+                folder, report = await d.wait_finished("j.json")
+    assert folder == "done" and report["transfers"][0]["destination"].endswith("/second")
+    assert blob_names(blob_service, container) == ["first", "second"]
+    assert [e["event"] for e in logs if e["log_level"] == "warning"] == [
+        "job file was removed from processing/ while the job ran; its report is filed"
+    ]

@@ -238,7 +238,15 @@ class DirectorySource:
             raise
         path = job.handle
         assert isinstance(path, Path)
-        os.replace(path, target / job.name)
+        try:
+            os.replace(path, target / job.name)
+        except FileNotFoundError:
+            # Someone removed it from processing/ while it ran. The report says what
+            # happened; a job of the same name may come now (it used to wait for ever).
+            log.warning(
+                "job file was removed from processing/ while the job ran; its report is filed",
+                report=str(report),
+            )
 
 
 async def _first_of(*aws: object, within: float) -> None:
