@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from daemon import cli
+from daemon.sources.base import ClaimedJob
 from daemon.sources.directory import DirectorySource
 from tests.test_daemon import chattr
 
@@ -97,3 +98,15 @@ def test_submit_says_why_it_cannot_put_a_job_in_the_inbox(
     err = capsys.readouterr().err
     assert err.startswith(f"blobferry: cannot put a job into {inbox}: Operation not permitted")
     assert err.count("\n") == 1
+
+
+async def test_a_job_is_filed_when_its_folder_was_removed_while_it_ran(tmp_path: Path) -> None:
+    """done/ removed by hand while the daemon runs: the job is still filed (it stayed
+    in processing/ until the next start, and held its name until then)."""
+    source = DirectorySource(tmp_path / "jobs")
+    source.prepare()
+    (source.processing / "j.json").write_text("{}")
+    job = ClaimedJob("j.json", source.processing / "j.json")
+    (source.done).rmdir()
+    await source.finish(job, True, lambda f: f.write('{"job": "j.json"}'))
+    assert sorted(p.name for p in source.done.iterdir()) == ["j.json", "j.report.json"]

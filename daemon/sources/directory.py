@@ -229,6 +229,7 @@ class DirectorySource:
         target = self.done if ok else self.failed
         report = target / report_name(job.name)
         tmp = target / f".{report.name}.tmp"
+        target.mkdir(parents=True, exist_ok=True)  # removed while the daemon ran
         try:
             with open(tmp, "w", encoding="utf-8") as f:
                 write_report(f)
