@@ -260,7 +260,7 @@ def _status(args: argparse.Namespace, settings: Settings) -> int:
     if not db.exists():
         print("no jobs yet", file=sys.stderr)
         return EXIT_OK
-    state = StateStore(db)
+    state = StateStore(db, read_only=True)
     try:
         if args.job:
             row = state.job(args.job) or state.job(args.job + ".json")

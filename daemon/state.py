@@ -25,7 +25,7 @@ from typing import IO, Any
 
 import structlog
 
-from daemon.errors import StateError
+from daemon.errors import BlobferryError, StateError
 
 log = structlog.get_logger("blobferry.state")
 
@@ -116,8 +116,21 @@ class TransferRow:
 
 
 class StateStore:
-    def __init__(self, path: Path | str) -> None:
+    def __init__(self, path: Path | str, read_only: bool = False) -> None:
+        """``read_only``: for `blobferry status`, which may run as a user who can only
+        read the database (one of the daemon's group), and never writes to it."""
         self._path = str(path)
+        if read_only:
+            try:
+                uri = Path(path).absolute().as_uri() + "?mode=ro"
+                self._db = sqlite3.connect(uri, uri=True)
+                self._db.execute("SELECT 1 FROM jobs LIMIT 1")
+            except sqlite3.Error as e:
+                raise BlobferryError(
+                    f"cannot read the state database {self._path} ({e}); reading it takes "
+                    "a user of the daemon's group"
+                ) from None
+            return
         try:
             if isinstance(path, Path):
                 path.parent.mkdir(parents=True, exist_ok=True)

@@ -13,6 +13,7 @@ import pytest
 from daemon import cli
 from daemon.sources.base import ClaimedJob
 from daemon.sources.directory import DirectorySource
+from daemon.state import StateStore
 from tests.test_daemon import chattr
 
 
@@ -110,3 +111,32 @@ async def test_a_job_is_filed_when_its_folder_was_removed_while_it_ran(tmp_path:
     (source.done).rmdir()
     await source.finish(job, True, lambda f: f.write('{"job": "j.json"}'))
     assert sorted(p.name for p in source.done.iterdir()) == ["j.json", "j.report.json"]
+
+
+def test_status_reads_the_state_without_writing_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`blobferry status` may run as a user of the daemon's group, who can read the
+    database but not write it or make files beside it. It wrote a row at every open and
+    failed there, telling to free space. Here the daemon's store is open (its -wal and
+    -shm exist) and the folder, the database and its log are immutable (not even root
+    may write them). The shared-memory index stays writable: made immutable, it killed
+    the reader with SIGBUS, which a user who merely may not write it does not meet
+    (checked by hand: user nobody reads such a database while its writer is open)."""
+    state_dir = tmp_path / "state"
+    store = StateStore.in_dir(state_dir)
+    store.job_started("j.json")
+    store.job_finished("j.json", "done")
+    files = [state_dir, *(f for f in state_dir.iterdir() if not f.name.endswith("-shm"))]
+    try:
+        if not all(chattr("+i", f) for f in files):
+            pytest.skip("chattr +i is not available on this machine")
+        monkeypatch.setenv("BLOBFERRY_STATE_DIR", str(state_dir))
+        code = cli.main(["status"])
+    finally:
+        for f in files:
+            chattr("-i", f)
+        store.close()
+    assert code == 0, capsys.readouterr().err
+    out = capsys.readouterr().out
+    assert out.startswith("j.json") and " done " in out
