@@ -92,7 +92,10 @@ class StateError(BlobferryError):
 
     def __init__(self, path: str, error: BaseException) -> None:
         self.cause = error
-        if type(error) is sqlite3.DatabaseError:  # not a database, a malformed image
+        # Not a database, a malformed image: SQLite raises exactly DatabaseError for
+        # those; a full disk, a read-only file or a lock is an OperationalError.
+        self.damaged = type(error) is sqlite3.DatabaseError
+        if self.damaged:
             super().__init__(
                 f"the state database {path} is damaged ({error}); the daemon moves it "
                 "aside when it starts and begins a new one"

@@ -171,7 +171,7 @@ class StateStore:
         try:
             return cls(path)
         except StateError as e:
-            if type(e.cause) is not sqlite3.DatabaseError:  # full, read-only, locked ...
+            if not e.damaged:  # full, read-only, locked ...
                 raise
             aside = path.with_name(f"{path.name}.damaged-{datetime.now(UTC):%Y%m%dT%H%M%SZ}")
             try:
