@@ -162,6 +162,7 @@ async def copy_once(
     async with engine(settings, stop) as e:
         sup = Supervisor(settings, e.s3, e.copier, state, stop, on_progress=on_progress)
         try:
+            state.job_started(name)
             status = await sup.run_job(name, specs)
         except BaseExceptionGroup as eg:
             lost = state_failure(eg)

@@ -1,4 +1,4 @@
-"""The command line: run, copy, submit, status.
+"""The command line: run, copy, submit, cancel, status.
 
 Exit codes: 0 all copied (or skipped), 1 a transfer failed, 2 a usage or configuration
 error, 130 interrupted.
@@ -26,6 +26,7 @@ from daemon.errors import BlobferryError, ConfigError, JobFileError
 from daemon.jobs import TIERS, parse_job
 from daemon.logs import configure
 from daemon.settings import Settings, load_settings
+from daemon.sources.directory import report_name
 from daemon.state import StateStore, iso
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
@@ -56,6 +57,15 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("args", nargs="+", metavar="FILE.json | SOURCE DESTINATION")
     _option_flags(s)
     s.add_argument("--name", help="job name (default: derived)")
+    ca = sub.add_parser("cancel", help="stop a running job, or take back a waiting one")
+    ca.add_argument("job", help="the job's file name (NAME.json, or NAME)")
+    ca.add_argument(
+        "--wait",
+        type=float,
+        default=30.0,
+        metavar="SECONDS",
+        help="how long to wait for the daemon to file the job (0: do not wait)",
+    )
     st = sub.add_parser("status", help="jobs and their transfers")
     st.add_argument("job", nargs="?")
     st.add_argument("--json", action="store_true")
@@ -106,6 +116,7 @@ def main(argv: list[str] | None = None) -> int:
         "run": _run,
         "copy": _copy,
         "submit": _submit,
+        "cancel": _cancel,
         "status": _status,
     }[args.command]
     try:
@@ -226,33 +237,109 @@ def _submit(args: argparse.Namespace, settings: Settings) -> int:
         raise JobFileError("submit takes FILE.json, or SOURCE DESTINATION")
     if not name.endswith(".json"):
         name += ".json"
-    if "/" in name or name.startswith(".") or "\0" in name:
+    _plain_name(name)
+    inbox = settings.jobs_dir / "inbox"
+    try:
+        _drop(inbox, name, raw)
+    except FileExistsError:
+        raise JobFileError(f"a job named {name} is already waiting in {inbox}") from None
+    except OSError as e:
+        raise JobFileError(f"cannot put a job into {inbox}: {_group_hint(e)}") from None
+    print(name)
+    return EXIT_OK
+
+
+def _plain_name(name: str) -> None:
+    if "/" in name or name.startswith(".") or "\0" in name or not name:
         raise JobFileError(f"job name {name!r} must be a plain file name")
     if len(name.encode()) > 255:
         raise JobFileError("job name is longer than a file name may be (255 bytes)")
-    inbox = settings.jobs_dir / "inbox"
-    target = inbox / name
-    tmp = inbox / f".submit-{os.getpid()}-{secrets.token_hex(4)}.tmp"
+
+
+def _group_hint(e: OSError) -> str:
+    return (
+        f"{e.strerror}; the daemon's group may write there (see 'Running under systemd' "
+        "in the README)"
+    )
+
+
+def _drop(folder: Path, name: str, raw: bytes) -> Path:
+    """Put ``raw`` into ``folder/name`` whole (written aside, then linked in); raises
+    FileExistsError rather than replace a file of that name."""
+    target = folder / name
+    tmp = folder / f".submit-{os.getpid()}-{secrets.token_hex(4)}.tmp"
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(tmp, "wb") as f:
+        # Readable by the daemon, which runs as a user of its own, whatever this
+        # user's umask: a job file holds addresses and options, no secret.
+        os.fchmod(f.fileno(), 0o644)
+        f.write(raw)
     try:
-        inbox.mkdir(parents=True, exist_ok=True)
-        with open(tmp, "wb") as f:
-            # Readable by the daemon, which runs as a user of its own, whatever this
-            # user's umask: a job file holds addresses and options, no secret.
-            os.fchmod(f.fileno(), 0o644)
-            f.write(raw)
-        try:
-            os.link(tmp, target)  # unlike rename, refuses to replace a job of that name
-        except FileExistsError:
-            raise JobFileError(f"a job named {name} is already waiting in {inbox}") from None
-        finally:
-            tmp.unlink()
+        os.link(tmp, target)  # unlike rename, refuses to replace a file of that name
+    finally:
+        tmp.unlink()
+    return target
+
+
+def _cancel(args: argparse.Namespace, settings: Settings) -> int:
+    """Ask the daemon to stop a job (a file in cancel/), then wait for its report."""
+    jobs = settings.jobs_dir
+    names = [args.job] if args.job.endswith(".json") else [args.job, args.job + ".json"]
+    for name in names:
+        _plain_name(name)
+    found = [n for n in names for f in ("processing", "inbox") if (jobs / f / n).exists()]
+    if not found:
+        print(f"blobferry: no job named {args.job} waits or runs in {jobs}", file=sys.stderr)
+        return EXIT_FAILED
+    name = found[0]
+    try:
+        request = _drop(jobs / "cancel", name, b"")
+        asked = request.stat().st_mtime_ns
+    except FileExistsError:
+        print(f"{name}: already asked to cancel", file=sys.stderr)
+        return EXIT_OK
     except OSError as e:
-        raise JobFileError(
-            f"cannot put a job into {inbox}: {e.strerror}; the daemon's group may write "
-            "there (see 'Running under systemd' in the README)"
-        ) from None
-    print(name)
-    return EXIT_OK
+        raise JobFileError(f"cannot ask to cancel in {jobs / 'cancel'}: {_group_hint(e)}") from None
+    if args.wait <= 0:
+        print(f"{name}: cancel requested")
+        return EXIT_OK
+    deadline = time.monotonic() + args.wait
+    while time.monotonic() < deadline:
+        report = _newest_report(jobs, name)
+        gone = not request.exists() and not any(
+            (jobs / f / name).exists() for f in ("processing", "inbox")
+        )
+        if report is not None and (report[2] >= asked or gone):
+            path, status, _ = report
+            if status == "cancelled":
+                print(f"{name}: cancelled; report {path}")
+                return EXIT_OK
+            print(f"{name}: had already finished ({status}); report {path}")
+            return EXIT_FAILED
+        time.sleep(0.1)
+    if request.exists():
+        print(
+            f"blobferry: the daemon has not taken the request within {args.wait:g} s (is it "
+            "running?); it stays in cancel/ and is acted on when the daemon starts",
+            file=sys.stderr,
+        )
+    else:
+        print(f"blobferry: the daemon took the request; {name} is still stopping", file=sys.stderr)
+    return EXIT_FAILED
+
+
+def _newest_report(jobs: Path, name: str) -> tuple[Path, str, int] | None:
+    """The job's newest report in done/ or failed/: its path, status and mtime (ns)."""
+    found = []
+    for folder in ("failed", "done"):
+        path = jobs / folder / report_name(name)
+        try:
+            mtime = path.stat().st_mtime_ns
+            status = json.loads(path.read_bytes())["status"]
+        except (OSError, ValueError, KeyError, TypeError):
+            continue  # none, or being replaced
+        found.append((path, str(status), mtime))
+    return max(found, key=lambda r: r[2], default=None)
 
 
 def _status(args: argparse.Namespace, settings: Settings) -> int:

@@ -5,6 +5,10 @@ jobs (a job is claimed only when a slot is free, so the inbox is never emptied i
 ``processing/`` faster than it can be served), and the ByteBudget shared by every
 block of every transfer. Every task belongs to a TaskGroup; none is left behind.
 
+A job is cancelled by name (a file in the source's cancel/): one that runs is
+stopped where it is (its blocks in flight are dropped, nothing more is committed) and
+filed as failed, status "cancelled"; one still waiting is filed so without running.
+
 Shutdown has two phases. ``stop`` is set (by a signal handler, or by a test): no new
 job is claimed, no new transfer or block starts, and the blocks in flight finish
 within ``grace_s``; jobs not finished stay in ``processing/`` and resume on the next
@@ -45,6 +49,25 @@ class Tally:
         if self.interrupted:
             return "interrupted"
         return "failed" if self.failed else "done"
+
+
+CANCELLED = (
+    "cancelled on request; what was copied before stays, nothing of the rest was "
+    "committed, and submitting the job again resumes it"
+)
+
+
+@dataclass(slots=True)
+class _Job:
+    """A claimed job's task, and where it is: cancellable until it starts filing."""
+
+    task: asyncio.Task[None]
+    phase: str = "waiting"  # "waiting" to start, "running", "filing"
+    cancel_requested: bool = False
+    # The transfer slot the job took before anything else, which its first transfer
+    # uses: the supervisor claims the next job only once this one has its slot.
+    slot: bool = False
+    has_slot: asyncio.Event = field(default_factory=asyncio.Event)  # or has ended
 
 
 @dataclass(slots=True)
@@ -123,6 +146,7 @@ class Supervisor:
         self._slots = asyncio.Semaphore(settings.max_transfers)
         self._last_flush = time.monotonic()
         self.active_jobs: set[str] = set()
+        self._jobs: dict[str, _Job] = {}  # claimed from the source, not yet filed
         self._writing: dict[str, _Writers] = {}  # destination -> its transfers
         # Set when the state database cannot be written: the daemon drains and stops.
         self.state_lost: StateError | None = None
@@ -148,11 +172,12 @@ class Supervisor:
         """Run jobs from ``source`` until ``stop`` is set, then drain."""
         async with asyncio.TaskGroup() as tg:
             jobs: set[asyncio.Task[None]] = set()
+            tg.create_task(self._take_cancel_requests(source), name="cancel-requests")
             claims = source.jobs(self._stop)
             try:
                 while not self._stop.is_set():
                     # Claim only when a transfer slot is free: back-pressure on the inbox.
-                    await self._wait_for_slot()
+                    await self._wait_for_slot(peek=True)
                     if self._stop.is_set():
                         break
                     job = await anext(claims, None)
@@ -161,8 +186,12 @@ class Supervisor:
                     task = tg.create_task(self._run_claimed(source, job), name=f"job {job.name}")
                     jobs.add(task)
                     task.add_done_callback(jobs.discard)
+                    entry = self._jobs[job.name] = _Job(task)
+                    # The job takes its slot before the next claim: peeking alone, a
+                    # burst of jobs was claimed while the first were still being parsed.
+                    await entry.has_slot.wait()
             finally:
-                await claims.aclose()  # type: ignore[attr-defined]
+                await claims.aclose()
             await self._drain(jobs)
         if self.state_lost is None:
             self.state.flush()
@@ -175,17 +204,20 @@ class Supervisor:
             log.error("stopping: the state cannot be written", error=str(e))
             self._stop.set()
 
-    async def _wait_for_slot(self) -> None:
+    async def _wait_for_slot(self, peek: bool) -> bool:
+        """Wait for a free transfer slot, and take it unless ``peek``; False if ``stop``
+        came first."""
         waiter = asyncio.ensure_future(self._slots.acquire())
         stopper = asyncio.ensure_future(self._stop.wait())
         try:
             await asyncio.wait({waiter, stopper}, return_when=asyncio.FIRST_COMPLETED)
         finally:
             stopper.cancel()
-            if waiter.done() and not waiter.cancelled():
-                self._slots.release()  # only peeked: the job's transfers take it properly
-            else:
-                waiter.cancel()
+            waiter.cancel()  # nothing, if it has the slot
+        got = not waiter.cancelled()
+        if got and peek:
+            self._slots.release()
+        return got
 
     async def _drain(self, jobs: set[asyncio.Task[None]]) -> None:
         if not jobs:
@@ -205,6 +237,40 @@ class Supervisor:
             for task in list(jobs):
                 task.cancel()
 
+    async def _take_cancel_requests(self, source: JobSource) -> None:
+        async with aclosing(source.cancel_requests(self._stop)) as names:
+            async for name in names:
+                try:
+                    await self._cancel(source, name)
+                except Exception as e:
+                    lost = state_failure(e)
+                    if lost is not None:
+                        self._lose_state(lost)
+                        return
+                    error = str(e) if isinstance(e, OSError) else _internal_error(e)
+                    log.exception("cancel failed", job=name, error=error)
+
+    async def _cancel(self, source: JobSource, name: str) -> None:
+        """Stop job ``name`` if it runs; file it unrun if it waits."""
+        entry = self._jobs.get(name)
+        if entry is not None:
+            if entry.phase == "filing":
+                log.warning("too late to cancel: the job has finished", job=name)
+            elif not entry.cancel_requested:
+                log.info("cancelling", job=name)
+                entry.cancel_requested = True
+                if entry.phase == "running":
+                    entry.task.cancel()  # a waiting one sees the request as it starts
+            return
+        job = source.claim(name)
+        if job is None:
+            log.warning("nothing to cancel: no job of that name waits or runs", job=name)
+            return
+        self.state.job_started(name)
+        self.state.job_finished(name, "cancelled", "cancelled before it started")
+        log.info("job cancelled before it started", job=name)
+        await self._file(source, job, "cancelled")
+
     async def _run_claimed(self, source: JobSource, job: ClaimedJob) -> None:
         structlog.contextvars.bind_contextvars(job=job.name)
         try:
@@ -214,30 +280,61 @@ class Supervisor:
             if lost is None:
                 raise
             self._lose_state(lost)  # the job is left in processing/, unfiled
+        finally:
+            self._jobs.pop(job.name, None)
 
     async def _run_and_file(self, source: JobSource, job: ClaimedJob) -> None:
         log.info("claimed", recovered=job.recovered)
+        entry = self._jobs[job.name]
+        entry.phase = "running"
+        started = False
+        try:
+            if entry.cancel_requested:
+                raise asyncio.CancelledError
+            entry.slot = await self._wait_for_slot(peek=False)
+            entry.has_slot.set()
+            self.state.job_started(job.name)
+            started = True
+            status = await self._run_file(source, job) if entry.slot else "interrupted"
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if not entry.cancel_requested or (task is not None and task.uncancel() > 0):
+                raise  # a shutdown's, not a cancel request's
+            status = "cancelled"
+            if not started:
+                self.state.job_started(job.name)
+            self.state.job_finished(job.name, status, CANCELLED)
+            log.info("job cancelled")
+        finally:
+            entry.phase = "filing"
+            entry.has_slot.set()
+            if entry.slot:  # no transfer took it
+                entry.slot = False
+                self._slots.release()
+        if status == "interrupted":
+            log.info("job interrupted, resumes on next start")
+            return
+        await self._file(source, job, status)
+
+    async def _run_file(self, source: JobSource, job: ClaimedJob) -> str:
         try:
             # A large job file takes seconds to parse: not on the loop serving sockets.
             specs = await asyncio.to_thread(parse_job, await source.read(job))
         except JobFileError as e:
-            self.state.job_started(job.name)
             self.state.job_finished(job.name, "failed", str(e))
             log.error("job failed", error=str(e))
-            status = "failed"
-        else:
-            try:
-                status = await self.run_job(job.name, specs)
-            except Exception as e:  # a bug must cost one job, never the daemon
-                if state_failure(e) is not None:
-                    raise
-                error = _internal_error(e)
-                self.state.job_finished(job.name, "failed", error)
-                log.exception("job failed", error=error)
-                status = "failed"
-        if status == "interrupted":
-            log.info("job interrupted, resumes on next start")
-            return
+            return "failed"
+        try:
+            return await self.run_job(job.name, specs)
+        except Exception as e:  # a bug must cost one job, never the daemon
+            if state_failure(e) is not None:
+                raise
+            error = _internal_error(e)
+            self.state.job_finished(job.name, "failed", error)
+            log.exception("job failed", error=error)
+            return "failed"
+
+    async def _file(self, source: JobSource, job: ClaimedJob, status: str) -> None:
         try:
             await source.finish(job, status == "done", partial(self.state.write_report, job.name))
         except Exception as e:
@@ -253,10 +350,10 @@ class Supervisor:
     # -- one job (the daemon's and `blobferry copy`'s) --------------------------------
 
     async def run_job(self, name: str, specs: list[TransferSpec]) -> str:
-        """Run every transfer of a job; returns "done", "failed" or "interrupted"."""
+        """Run every transfer of a job whose start the caller has recorded
+        (``state.job_started``); returns "done", "failed" or "interrupted"."""
         structlog.contextvars.bind_contextvars(job=name)
         self.active_jobs.add(name)
-        self.state.job_started(name)
         tally = Tally()
         t0 = time.monotonic()
         seq = 0
@@ -327,7 +424,11 @@ class Supervisor:
         if self._stop.is_set():
             tally.interrupted += 1
             return
-        await self._slots.acquire()
+        entry = self._jobs.get(job)
+        if entry is not None and entry.slot:
+            entry.slot = False  # the one the job took as it began: now this transfer's
+        else:
+            await self._slots.acquire()
         self.running += 1
         task = tg.create_task(self._transfer(job, seq, spec, listed, tally))
         task.add_done_callback(self._transfer_done)
@@ -384,6 +485,12 @@ class Supervisor:
             self.state.transfer_finished(job, seq, "interrupted", tracker.done)
             log.info("interrupted", bytes=tracker.done)
             return
+        except asyncio.CancelledError:
+            entry = self._jobs.get(job)
+            if entry is not None and entry.cancel_requested:
+                self.state.transfer_finished(job, seq, "cancelled", tracker.done)
+                log.info("cancelled", bytes=tracker.done)
+            raise
         except TransferError as e:
             tally.failed += 1
             self.failed += 1

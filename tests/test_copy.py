@@ -272,6 +272,7 @@ async def test_a_stop_ends_the_listing_and_leaves_the_job_interrupted(
         e.s3.pages = counted  # type: ignore[method-assign]
         stop.set()
         sup = Supervisor(settings, e.s3, e.copier, state, stop)
+        state.job_started("j")
         assert await sup.run_job("j", [spec]) == "interrupted"
     rows = list(state.transfers("j"))
     state.close()

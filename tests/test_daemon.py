@@ -457,3 +457,35 @@ async def test_a_job_file_removed_while_it_runs_does_not_hold_up_its_name(
     assert [e["event"] for e in logs if e["log_level"] == "warning"] == [
         "job file was removed from processing/ while the job ran; its report is filed"
     ]
+
+
+async def test_a_job_is_claimed_only_when_a_transfer_slot_is_free(
+    settings: Settings,
+    moto_endpoint: str,
+    s3_client: Any,
+    blob_service: BlobServiceClient,
+    bucket: str,
+    container: str,
+) -> None:
+    """With every slot busy, new jobs wait in inbox/ (where another daemon on the same
+    folder, or a cancel, can still take them). The supervisor only peeked at a free
+    slot before claiming, and the job it claimed took that slot later, once parsed: in
+    between, the next job was claimed too, so a burst filled processing/ with up to
+    twice max_transfers jobs."""
+    body = payload(2 * MiB, seed=5)
+    s3_client.put_object(Bucket=bucket, Key="k", Body=body)
+    async with FaultProxy(moto_endpoint, Faults(rate_bps=2 * MiB)) as proxy:
+        slow = through(settings, proxy, max_transfers=1)
+        async with running_daemon(slow) as d:
+            d.drop("a.json", job(f"s3://{bucket}/k", f"az://{container}/a"))
+            while not (slow.jobs_dir / "processing" / "a.json").exists():
+                await asyncio.sleep(0.02)
+            d.drop("b.json", job(f"s3://{bucket}/k", f"az://{container}/b"))
+            d.drop("c.json", job(f"s3://{bucket}/k", f"az://{container}/c"))
+            while proxy.bytes_down < MiB:  # a is copying: its slot is taken
+                await asyncio.sleep(0.02)
+                assert os.listdir(slow.jobs_dir / "processing") == ["a.json"]
+            assert sorted(os.listdir(d.inbox)) == ["b.json", "c.json"]
+            for name in ("a.json", "b.json", "c.json"):
+                assert (await d.wait_finished(name))[0] == "done"
+    assert blob_names(blob_service, container) == ["a", "b", "c"]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass
 from typing import IO, Protocol
 
@@ -19,9 +19,18 @@ class ClaimedJob:
 
 
 class JobSource(Protocol):
-    def jobs(self, stop: asyncio.Event) -> AsyncIterator[ClaimedJob]:
+    def jobs(self, stop: asyncio.Event) -> AsyncGenerator[ClaimedJob, None]:
         """Claim jobs one at a time, as the caller asks for them; end when ``stop`` is set.
         Jobs an earlier run claimed and did not finish come first."""
+        ...
+
+    def cancel_requests(self, stop: asyncio.Event) -> AsyncGenerator[str, None]:
+        """The names of jobs someone asked to stop, each once; ends when ``stop`` is set."""
+        ...
+
+    def claim(self, name: str) -> ClaimedJob | None:
+        """Claim the waiting job ``name`` out of its turn (to file it unrun), or None if
+        no such job waits."""
         ...
 
     async def read(self, job: ClaimedJob) -> bytes:

@@ -4,6 +4,7 @@
     JOBS_DIR/processing/NAME.json  claimed by this daemon
     JOBS_DIR/done/NAME.json        every transfer copied or skipped, NAME.report.json beside it
     JOBS_DIR/failed/NAME.json      anything else, NAME.report.json beside it
+    JOBS_DIR/cancel/NAME.json      dropped by users: stop job NAME.json (any content)
 
 A claim is a rename from inbox/ to processing/, atomic on one file system, so two
 daemons can never both claim a file. Files whose names start with ``.`` or end in
@@ -11,6 +12,7 @@ daemons can never both claim a file. Files whose names start with ``.`` or end i
 modified in the last ``settle_s`` that does not yet hold complete JSON (a writer that
 does not rename). New files are
 noticed through watchfiles (inotify); a scan every ``poll_interval_s`` backs it up.
+A file in cancel/ is a request, taken (removed) when it is noticed the same way.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import json
 import os
 import stat
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from pathlib import Path
 from typing import IO
 
@@ -32,7 +34,7 @@ from daemon.sources.base import ClaimedJob
 
 log = structlog.get_logger("blobferry.source")
 
-FOLDERS = ("inbox", "processing", "done", "failed")
+FOLDERS = ("inbox", "processing", "done", "failed", "cancel")
 
 
 def is_job_name(name: str) -> bool:
@@ -66,24 +68,30 @@ class DirectorySource:
         watch: bool = True,
     ) -> None:
         self.root = jobs_dir
-        self.inbox, self.processing, self.done, self.failed = (jobs_dir / f for f in FOLDERS)
+        self.inbox, self.processing, self.done, self.failed, self.cancel = (
+            jobs_dir / f for f in FOLDERS
+        )
         self._poll = poll_interval_s
         self._max_bytes = max_bytes
         self._settle_s = settle_s
         self._watch_enabled = watch
         self._changed = asyncio.Event()
+        self._cancel_changed = asyncio.Event()
         self._refused: dict[str, float] = {}  # job files that could not be claimed: mtime
         self._held: set[str] = set()  # job files waiting for a namesake in processing/
         self._claimed: set[str] = set()  # in processing/, claimed by this daemon, not filed
+        self._stuck_cancels: set[str] = set()  # cancel requests this daemon cannot remove
 
     def prepare(self) -> None:
         """Make the folders that are missing. A new inbox/ is one the daemon's group
         may write (2770: setgid, so files dropped there belong to that group too):
         the services that drop jobs run as users of their own, and under the unit's
-        UMask=0027 it was 0750, which only the daemon could write."""
-        if not self.inbox.is_dir():
-            self.inbox.mkdir(parents=True, exist_ok=True)
-            os.chmod(self.inbox, 0o2770)
+        UMask=0027 it was 0750, which only the daemon could write. cancel/ is the
+        same: whoever may drop a job may cancel one."""
+        for shared in (self.inbox, self.cancel):
+            if not shared.is_dir():
+                shared.mkdir(parents=True, exist_ok=True)
+                os.chmod(shared, 0o2770)
         for folder in (self.processing, self.done, self.failed):
             folder.mkdir(parents=True, exist_ok=True)
 
@@ -102,9 +110,11 @@ class DirectorySource:
             return []
         return sorted(found)
 
-    async def jobs(self, stop: asyncio.Event) -> AsyncIterator[ClaimedJob]:
+    async def jobs(self, stop: asyncio.Event) -> AsyncGenerator[ClaimedJob, None]:
         self.prepare()
         for _, name in self._waiting(self.processing):
+            if name in self._claimed:
+                continue  # cancelled before its turn came
             log.info("job recovered", job=name)
             self._claimed.add(name)
             yield ClaimedJob(name, self.processing / name, recovered=True)
@@ -175,10 +185,46 @@ class DirectorySource:
         try:
             from watchfiles import awatch
 
-            async for _ in awatch(self.inbox, stop_event=stop, recursive=False):
-                self._changed.set()
+            async for changes in awatch(self.inbox, self.cancel, stop_event=stop, recursive=False):
+                for _, path in changes:
+                    folder = Path(path).parent
+                    (self._cancel_changed if folder == self.cancel else self._changed).set()
         except Exception as e:  # no inotify here: the poll alone still finds every file
             log.warning("inbox watch unavailable, polling", error=str(e))
+
+    async def cancel_requests(self, stop: asyncio.Event) -> AsyncGenerator[str, None]:
+        """The names of jobs asked to stop, a file in cancel/ each: taken (removed) as
+        they are noticed; ends when ``stop`` is set."""
+        while not stop.is_set():
+            self._cancel_changed.clear()
+            for _, name in self._waiting(self.cancel):
+                try:
+                    os.unlink(self.cancel / name)
+                except FileNotFoundError:
+                    continue
+                except OSError as e:  # cannot be taken away: acted on once, and said
+                    if name in self._stuck_cancels:
+                        continue
+                    self._stuck_cancels.add(name)
+                    log.error("cancel request cannot be removed", job=name, error=e.strerror)
+                yield name
+            await _first_of(stop.wait(), self._cancel_changed.wait(), within=self._poll)
+
+    def claim(self, name: str) -> ClaimedJob | None:
+        """Take job ``name`` out of its turn (to file it as cancelled): from inbox/, or
+        from processing/ when an earlier run left it there and it has not been yielded
+        yet. None when it is neither, or already claimed."""
+        if name in self._claimed or not is_job_name(name) or "/" in name:
+            return None
+        recovered = (self.processing / name).is_file()
+        if not recovered:
+            try:
+                os.rename(self.inbox / name, self.processing / name)
+            except OSError:
+                return None
+        self._held.discard(name)
+        self._claimed.add(name)
+        return ClaimedJob(name, self.processing / name, recovered=recovered)
 
     def _complete(self, name: str) -> bool:
         try:
