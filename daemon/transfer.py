@@ -24,6 +24,7 @@ import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from enum import StrEnum
+from functools import partial
 from typing import ClassVar, TypeVar
 
 import structlog
@@ -957,7 +958,7 @@ class Copier:
                         lanes.release()
                         interrupted = True
                         break
-                    tg.create_task(
+                    task = tg.create_task(
                         self._one_block(
                             info,
                             dst,
@@ -966,10 +967,12 @@ class Copier:
                             md5s,
                             digest,
                             progress,
-                            lanes,
                             known[block.index] if known else None,
                         )
                     )
+                    # Given back when the task ends however it ends: a task cancelled
+                    # before its first step (a job cancelled) never runs a finally.
+                    task.add_done_callback(partial(self._block_done, block.length, lanes))
         except BaseExceptionGroup as eg:
             raise _first_error(eg) from None
         if interrupted:
@@ -985,33 +988,32 @@ class Copier:
         md5s: list[bytes | None],
         digest: _InOrderDigest | None,
         progress: Progress,
-        lanes: asyncio.Semaphore,
         known: bytes | None,
     ) -> None:
-        try:
-            data = await retrying(
-                lambda: self._s3.read_range(info, block.start, block.length),
-                self._settings.retry,
-                f"read {info.address} block {block.index}",
-            )
-            md5 = await md5_off_loop(data)
-            block_id = plan.block_id(block.index, md5)
-            async with asyncio.TaskGroup() as both:
-                if md5 != known:
-                    both.create_task(
-                        retrying(
-                            lambda: self._azure.stage(dst, block_id, data, md5),
-                            self._settings.retry,
-                            f"stage {dst} block {block.index}",
-                        )
+        data = await retrying(
+            lambda: self._s3.read_range(info, block.start, block.length),
+            self._settings.retry,
+            f"read {info.address} block {block.index}",
+        )
+        md5 = await md5_off_loop(data)
+        block_id = plan.block_id(block.index, md5)
+        async with asyncio.TaskGroup() as both:
+            if md5 != known:
+                both.create_task(
+                    retrying(
+                        lambda: self._azure.stage(dst, block_id, data, md5),
+                        self._settings.retry,
+                        f"stage {dst} block {block.index}",
                     )
-                if digest is not None:
-                    both.create_task(digest.feed(block, data, md5))
-            md5s[block.index] = md5
-            progress(block.length)
-        finally:
-            self._budget.release(block.length)
-            lanes.release()
+                )
+            if digest is not None:
+                both.create_task(digest.feed(block, data, md5))
+        md5s[block.index] = md5
+        progress(block.length)
+
+    def _block_done(self, n: int, lanes: asyncio.Semaphore, _: object) -> None:
+        self._budget.release(n)
+        lanes.release()
 
 
 def _first_error(eg: BaseExceptionGroup[BaseException]) -> BaseException:

@@ -9,9 +9,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import pytest
 from azure.storage.blob import BlobServiceClient
 from structlog.testing import capture_logs
 
+from daemon import app
+from daemon.jobs import parse_job
 from daemon.settings import Settings
 from daemon.supervisor import CANCELLED
 from tests.conftest import connection_string, running_daemon
@@ -176,3 +179,45 @@ async def test_cancel_asked_while_the_daemon_is_down_is_acted_on_at_start(
     assert (folder, report["status"]) == ("failed", "cancelled")
     assert blob_names(blob_service, container) == []
     assert json.loads((settings.jobs_dir / "failed" / "left.json").read_text())["source"]
+
+
+@pytest.mark.parametrize(
+    ("route", "size", "changes"),
+    [
+        ("blocks", 8 * MiB, {"pipe_max_mb": 0, "block_size_mb": 1, "block_concurrency": 4}),
+        ("pipe", 8 * MiB, {"block_size_mb": 1, "pipe_max_mb": 64, "pipe_rtt_ms": 1000.0}),
+        ("whole", 3 * MiB, {"block_size_mb": 4}),
+    ],
+)
+async def test_a_cancelled_transfer_gives_back_its_memory_and_commits_nothing(
+    route: str,
+    size: int,
+    changes: dict[str, Any],
+    settings: Settings,
+    moto_endpoint: str,
+    s3_client: Any,
+    blob_service: BlobServiceClient,
+    bucket: str,
+    container: str,
+) -> None:
+    """Cancelled mid-read on each route, a transfer hands back every byte of the memory
+    budget it held (the daemon lives on after a cancel: a leak would shrink it for good)
+    and leaves no blob; the same object then copies whole on the same engine."""
+    body = payload(size, seed=6)
+    s3_client.put_object(Bucket=bucket, Key="k", Body=body)
+    [spec] = parse_job(job(f"s3://{bucket}/k", f"az://{container}/k"))
+    async with FaultProxy(moto_endpoint, Faults(rate_bps=2 * MiB)) as slow:
+        tuned = through(settings, slow, **changes)
+        async with app.engine(tuned, asyncio.Event()) as e:
+            copying = asyncio.create_task(e.copier.copy(spec, None, lambda n: None))
+            while slow.bytes_down < MiB:
+                await asyncio.sleep(0.01)
+            assert e.budget.used > 0
+            copying.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await copying
+            assert e.budget.used == 0
+            assert blob_names(blob_service, container) == []
+            outcome = await e.copier.copy(spec, None, lambda n: None)
+            assert outcome.route == route and e.budget.used == 0
+    assert blob_bytes(blob_service, container, "k") == body
