@@ -636,6 +636,29 @@ async def test_a_permanent_error_fails_at_once_without_retrying(
     assert blob_names(blob_service, container) == []
 
 
+async def test_an_azure_endpoint_that_refuses_connections_is_named_with_the_reason(
+    tmp_path: Path, moto_endpoint: str, s3_client: Any, bucket: str
+) -> None:
+    """Nothing listens at the Azure endpoint. The error said "connection failed
+    (ClientConnectorError)", which hid where and why: a port nothing listens on, a
+    host that does not resolve, a process out of file descriptors all read the same."""
+    s3_client.put_object(Bucket=bucket, Key="k", Body=b"kkk")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))  # reserved, never listening: connections are refused
+        closed = f"http://127.0.0.1:{s.getsockname()[1]}"
+        settings = make_settings(tmp_path, moto_endpoint, closed)
+        tuned = settings.model_copy(
+            update={"retry": settings.retry.model_copy(update={"attempts": 2, "backoff_s": 0.05})}
+        )
+        status, [row] = await copy(tuned, f"s3://{bucket}/k", "az://ctr/k")
+    assert (status, row.status) == ("failed", "failed")
+    assert row.error is not None
+    assert row.error.endswith(
+        f"gave up after 2 attempts; last error: az://ctr/k: read properties: connection "
+        f"failed (ClientConnectorError: 127.0.0.1:{closed.rsplit(':', 1)[1]}: Connection refused)"
+    )
+
+
 @pytest.mark.parametrize("route", ["whole", "pipe", "blocks"])
 async def test_a_write_whose_answer_is_lost_is_not_refused_by_its_own_retry(
     route: str,
