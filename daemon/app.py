@@ -8,17 +8,20 @@ signals; the CLI wires signals to the same events.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import fcntl
 import gc
 import os
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import IO
 
 import structlog
 
+from daemon import metrics
 from daemon.azure import AzureWriter
 from daemon.budget import ByteBudget
 from daemon.errors import ConfigError
@@ -118,21 +121,31 @@ async def serve(
                 grace_s=settings.grace_period_s,
                 force=force,
             )
-            log.info(
-                "ready",
-                pid=os.getpid(),
-                jobs_dir=str(settings.jobs_dir),
-                max_transfers=settings.max_transfers,
-                memory_mb=settings.memory_mb,
-            )
-            notifier.ready(sup.summary())
-            if on_ready is not None:
-                on_ready()
-            async with asyncio.TaskGroup() as tg:
-                keepalive = tg.create_task(notifier.keepalive(sup.summary))
-                tg.create_task(_announce_stop(stop, notifier, sup))
-                await sup.serve(source)
-                keepalive.cancel()
+            async with contextlib.AsyncExitStack() as stack:
+                if settings.metrics_address is not None:
+                    await stack.enter_async_context(
+                        metrics.serving(
+                            settings.metrics_address,
+                            sup.metrics,
+                            partial(_gauges, sup, source, e.budget),
+                        )
+                    )
+                log.info(
+                    "ready",
+                    pid=os.getpid(),
+                    jobs_dir=str(settings.jobs_dir),
+                    max_transfers=settings.max_transfers,
+                    memory_mb=settings.memory_mb,
+                    metrics=settings.metrics_address,
+                )
+                notifier.ready(sup.summary())
+                if on_ready is not None:
+                    on_ready()
+                async with asyncio.TaskGroup() as tg:
+                    keepalive = tg.create_task(notifier.keepalive(sup.summary))
+                    tg.create_task(_announce_stop(stop, notifier, sup))
+                    await sup.serve(source)
+                    keepalive.cancel()
             if sup.state_lost is not None:
                 raise sup.state_lost  # exits non-zero with the reason: systemd restarts
     finally:
@@ -143,6 +156,18 @@ async def serve(
         state_lock.close()
         notifier.close()
     log.info("stopped")
+
+
+def _gauges(
+    sup: Supervisor, source: DirectorySource, budget: ByteBudget
+) -> dict[str, tuple[str, float]]:
+    """What /metrics reads at each scrape, beside the supervisor's counters."""
+    return {
+        "jobs_running": ("Jobs claimed and not yet filed.", sup.claimed_jobs),
+        "jobs_waiting": ("Job files waiting in inbox/.", source.waiting()),
+        "memory_budget_bytes": ("The byte budget for blocks (memory_mb).", budget.capacity),
+        "memory_used_bytes": ("Bytes of it held by blocks in flight.", budget.used),
+    }
 
 
 async def _announce_stop(stop: asyncio.Event, notifier: Notifier, sup: Supervisor) -> None:

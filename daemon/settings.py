@@ -12,7 +12,14 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field, SecretStr, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -23,6 +30,14 @@ from pydantic_settings import (
 from daemon.errors import ConfigError
 
 MiB = 1024 * 1024
+
+
+def host_port(address: str) -> tuple[str, int]:
+    """HOST:PORT (or [V6]:PORT) as (host, port); raises ValueError."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError("must be HOST:PORT, such as 127.0.0.1:9464")
+    return host.strip("[]"), int(port)
 
 
 class S3Settings(BaseModel):
@@ -162,6 +177,11 @@ class Settings(BaseSettings):
         default=16, ge=1, description="Larger job files fail; 100,000 transfers take ~12 MiB."
     )
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    metrics_address: str | None = Field(
+        default=None,
+        description="HOST:PORT to serve Prometheus metrics on, at /metrics (such as "
+        "127.0.0.1:9464); off by default.",
+    )
     event_loop: Literal["auto", "asyncio", "uvloop"] = Field(
         default="auto", description="auto: uvloop when it is installed (it is a dependency)."
     )
@@ -205,6 +225,13 @@ class Settings(BaseSettings):
     s3: S3Settings = S3Settings()
     azure: AzureSettings = AzureSettings()
     retry: RetrySettings = RetrySettings()
+
+    @field_validator("metrics_address")
+    @classmethod
+    def _address(cls, v: str | None) -> str | None:
+        if v is not None:
+            host_port(v)
+        return v
 
     @model_validator(mode="after")
     def _resolve(self) -> Settings:

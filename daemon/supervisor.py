@@ -28,6 +28,7 @@ import structlog
 
 from daemon.errors import Interrupted, JobFileError, StateError, TransferError, redact
 from daemon.jobs import TransferSpec, parse_job
+from daemon.metrics import Metrics
 from daemon.s3 import Listed, S3Reader
 from daemon.settings import Settings
 from daemon.sources.base import ClaimedJob, JobSource
@@ -108,6 +109,7 @@ class _Tracker:
 
     def advance(self, n: int) -> None:
         self.done += n
+        self._sup.metrics.streamed(n)
         if self._sup.on_progress is not None:
             self._sup.on_progress(n)
         now = time.monotonic()
@@ -150,14 +152,19 @@ class Supervisor:
         self._writing: dict[str, _Writers] = {}  # destination -> its transfers
         # Set when the state database cannot be written: the daemon drains and stops.
         self.state_lost: StateError | None = None
-        self.copied = self.failed = self.bytes_copied = self.running = 0
+        self.metrics = Metrics()
+
+    @property
+    def claimed_jobs(self) -> int:
+        return len(self._jobs)
 
     def summary(self) -> str:
         """One line for systemd's STATUS=."""
+        m = self.metrics
         return (
-            f"{len(self.active_jobs)} jobs, {self.running} transfers running; "
-            f"{self.copied} copied, {self.failed} failed, {self.bytes_copied / 2**20:.0f} MiB "
-            "since start"
+            f"{len(self.active_jobs)} jobs, {m.transfers_running} transfers running; "
+            f"{m.transfers['copied']} copied, {m.transfers['failed']} failed, "
+            f"{m.bytes_copied / 2**20:.0f} MiB since start"
         )
 
     def flush_soon(self) -> None:
@@ -335,6 +342,7 @@ class Supervisor:
             return "failed"
 
     async def _file(self, source: JobSource, job: ClaimedJob, status: str) -> None:
+        self.metrics.jobs[status] += 1
         try:
             await source.finish(job, status == "done", partial(self.state.write_report, job.name))
         except Exception as e:
@@ -429,19 +437,32 @@ class Supervisor:
             entry.slot = False  # the one the job took as it began: now this transfer's
         else:
             await self._slots.acquire()
-        self.running += 1
+        self.metrics.transfers_running += 1
         task = tg.create_task(self._transfer(job, seq, spec, listed, tally))
         task.add_done_callback(self._transfer_done)
 
     def _transfer_done(self, _: asyncio.Task[None]) -> None:
-        self.running -= 1
+        self.metrics.transfers_running -= 1
         self._slots.release()
+
+    def _ended(
+        self,
+        job: str,
+        seq: int,
+        status: str,
+        done: int,
+        error: str | None = None,
+        detail: dict[str, object] | None = None,
+    ) -> None:
+        """A transfer's end, recorded and counted."""
+        self.state.transfer_finished(job, seq, status, done, error, detail)
+        self.metrics.transfers[str(status)] += 1
 
     def _record_failure(
         self, job: str, seq: int, spec: TransferSpec, tally: Tally, error: str
     ) -> None:
         self.state.transfer_started(job, seq, str(spec.source), str(spec.destination))
-        self.state.transfer_finished(job, seq, Status.FAILED, 0, redact(error))
+        self._ended(job, seq, Status.FAILED, 0, redact(error))
         tally.failed += 1
         log.error(
             "failed",
@@ -482,20 +503,19 @@ class Supervisor:
                 outcome = await self._copier.copy(spec, listed, tracker.advance)
         except Interrupted:
             tally.interrupted += 1
-            self.state.transfer_finished(job, seq, "interrupted", tracker.done)
+            self._ended(job, seq, "interrupted", tracker.done)
             log.info("interrupted", bytes=tracker.done)
             return
         except asyncio.CancelledError:
             entry = self._jobs.get(job)
             if entry is not None and entry.cancel_requested:
-                self.state.transfer_finished(job, seq, "cancelled", tracker.done)
+                self._ended(job, seq, "cancelled", tracker.done)
                 log.info("cancelled", bytes=tracker.done)
             raise
         except TransferError as e:
             tally.failed += 1
-            self.failed += 1
             error = redact(str(e))
-            self.state.transfer_finished(job, seq, Status.FAILED, tracker.done, error)
+            self._ended(job, seq, Status.FAILED, tracker.done, error)
             log.error("failed", error=error, bytes=tracker.done)
             return
         except StateError:
@@ -503,7 +523,7 @@ class Supervisor:
         except Exception as e:  # a bug must cost one transfer, never the daemon
             tally.failed += 1
             error = _internal_error(e)
-            self.state.transfer_finished(job, seq, Status.FAILED, tracker.done, error)
+            self._ended(job, seq, Status.FAILED, tracker.done, error)
             log.exception("failed", error=error)
             return
         detail: dict[str, object] = {}
@@ -525,9 +545,8 @@ class Supervisor:
             tally.skipped += 1
         else:
             tally.copied += 1
-            self.copied += 1
-            self.bytes_copied += outcome.bytes
-        self.state.transfer_finished(job, seq, outcome.status, outcome.bytes, None, detail)
+            self.metrics.bytes_copied += outcome.bytes
+        self._ended(job, seq, outcome.status, outcome.bytes, None, detail)
         self.flush_soon()
         log.info(
             str(outcome.status),

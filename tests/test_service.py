@@ -15,10 +15,11 @@ from typing import Any
 from azure.storage.blob import BlobServiceClient
 
 from tests.conftest import make_settings
-from tests.emulators import ROOT
+from tests.emulators import ROOT, free_port
 from tests.helpers import MiB, blob_bytes, payload
 from tests.sandbox import Sandbox
 from tests.test_faults import daemon_env, start_daemon, wait_report
+from tests.test_metrics import samples, scrape
 
 UNIT = ROOT / "config" / "blobferry.service"
 
@@ -65,8 +66,8 @@ async def test_the_daemon_serves_inside_the_units_system_call_sandbox(
     imports, loads libnuma, whose start-up probes set_mempolicy (in @resources, which
     the unit takes away): the daemon died on import before it could log a line. Here
     the unit's own filters wrap a daemon that resolves host names, watches its inbox,
-    copies on the one-request and the block route, talks to systemd and drains on
-    SIGTERM."""
+    copies on the one-request and the block route, talks to systemd, serves its
+    metrics and drains on SIGTERM."""
     local = {e: e.replace("127.0.0.1", "localhost") for e in (moto_endpoint, azurite_endpoint)}
     settings = make_settings(tmp_path, local[moto_endpoint], local[azurite_endpoint])
     sizes = {"small.bin": 1000, "large.bin": 9 * MiB}
@@ -81,6 +82,7 @@ async def test_the_daemon_serves_inside_the_units_system_call_sandbox(
         local[azurite_endpoint],
         NOTIFY_SOCKET=str(tmp_path / "notify.sock"),
         WATCHDOG_USEC="1000000",
+        BLOBFERRY_METRICS_ADDRESS=(metrics := f"127.0.0.1:{free_port()}"),
     )
     proc = await start_daemon(env, sandbox=Sandbox.of_unit(UNIT))
     try:
@@ -99,6 +101,8 @@ async def test_the_daemon_serves_inside_the_units_system_call_sandbox(
         )
         (inbox / ".j.tmp").rename(inbox / "j.json")
         report = await wait_report(settings.jobs_dir, "j", timeout=60)
+        _, text = await scrape(f"http://{metrics}/metrics")
+        assert samples(text)['blobferry_transfers_total{status="copied"}'] == 2
         proc.send_signal(signal.SIGTERM)
         _, err = await asyncio.wait_for(proc.communicate(), 60)
     finally:

@@ -110,6 +110,10 @@ class DirectorySource:
             return []
         return sorted(found)
 
+    def waiting(self) -> int:
+        """How many job files wait in inbox/."""
+        return len(self._waiting(self.inbox))
+
     async def jobs(self, stop: asyncio.Event) -> AsyncGenerator[ClaimedJob, None]:
         self.prepare()
         for _, name in self._waiting(self.processing):

@@ -1,0 +1,113 @@
+"""Prometheus metrics: what the supervisor counts, served as text on /metrics.
+
+Off unless ``metrics_address`` is set. The counters live in one ``Metrics`` object the
+supervisor updates as jobs and transfers end (the systemd STATUS line reads the same);
+gauges (jobs waiting in the inbox, the memory budget) are read when scraped. No
+client library: the text format is a few lines, and aiohttp, already here, serves it.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections import Counter
+from collections.abc import AsyncIterator, Callable, Mapping
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+
+from daemon import __version__
+from daemon.errors import ConfigError
+from daemon.settings import host_port
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+JOB_STATUSES = ("done", "failed", "cancelled")
+TRANSFER_STATUSES = ("copied", "skipped", "failed", "cancelled", "interrupted")
+
+
+@dataclass(slots=True)
+class Metrics:
+    # Ended, by status; every status present from the start, so a rate of each has a 0.
+    jobs: Counter[str] = field(default_factory=lambda: Counter(dict.fromkeys(JOB_STATUSES, 0)))
+    transfers: Counter[str] = field(
+        default_factory=lambda: Counter(dict.fromkeys(TRANSFER_STATUSES, 0))
+    )
+    bytes_copied: int = 0  # the sizes of the objects copied
+    bytes_streamed: int = 0  # every byte read and sent on, resent ones again
+    transfers_running: int = 0
+    started_at: float = field(default_factory=time.time)
+
+    def streamed(self, n: int) -> None:
+        if n > 0:  # a pipe that starts over hands back what it had counted: not here
+            self.bytes_streamed += n
+
+    def render(self, gauges: Mapping[str, tuple[str, float]]) -> str:
+        """The text exposition format; ``gauges``: name -> (help, value), read now."""
+        by_status = '{{status="{}"}}'.format
+        families: list[tuple[str, str, str, list[tuple[str, float]]]] = [
+            ("build_info", "gauge", "Its version.", [(f'{{version="{__version__}"}}', 1)]),
+            ("start_time_seconds", "gauge", "Its start, Unix time.", [("", self.started_at)]),
+            (
+                "jobs_total",
+                "counter",
+                "Jobs filed since start, by status (done, failed, cancelled).",
+                [(by_status(k), n) for k, n in sorted(self.jobs.items())],
+            ),
+            (
+                "transfers_total",
+                "counter",
+                "Transfers ended since start, by status "
+                "(copied, skipped, failed, cancelled, interrupted).",
+                [(by_status(k), n) for k, n in sorted(self.transfers.items())],
+            ),
+            ("transfers_running", "gauge", "Transfers in flight.", [("", self.transfers_running)]),
+            (
+                "copied_bytes_total",
+                "counter",
+                "Sizes of the objects copied since start.",
+                [("", self.bytes_copied)],
+            ),
+            (
+                "streamed_bytes_total",
+                "counter",
+                "Bytes read from S3 and sent on to Azure since start, as they go (its rate "
+                "is the throughput); bytes sent again after a failure count again.",
+                [("", self.bytes_streamed)],
+            ),
+        ]
+        families += [(k, "gauge", h, [("", v)]) for k, (h, v) in gauges.items()]
+        out: list[str] = []
+        for name, kind, help_, samples in families:
+            out.append(f"# HELP blobferry_{name} {help_}")
+            out.append(f"# TYPE blobferry_{name} {kind}")
+            out.extend(f"blobferry_{name}{labels} {value:.17g}" for labels, value in samples)
+        return "\n".join(out) + "\n"
+
+
+@asynccontextmanager
+async def serving(
+    address: str, metrics: Metrics, gauges: Callable[[], Mapping[str, tuple[str, float]]]
+) -> AsyncIterator[None]:
+    """Serve GET /metrics on ``address`` for as long as the block runs."""
+    from aiohttp import web  # the server half of aiohttp: loaded only when asked for
+
+    async def scrape(_: object) -> web.Response:
+        body = metrics.render(gauges()).encode()
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
+
+    app = web.Application()
+    app.router.add_get("/metrics", scrape)
+    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    await runner.setup()
+    host, port = host_port(address)
+    try:
+        await web.TCPSite(runner, host, port).start()
+    except OSError as e:
+        await runner.cleanup()
+        raise ConfigError(
+            f"configuration error: metrics_address: cannot listen on {address}: "
+            f"{os.strerror(e.errno) if e.errno else e}"
+        ) from None
+    try:
+        yield
+    finally:
+        await runner.cleanup()

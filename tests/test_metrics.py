@@ -1,0 +1,107 @@
+"""Prometheus metrics on /metrics, when metrics_address is set."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import socket
+from typing import Any
+
+import aiohttp
+import pytest
+from azure.storage.blob import BlobServiceClient
+
+from daemon import app
+from daemon.errors import ConfigError
+from daemon.settings import Settings, load_settings
+from tests.conftest import running_daemon
+from tests.emulators import free_port
+from tests.helpers import MiB, payload
+from tests.test_daemon import job, transfers
+
+
+def samples(text: str) -> dict[str, float]:
+    """name{labels} -> value, every sample line of an exposition."""
+    found = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, value = line.rsplit(" ", 1)
+            found[name] = float(value)
+    return found
+
+
+async def scrape(url: str) -> tuple[str, str]:
+    async with aiohttp.ClientSession() as http, http.get(url) as r:
+        assert r.status == 200
+        return r.headers["Content-Type"], await r.text()
+
+
+async def test_metrics_count_jobs_transfers_and_bytes(
+    settings: Settings,
+    s3_client: Any,
+    blob_service: BlobServiceClient,
+    bucket: str,
+    container: str,
+) -> None:
+    """After a job of one copy and one missing key, and a job of one skip, /metrics
+    counts each by status, the bytes, and reads the memory budget; every help and
+    type line comes before its samples, and every status has a sample from the start."""
+    body = payload(5 * MiB, seed=7)
+    s3_client.put_object(Bucket=bucket, Key="a", Body=body)
+    address = f"127.0.0.1:{free_port()}"
+    url = f"http://{address}/metrics"
+    tuned = settings.model_copy(update={"metrics_address": address})
+    async with running_daemon(tuned) as d:
+        kind, first = await scrape(url)
+        assert kind == "text/plain; version=0.0.4; charset=utf-8"
+        before = samples(first)
+        assert before['blobferry_jobs_total{status="cancelled"}'] == 0
+        assert before['blobferry_transfers_total{status="copied"}'] == 0
+        d.drop(
+            "two.json",
+            transfers(
+                (f"s3://{bucket}/a", f"az://{container}/a"),
+                (f"s3://{bucket}/missing", f"az://{container}/m"),
+            ),
+        )
+        assert (await d.wait_finished("two.json"))[0] == "failed"
+        d.drop("again.json", job(f"s3://{bucket}/a", f"az://{container}/a"))
+        assert (await d.wait_finished("again.json"))[0] == "done"
+        _, text = await scrape(url)
+        async with aiohttp.ClientSession() as http, http.get(url[: -len("metrics")]) as r:
+            assert r.status == 404
+    got = samples(text)
+    assert got['blobferry_jobs_total{status="done"}'] == 1
+    assert got['blobferry_jobs_total{status="failed"}'] == 1
+    assert got['blobferry_transfers_total{status="copied"}'] == 1
+    assert got['blobferry_transfers_total{status="failed"}'] == 1
+    assert got['blobferry_transfers_total{status="skipped"}'] == 1
+    assert got["blobferry_copied_bytes_total"] == len(body)
+    assert got["blobferry_streamed_bytes_total"] >= len(body)
+    assert got["blobferry_transfers_running"] == 0
+    assert got["blobferry_jobs_waiting"] == 0
+    assert got["blobferry_memory_budget_bytes"] == tuned.memory_mb * MiB
+    assert got["blobferry_memory_used_bytes"] == 0
+    assert re.search(r'^blobferry_build_info\{version="[^"]+"\} 1$', text, re.M)
+    names = [m for m in re.findall(r"^(blobferry_\w+)", text, re.M)]
+    for name in dict.fromkeys(names):  # each family: HELP, TYPE, then its samples
+        help_at = text.index(f"# HELP {name} ")
+        assert text.index(f"# TYPE {name} ") > help_at
+        assert text.index(f"\n{name}") > help_at
+
+
+async def test_metrics_address_taken_or_malformed_is_a_configuration_error(
+    settings: Settings,
+) -> None:
+    with pytest.raises(ConfigError, match="metrics_address"):
+        load_settings(None, metrics_address="9464")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        address = f"127.0.0.1:{taken.getsockname()[1]}"
+        tuned = settings.model_copy(update={"metrics_address": address})
+        with pytest.raises(ConfigError) as e:
+            await asyncio.wait_for(app.serve(tuned, asyncio.Event()), 30)
+    assert str(e.value) == (
+        f"configuration error: metrics_address: cannot listen on {address}: Address already in use"
+    )
