@@ -218,13 +218,17 @@ class Supervisor:
         stopper = asyncio.ensure_future(self._stop.wait())
         try:
             await asyncio.wait({waiter, stopper}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
+        except BaseException:  # cancelled (a cancel request, a shutdown) while waiting
             stopper.cancel()
-            waiter.cancel()  # nothing, if it has the slot
-        got = not waiter.cancelled()
-        if got and peek:
+            if not waiter.cancel():  # it had the slot already: give it back
+                self._slots.release()
+            raise
+        stopper.cancel()
+        if waiter.cancel():
+            return False  # stop came first
+        if peek:
             self._slots.release()
-        return got
+        return True
 
     async def _drain(self, jobs: set[asyncio.Task[None]]) -> None:
         if not jobs:
@@ -288,7 +292,9 @@ class Supervisor:
                 raise
             self._lose_state(lost)  # the job is left in processing/, unfiled
         finally:
-            self._jobs.pop(job.name, None)
+            entry = self._jobs.get(job.name)
+            if entry is not None and entry.task is asyncio.current_task():
+                del self._jobs[job.name]  # not a namesake's, claimed once this was filed
 
     async def _run_and_file(self, source: JobSource, job: ClaimedJob) -> None:
         log.info("claimed", recovered=job.recovered)

@@ -16,7 +16,7 @@ from structlog.testing import capture_logs
 from daemon import app
 from daemon.jobs import parse_job
 from daemon.settings import Settings
-from daemon.supervisor import CANCELLED
+from daemon.supervisor import CANCELLED, Supervisor
 from tests.conftest import connection_string, running_daemon
 from tests.helpers import MiB, blob_bytes, blob_names, payload
 from tests.proxy import FaultProxy, Faults
@@ -221,3 +221,52 @@ async def test_a_cancelled_transfer_gives_back_its_memory_and_commits_nothing(
             outcome = await e.copier.copy(spec, None, lambda n: None)
             assert outcome.route == route and e.budget.used == 0
     assert blob_bytes(blob_service, container, "k") == body
+
+
+async def test_a_job_cancelled_as_its_slot_frees_gives_the_slot_back(settings: Settings) -> None:
+    """A job waits for a transfer slot; the slot comes free and, in the same turn of
+    the loop, the job is cancelled. The slot it had just been given was lost: one
+    fewer object in flight for the daemon's whole life."""
+    tuned = settings.model_copy(update={"max_transfers": 1})
+    sup = Supervisor(tuned, None, None, None, asyncio.Event())  # type: ignore[arg-type]
+    await sup._slots.acquire()  # a transfer holds the only slot
+    waiting = asyncio.create_task(sup._wait_for_slot(peek=False))
+    await asyncio.sleep(0)
+    sup._slots.release()  # the transfer ends: the waiting job is handed the slot ...
+    await asyncio.sleep(0)
+    waiting.cancel()  # ... and cancelled before it saw it
+    with pytest.raises(asyncio.CancelledError):
+        await waiting
+    assert not sup._slots.locked()
+
+
+async def test_a_recovered_job_cancelled_before_its_turn_is_not_run_after_all(
+    settings: Settings,
+    moto_endpoint: str,
+    s3_client: Any,
+    blob_service: BlobServiceClient,
+    bucket: str,
+    container: str,
+) -> None:
+    """Three jobs left in processing/ by a daemon that died, one slot, and a cancel for
+    the last. It is filed cancelled at once; when its turn in the recovered list came,
+    it was taken up again, found no file, and its report was replaced by a failure."""
+    s3_client.put_object(Bucket=bucket, Key="slow", Body=payload(2 * MiB, seed=8))
+    s3_client.put_object(Bucket=bucket, Key="small", Body=b"small")
+    processing, cancel = settings.jobs_dir / "processing", settings.jobs_dir / "cancel"
+    processing.mkdir(parents=True)
+    cancel.mkdir()
+    for name, key in (("r1.json", "slow"), ("r2.json", "small"), ("r3.json", "small")):
+        (processing / name).write_text(job(f"s3://{bucket}/{key}", f"az://{container}/{name}"))
+    (cancel / "r3.json").write_bytes(b"")
+    async with FaultProxy(moto_endpoint, Faults(rate_bps=1 * MiB)) as slow:
+        tuned = through(settings, slow, max_transfers=1)
+        async with running_daemon(tuned) as d:
+            assert (await d.wait_finished("r3.json"))[1]["status"] == "cancelled"
+            assert (await d.wait_finished("r1.json"))[0] == "done"
+            assert (await d.wait_finished("r2.json"))[0] == "done"
+            await asyncio.sleep(0.3)  # r3's turn in the recovered list has come and gone
+    report = json.loads((tuned.jobs_dir / "failed" / "r3.report.json").read_text())
+    assert report["status"] == "cancelled" and report["error"] == "cancelled before it started"
+    assert not (tuned.jobs_dir / "done" / "r3.json").exists()
+    assert blob_names(blob_service, container) == ["r1.json", "r2.json"]

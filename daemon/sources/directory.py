@@ -117,8 +117,8 @@ class DirectorySource:
     async def jobs(self, stop: asyncio.Event) -> AsyncGenerator[ClaimedJob, None]:
         self.prepare()
         for _, name in self._waiting(self.processing):
-            if name in self._claimed:
-                continue  # cancelled before its turn came
+            if name in self._claimed or not self._in_processing(name):
+                continue  # cancelled before its turn came (and maybe filed already)
             log.info("job recovered", job=name)
             self._claimed.add(name)
             yield ClaimedJob(name, self.processing / name, recovered=True)
@@ -213,6 +213,9 @@ class DirectorySource:
                     log.error("cancel request cannot be removed", job=name, error=e.strerror)
                 yield name
             await _first_of(stop.wait(), self._cancel_changed.wait(), within=self._poll)
+
+    def _in_processing(self, name: str) -> bool:
+        return os.path.lexists(self.processing / name)
 
     def claim(self, name: str) -> ClaimedJob | None:
         """Take job ``name`` out of its turn (to file it as cancelled): from inbox/, or
