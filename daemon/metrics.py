@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 from daemon import __version__
 from daemon.errors import ConfigError
+from daemon.retry import RETRIES
 from daemon.settings import host_port
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -72,6 +73,12 @@ class Metrics:
                 "Bytes read from S3 and sent on to Azure since start, as they go (its rate "
                 "is the throughput); bytes sent again after a failure count again.",
                 [("", self.bytes_streamed)],
+            ),
+            (
+                "retries_total",
+                "counter",
+                "Requests tried again since start, by step (read, stage, head, list ...).",
+                [(f'{{step="{k}"}}', n) for k, n in sorted(RETRIES.items())],
             ),
         ]
         families += [(k, "gauge", h, [("", v)]) for k, (h, v) in gauges.items()]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
@@ -19,6 +20,10 @@ from daemon.settings import RetrySettings
 
 T = TypeVar("T")
 log = structlog.get_logger("blobferry.retry")
+
+# Retries since the process started, by step (the first word of ``what``: read, stage,
+# HEAD, LIST ...), for /metrics: a flaky link shows here before it fails a transfer.
+RETRIES: Counter[str] = Counter()
 
 
 def backoff(policy: RetrySettings, attempt: int) -> float:
@@ -36,6 +41,7 @@ async def retrying(fn: Callable[[], Awaitable[T]], policy: RetrySettings, what: 
             if attempt >= policy.attempts:
                 raise RetriesExhaustedError(what, attempt, e) from None
             delay = backoff(policy, attempt)
+            RETRIES[what.split(" ", 1)[0].lower()] += 1
             log.warning(
                 "retrying", what=what, attempt=attempt, error=str(e), wait_s=round(delay, 2)
             )

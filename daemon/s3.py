@@ -647,7 +647,7 @@ class S3Reader:
                 "credentials and their permissions (KMS keys included)"
             )
         if code in _RETRYABLE_CODES or resp.status >= 500 or resp.status == 429:
-            raise RetryableError(f"{what}: S3 answered {resp.status} {code}")
+            raise RetryableError(f"{what}: S3 answered {resp.status} {code}".rstrip())
         raise PermanentError(f"{what}: S3 answered {resp.status} {code}: {message}")
 
 

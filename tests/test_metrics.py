@@ -17,7 +17,9 @@ from daemon.settings import Settings, load_settings
 from tests.conftest import running_daemon
 from tests.emulators import free_port
 from tests.helpers import MiB, payload
+from tests.proxy import FaultProxy, Faults
 from tests.test_daemon import job, transfers
+from tests.test_faults import through
 
 
 def samples(text: str) -> dict[str, float]:
@@ -105,3 +107,28 @@ async def test_metrics_address_taken_or_malformed_is_a_configuration_error(
     assert str(e.value) == (
         f"configuration error: metrics_address: cannot listen on {address}: Address already in use"
     )
+
+
+async def test_retries_are_counted_by_step(
+    settings: Settings,
+    moto_endpoint: str,
+    s3_client: Any,
+    bucket: str,
+    container: str,
+) -> None:
+    """S3 answers the first three reads 503: the copy succeeds, and /metrics shows three
+    more retries of that step (a flaky link shows there before anything fails)."""
+    s3_client.put_object(Bucket=bucket, Key="a", Body=payload(3 * MiB, seed=9))
+    address = f"127.0.0.1:{free_port()}"
+    slowdown = Faults(error_first=3, error_match=f"GET /{bucket}/a?".encode())
+    async with FaultProxy(moto_endpoint, slowdown) as proxy:
+        tuned = through(settings, proxy, metrics_address=address)
+        async with running_daemon(tuned) as d:
+            before = samples((await scrape(f"http://{address}/metrics"))[1])
+            d.drop("j.json", job(f"s3://{bucket}/a", f"az://{container}/a"))
+            assert (await d.wait_finished("j.json"))[0] == "done"
+            after = samples((await scrape(f"http://{address}/metrics"))[1])
+    assert proxy.errors == 3
+    # An object of one block goes in one step, its GET and its Put Blob: "copy".
+    step = 'blobferry_retries_total{step="copy"}'
+    assert after[step] - before.get(step, 0) == 3
