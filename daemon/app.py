@@ -12,6 +12,7 @@ import contextlib
 import fcntl
 import gc
 import os
+import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -24,7 +25,7 @@ import structlog
 from daemon import metrics
 from daemon.azure import AzureWriter
 from daemon.budget import ByteBudget
-from daemon.errors import ConfigError
+from daemon.errors import ConfigError, StateError
 from daemon.jobs import TransferSpec
 from daemon.s3 import S3Reader
 from daemon.settings import Settings, require_azure
@@ -101,6 +102,7 @@ async def serve(
     state: StateStore | None = None
     try:
         state = StateStore.in_dir(settings.state_dir)
+        _prune(state, settings)
         source = DirectorySource(
             settings.jobs_dir,
             settings.poll_interval_s,
@@ -143,9 +145,11 @@ async def serve(
                     on_ready()
                 async with asyncio.TaskGroup() as tg:
                     keepalive = tg.create_task(notifier.keepalive(sup.summary))
+                    pruning = tg.create_task(_prune_daily(state, settings))
                     tg.create_task(_announce_stop(stop, notifier, sup))
                     await sup.serve(source)
                     keepalive.cancel()
+                    pruning.cancel()
             if sup.state_lost is not None:
                 raise sup.state_lost  # exits non-zero with the reason: systemd restarts
     finally:
@@ -156,6 +160,23 @@ async def serve(
         state_lock.close()
         notifier.close()
     log.info("stopped")
+
+
+def _prune(state: StateStore, settings: Settings) -> None:
+    """Drop the records of jobs finished more than keep_days ago."""
+    if settings.keep_days > 0:
+        gone = state.prune(time.time() - settings.keep_days * 86400)
+        if gone:
+            log.info("old jobs dropped from the state", jobs=gone, keep_days=settings.keep_days)
+
+
+async def _prune_daily(state: StateStore, settings: Settings) -> None:
+    while True:
+        await asyncio.sleep(86400)
+        try:
+            _prune(state, settings)
+        except StateError as e:  # a full disk: the next job's write says so, and stops
+            log.warning("old jobs not dropped from the state", error=str(e))
 
 
 def _gauges(
@@ -184,6 +205,7 @@ async def copy_once(
 ) -> tuple[str, StateStore]:
     """One job run to the end in this process; returns its status and the state."""
     state = StateStore.in_dir(settings.state_dir)
+    _prune(state, settings)
     async with engine(settings, stop) as e:
         sup = Supervisor(settings, e.s3, e.copier, state, stop, on_progress=on_progress)
         try:

@@ -176,6 +176,12 @@ class Settings(BaseSettings):
     max_job_file_mb: int = Field(
         default=16, ge=1, description="Larger job files fail; 100,000 transfers take ~12 MiB."
     )
+    keep_days: float = Field(
+        default=30,
+        ge=0,
+        description="Finished jobs are dropped from the state database after this many "
+        "days (their reports in done/ and failed/ stay); 0 keeps them for ever.",
+    )
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     metrics_address: str | None = Field(
         default=None,

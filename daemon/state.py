@@ -250,6 +250,22 @@ class StateStore:
                 (status, done, now, now, error, json.dumps(detail or {}), job, seq),
             )
 
+    def prune(self, before: float) -> int:
+        """Forget the jobs that finished before ``before`` (epoch s), with their
+        transfers; returns how many. A job still running, or interrupted and waiting in
+        processing/ to resume, is kept whatever its age. Nothing resuming needs lives
+        here (that is processing/ and Azure's block lists), and the reports stay in
+        done/ and failed/: this only stops a daemon of months growing its database
+        without end."""
+        with self._writing():
+            old = "SELECT job FROM jobs WHERE status != 'running' AND finished_at < ?"
+            self._db.execute(f"DELETE FROM transfers WHERE job IN ({old})", (before,))
+            gone = self._db.execute(
+                "DELETE FROM jobs WHERE status != 'running' AND finished_at < ?", (before,)
+            ).rowcount
+            self._db.commit()
+        return gone
+
     # -- reads ----------------------------------------------------------------------
 
     def job(self, job: str, db: sqlite3.Connection | None = None) -> JobRow | None:

@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import sqlite3
 import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +20,7 @@ from daemon.errors import ConfigError
 from daemon.jobs import S3Address, TransferSpec
 from daemon.s3 import S3Reader
 from daemon.settings import Settings
+from daemon.state import StateStore
 from daemon.transfer import Copier
 from tests.conftest import AZURITE_KEY, make_settings, running_daemon
 from tests.helpers import MiB, blob_bytes, blob_names, payload
@@ -489,3 +492,38 @@ async def test_a_job_is_claimed_only_when_a_transfer_slot_is_free(
             for name in ("a.json", "b.json", "c.json"):
                 assert (await d.wait_finished(name))[0] == "done"
     assert blob_names(blob_service, container) == ["a", "b", "c"]
+
+
+async def test_jobs_older_than_keep_days_are_dropped_from_the_state(settings: Settings) -> None:
+    """A daemon of months kept every job's record for ever: a database growing without
+    end on an instance short of disk. Jobs finished more than keep_days ago go (with
+    their transfers) at start and daily; recent ones, and one interrupted long ago
+    that waits in processing/ to resume, stay."""
+    settings.state_dir.mkdir(parents=True)
+    db = settings.state_dir / "blobferry.sqlite3"
+    state = StateStore(db)
+    for name, status in (
+        ("old.json", "done"),
+        ("old-failed.json", "failed"),
+        ("recent.json", "done"),
+        ("waiting.json", None),
+    ):
+        state.job_started(name)
+        state.transfer_started(name, 0, "s3://b/k", "az://c/k")
+        if status is not None:
+            state.transfer_finished(name, 0, "copied", 3)
+            state.job_finished(name, status)
+    state.close()
+    long_ago = time.time() - 40 * 86400
+    with sqlite3.connect(db) as raw:
+        raw.execute(
+            "UPDATE jobs SET started_at = ?, finished_at = ? WHERE job != 'recent.json'",
+            (long_ago, long_ago),
+        )
+        raw.execute("UPDATE jobs SET finished_at = NULL WHERE job = 'waiting.json'")
+    async with running_daemon(settings.model_copy(update={"keep_days": 30})):
+        pass
+    with sqlite3.connect(db) as raw:
+        jobs = sorted(r[0] for r in raw.execute("SELECT job FROM jobs"))
+        transfers = sorted(r[0] for r in raw.execute("SELECT job FROM transfers"))
+    assert jobs == transfers == ["recent.json", "waiting.json"]
