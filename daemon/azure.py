@@ -19,19 +19,22 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import email.message
+import email.utils
 import hashlib
 import os
 import re
 import socket
 import time
+import unicodedata
 import warnings
-from collections.abc import AsyncIterable, AsyncIterator, Mapping
+from collections.abc import AsyncIterable, AsyncIterator, Mapping, Sequence
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.utils import formatdate
 from types import TracebackType
-from typing import Any
+from typing import Any, cast
 from urllib.parse import parse_qs, quote
 
 import aiohttp
@@ -168,6 +171,52 @@ def azure_metadata(metadata: dict[str, str]) -> tuple[dict[str, str], dict[str, 
             renamed[key] = name
         out[name] = metadata[key]
     return out, renamed
+
+
+# RFC 8187's attr-char: what an ext-value may carry as it is; the rest is %-encoded.
+_ATTR_CHARS = "!#$&+-.^_`|~"
+
+
+def ascii_disposition(value: str) -> str | None:
+    """A Content-Disposition holding non-ASCII (an uploader's file name in UTF-8) as
+    RFC 6266 writes it for HTTP: each such parameter as ``name*=UTF-8''%XX...``, a file
+    name also as an ASCII ``filename=`` for clients that know no better. Azure refuses
+    non-ASCII in a header, so the whole value used to be left off the blob. None when
+    ``value`` has no disposition type to keep.
+
+    HTTP reads header bytes as Latin-1: UTF-8 arrives as mojibake ("cafÃ©") and is
+    decoded back; a value that is not UTF-8 underneath is the Latin-1 it reads as."""
+    try:
+        text = value.encode("latin-1").decode("utf-8")
+    except UnicodeError:
+        text = value
+    kind, _, rest = text.partition(";")
+    kind = kind.strip().lower()
+    if not re.fullmatch(r"[a-z0-9!#$&+.^_`|~-]+", kind):
+        return None
+    message = email.message.Message()
+    message["Content-Disposition"] = "x" + (";" + rest if rest else "")
+    params: dict[str, str] = {}
+    found: Sequence[tuple[str, object]] = message.get_params([], header="content-disposition")
+    for key, raw in found[1:]:
+        if isinstance(raw, tuple):  # key*=charset''value (RFC 2231): it wins
+            params[key.lower()] = email.utils.collapse_rfc2231_value(cast(Any, raw))
+        else:
+            params.setdefault(key.lower(), email.utils.unquote(str(raw)))
+    out = [kind]
+    for key, v in params.items():
+        if v.isascii() and v.isprintable():
+            out.append(f"{key}={_quoted(v)}")
+            continue
+        if key == "filename":  # the plain one first: a client takes the last it knows
+            plain = unicodedata.normalize("NFKD", v).encode("ascii", "ignore").decode()
+            out.append(f"filename={_quoted(''.join(c if c.isprintable() else '_' for c in plain))}")
+        out.append(f"{key}*=UTF-8''{quote(v, safe=_ATTR_CHARS)}")
+    return "; ".join(out)
+
+
+def _quoted(v: str) -> str:
+    return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
 # aiohttp warns about any raw-bytes body over 1 MiB: the SDK's Put Block List of tens of

@@ -542,6 +542,8 @@ class Supervisor:
         landing = outcome.landing
         if landing is not None and landing.renamed:
             detail["renamed_metadata"] = landing.renamed
+        if landing is not None and landing.rewritten:
+            detail["rewritten"] = landing.rewritten
         if landing is not None and landing.dropped:
             detail["dropped"] = landing.dropped
             log.warning("properties left off the blob", dropped=sorted(landing.dropped))

@@ -37,6 +37,7 @@ from daemon.azure import (
     ExistingBlob,
     NotPermittedError,
     SourceUnreachableError,
+    ascii_disposition,
     azure_metadata,
 )
 from daemon.budget import ByteBudget
@@ -208,6 +209,7 @@ class Landing:
     tier: str | None
     renamed: dict[str, str]  # metadata keys: S3's -> Azure's
     dropped: dict[str, str]  # property -> the value left off
+    rewritten: dict[str, str] = dataclasses.field(default_factory=dict)  # property -> as sent
 
 
 def headers_of(info: ObjectInfo) -> BlobHeaders:
@@ -602,13 +604,19 @@ class Copier:
             for f in dataclasses.fields(headers)
             if (v := getattr(headers, f.name)) and not header_safe(v)
         }
-        headers = dataclasses.replace(headers, **dict.fromkeys(dropped))
+        rewritten = {}
+        if "content_disposition" in dropped:  # a UTF-8 file name: RFC 6266's filename*=
+            ascii_value = ascii_disposition(dropped["content_disposition"])
+            if ascii_value is not None and header_safe(ascii_value):
+                rewritten["content_disposition"] = ascii_value
+                del dropped["content_disposition"]
+        headers = dataclasses.replace(headers, **dict.fromkeys(dropped), **rewritten)
         for key in [k for k, v in metadata.items() if not header_safe(v)]:
             dropped[f"metadata {key}"] = metadata.pop(key)
         metadata[FINGERPRINT_KEY] = fp
         metadata[ETAG_KEY] = info.etag.strip('"')
         tier = opts.tier or self._settings.azure.tiers.get(info.storage_class or "STANDARD")
-        return Landing(headers, metadata, tier, renamed, dropped)
+        return Landing(headers, metadata, tier, renamed, dropped, rewritten)
 
     async def _whole(
         self,

@@ -87,7 +87,7 @@ async def test_properties_and_metadata_arrive(
 
 
 @pytest.mark.parametrize("size", [1000, 9 * MiB], ids=["whole", "blocks"])
-async def test_a_header_azure_cannot_carry_is_left_off_and_reported(
+async def test_a_header_azure_cannot_carry_is_rewritten_or_left_off_and_reported(
     size: int,
     settings: Settings,
     s3_client: Any,
@@ -95,25 +95,28 @@ async def test_a_header_azure_cannot_carry_is_left_off_and_reported(
     bucket: str,
     container: str,
 ) -> None:
-    """S3 keeps the UTF-8 bytes an uploader puts in Content-Disposition; Azure answers
-    any non-ASCII header with 403 AuthenticationFailed, which blobferry used to report
-    as a wrong key, failing the copy. The bytes are copied, and the report says what
-    was left off."""
+    """S3 keeps whatever bytes an uploader puts in a header; Azure answers any
+    non-ASCII header with 403 AuthenticationFailed, which blobferry used to report as a
+    wrong key, failing the copy. A file name in Content-Disposition is rewritten as
+    RFC 6266 does (filename*=UTF-8''...), so a download from Azure keeps it: it used
+    to be left off. What cannot be rewritten (a Content-Language) is left off. The
+    bytes are copied, and the report says both."""
     body = payload(size)
     s3_client.put_object(
         Bucket=bucket,
         Key="f.bin",
         Body=body,
-        ContentDisposition='attachment; filename="caf\u00e9.pdf"',  # sent as UTF-8
-        ContentLanguage="fr",
+        ContentDisposition='attachment; filename="caf\u00e9.pdf"',
+        ContentLanguage="fran\u00e7ais",
     )
     status, [row] = await copy(settings, f"s3://{bucket}/f.bin", f"az://{container}/f.bin")
     assert status == "done", row.error
-    assert list(row.detail["dropped"]) == ["content_disposition"]
-    assert "filename" in row.detail["dropped"]["content_disposition"]
+    disposition = "attachment; filename=\"cafe.pdf\"; filename*=UTF-8''caf%C3%A9.pdf"
+    assert row.detail["rewritten"] == {"content_disposition": disposition}
+    assert row.detail["dropped"] == {"content_language": "fran\u00e7ais"}
     assert blob_bytes(blob_service, container, "f.bin") == body
     cs = blob_service.get_blob_client(container, "f.bin").get_blob_properties().content_settings
-    assert (cs.content_disposition, cs.content_language) == (None, "fr")
+    assert (cs.content_disposition, cs.content_language) == (disposition, None)
 
 
 @pytest.mark.parametrize("large_route", ["blocks", "pipe"])

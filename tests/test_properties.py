@@ -6,6 +6,7 @@ from typing import Any
 
 from azure.storage.blob import BlobServiceClient
 
+from daemon.azure import ascii_disposition
 from daemon.settings import Settings
 from tests.helpers import MiB, blob_bytes, blob_names, copy, payload
 from tests.proxy import FaultProxy
@@ -150,3 +151,31 @@ async def test_verification_can_be_switched_off(
     assert (
         status == "done" and row.detail["verified"] == "size: verification is off (verify = false)"
     )
+
+
+def test_a_non_ascii_content_disposition_as_rfc_6266_writes_it() -> None:
+    """UTF-8 read as Latin-1 (as HTTP reads header bytes: what a real uploader's name
+    looks like on arrival), Latin-1 itself, an RFC 2231 name beside a plain one, an
+    unquoted name with a space, other parameters, and a value with no type to keep."""
+    utf8_as_latin1 = "caf\u00e9.pdf".encode().decode("latin-1")
+    cases = {
+        f'attachment; filename="{utf8_as_latin1}"': (
+            "attachment; filename=\"cafe.pdf\"; filename*=UTF-8''caf%C3%A9.pdf"
+        ),
+        'Attachment; filename="caf\u00e9.pdf"': (
+            "attachment; filename=\"cafe.pdf\"; filename*=UTF-8''caf%C3%A9.pdf"
+        ),
+        "attachment; filename=\"\u00e9.pdf\"; filename*=UTF-8''%C3%A9.pdf": (
+            "attachment; filename=\"e.pdf\"; filename*=UTF-8''%C3%A9.pdf"
+        ),
+        "inline; filename=r\u00e9sum\u00e9 final.pdf; size=10": (
+            'inline; filename="resume final.pdf"; '
+            "filename*=UTF-8''r%C3%A9sum%C3%A9%20final.pdf; size=\"10\""
+        ),
+        'attachment; filename="a\\"b \u00e9.txt"': (
+            'attachment; filename="a\\"b e.txt"; filename*=UTF-8\'\'a%22b%20%C3%A9.txt'
+        ),
+        "f\u00e9; x=1": None,
+    }
+    for value, expected in cases.items():
+        assert ascii_disposition(value) == expected, value
