@@ -257,12 +257,12 @@ class StateStore:
         here (that is processing/ and Azure's block lists), and the reports stay in
         done/ and failed/: this only stops a daemon of months growing its database
         without end."""
+        old = "status != 'running' AND finished_at < ?"
         with self._writing():
-            old = "SELECT job FROM jobs WHERE status != 'running' AND finished_at < ?"
-            self._db.execute(f"DELETE FROM transfers WHERE job IN ({old})", (before,))
-            gone = self._db.execute(
-                "DELETE FROM jobs WHERE status != 'running' AND finished_at < ?", (before,)
-            ).rowcount
+            self._db.execute(
+                f"DELETE FROM transfers WHERE job IN (SELECT job FROM jobs WHERE {old})", (before,)
+            )
+            gone = self._db.execute(f"DELETE FROM jobs WHERE {old}", (before,)).rowcount
             self._db.commit()
         return gone
 
