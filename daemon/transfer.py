@@ -962,8 +962,7 @@ class Copier:
                         lanes.release()
                         raise
                     if self._stopping.is_set():
-                        self._budget.release(block.length)
-                        lanes.release()
+                        self._block_done(block.length, lanes)
                         interrupted = True
                         break
                     task = tg.create_task(
@@ -1019,7 +1018,8 @@ class Copier:
         md5s[block.index] = md5
         progress(block.length)
 
-    def _block_done(self, n: int, lanes: asyncio.Semaphore, _: object) -> None:
+    def _block_done(self, n: int, lanes: asyncio.Semaphore, _: object = None) -> None:
+        """A block's budget share and lane, given back (its task's done callback)."""
         self._budget.release(n)
         lanes.release()
 
