@@ -287,7 +287,7 @@ def _cancel(args: argparse.Namespace, settings: Settings) -> int:
     names = [args.job] if args.job.endswith(".json") else [args.job, args.job + ".json"]
     for name in names:
         _plain_name(name)
-    found = [n for n in names for f in ("processing", "inbox") if (jobs / f / n).exists()]
+    found = [n for n in names if _waits_or_runs(jobs, n)]
     if not found:
         print(f"blobferry: no job named {args.job} waits or runs in {jobs}", file=sys.stderr)
         return EXIT_FAILED
@@ -306,9 +306,7 @@ def _cancel(args: argparse.Namespace, settings: Settings) -> int:
     deadline = time.monotonic() + args.wait
     while time.monotonic() < deadline:
         report = _newest_report(jobs, name)
-        gone = not request.exists() and not any(
-            (jobs / f / name).exists() for f in ("processing", "inbox")
-        )
+        gone = not request.exists() and not _waits_or_runs(jobs, name)
         if report is not None and (report[2] >= asked or gone):
             path, status, _ = report
             if status == "cancelled":
@@ -326,6 +324,11 @@ def _cancel(args: argparse.Namespace, settings: Settings) -> int:
     else:
         print(f"blobferry: the daemon took the request; {name} is still stopping", file=sys.stderr)
     return EXIT_FAILED
+
+
+def _waits_or_runs(jobs: Path, name: str) -> bool:
+    """Whether a job file ``name`` is in inbox/ or processing/."""
+    return any((jobs / folder / name).exists() for folder in ("processing", "inbox"))
 
 
 def _newest_report(jobs: Path, name: str) -> tuple[Path, str, int] | None:
