@@ -147,7 +147,6 @@ class Supervisor:
         self._grace_s = grace_s
         self._slots = asyncio.Semaphore(settings.max_transfers)
         self._last_flush = time.monotonic()
-        self.active_jobs: set[str] = set()
         self._jobs: dict[str, _Job] = {}  # claimed from the source, not yet filed
         self._writing: dict[str, _Writers] = {}  # destination -> its transfers
         # Set when the state database cannot be written: the daemon drains and stops.
@@ -162,7 +161,7 @@ class Supervisor:
         """One line for systemd's STATUS=."""
         m = self.metrics
         return (
-            f"{len(self.active_jobs)} jobs, {m.transfers_running} transfers running; "
+            f"{self.claimed_jobs} jobs, {m.transfers_running} transfers running; "
             f"{m.transfers['copied']} copied, {m.transfers['failed']} failed, "
             f"{m.bytes_copied / 2**20:.0f} MiB since start"
         )
@@ -367,20 +366,16 @@ class Supervisor:
         """Run every transfer of a job whose start the caller has recorded
         (``state.job_started``); returns "done", "failed" or "interrupted"."""
         structlog.contextvars.bind_contextvars(job=name)
-        self.active_jobs.add(name)
         tally = Tally()
         t0 = time.monotonic()
         seq = 0
-        try:
-            async with asyncio.TaskGroup() as tg:
-                for spec in specs:
-                    if spec.source.is_prefix:
-                        seq = await self._admit_prefix(tg, name, seq, spec, tally)
-                    else:
-                        await self._admit(tg, name, seq, spec, None, tally)
-                        seq += 1
-        finally:
-            self.active_jobs.discard(name)
+        async with asyncio.TaskGroup() as tg:
+            for spec in specs:
+                if spec.source.is_prefix:
+                    seq = await self._admit_prefix(tg, name, seq, spec, tally)
+                else:
+                    await self._admit(tg, name, seq, spec, None, tally)
+                    seq += 1
         status = tally.status
         if status != "interrupted":
             self.state.job_finished(name, status)
