@@ -50,14 +50,13 @@ class Metrics:
             (
                 "jobs_total",
                 "counter",
-                "Jobs filed since start, by status (done, failed, cancelled).",
+                f"Jobs filed since start, by status ({', '.join(JOB_STATUSES)}).",
                 [(by_status(k), n) for k, n in sorted(self.jobs.items())],
             ),
             (
                 "transfers_total",
                 "counter",
-                "Transfers ended since start, by status "
-                "(copied, skipped, failed, cancelled, interrupted).",
+                f"Transfers ended since start, by status ({', '.join(TRANSFER_STATUSES)}).",
                 [(by_status(k), n) for k, n in sorted(self.transfers.items())],
             ),
             ("transfers_running", "gauge", "Transfers in flight.", [("", self.transfers_running)]),
