@@ -24,6 +24,7 @@ import structlog
 
 from daemon import metrics
 from daemon.azure import AzureWriter
+from daemon.bandwidth import timetable
 from daemon.budget import ByteBudget
 from daemon.errors import ConfigError, StateError
 from daemon.jobs import TransferSpec
@@ -129,7 +130,7 @@ async def serve(
                         metrics.serving(
                             settings.metrics_address,
                             sup.metrics,
-                            partial(_gauges, sup, source, e.budget),
+                            partial(_gauges, sup, source, e),
                         )
                     )
                 log.info(
@@ -138,6 +139,7 @@ async def serve(
                     jobs_dir=str(settings.jobs_dir),
                     max_transfers=settings.max_transfers,
                     memory_mb=settings.memory_mb,
+                    bandwidth_mb_s=timetable(settings.bandwidth_mb_s).describe(),
                     metrics=settings.metrics_address,
                 )
                 notifier.ready(sup.summary())
@@ -179,15 +181,19 @@ async def _prune_daily(state: StateStore, settings: Settings) -> None:
             log.warning("old jobs not dropped from the state", error=str(e))
 
 
-def _gauges(
-    sup: Supervisor, source: DirectorySource, budget: ByteBudget
-) -> dict[str, tuple[str, float]]:
+def _gauges(sup: Supervisor, source: DirectorySource, e: Engine) -> dict[str, tuple[str, float]]:
     """What /metrics reads at each scrape, beside the supervisor's counters."""
+    budget = e.budget
+    cap = e.s3.bandwidth.rate() if e.s3.bandwidth is not None else None
     return {
         "jobs_running": ("Jobs claimed and not yet filed.", sup.claimed_jobs),
         "jobs_waiting": ("Job files waiting in inbox/.", source.waiting()),
         "memory_budget_bytes": ("The byte budget for blocks (memory_mb).", budget.capacity),
         "memory_used_bytes": ("Bytes of it held by blocks in flight.", budget.used),
+        "bandwidth_cap_bytes_per_second": (
+            "The cap on reading from S3 in force now (bandwidth_mb_s); 0: none.",
+            cap or 0,
+        ),
     }
 
 

@@ -682,11 +682,20 @@ async def _pieces(data: Chunks) -> AsyncIterator[memoryview]:
 async def _paced(
     body: AsyncIterable[bytes | memoryview], deadline: asyncio.Timeout, stall: float
 ) -> AsyncIterator[bytes | memoryview]:
-    """``body``, each piece moving the deadline ``stall`` seconds on."""
+    """``body``, each piece moving the deadline ``stall`` seconds on. The wait for the
+    next piece is not Azure's: a pipe's body is S3, whose reads have their own stall
+    timer and may wait on the bandwidth cap, so the deadline is off meanwhile."""
     loop = asyncio.get_running_loop()
-    async for piece in body:
+    pieces = aiter(body)
+    while True:
+        deadline.reschedule(None)
+        try:
+            piece = await anext(pieces)
+        except StopAsyncIteration:
+            break
         deadline.reschedule(loop.time() + stall)
         yield piece
+    deadline.reschedule(loop.time() + stall)
 
 
 def _sas_expiry(sas: str) -> datetime | None:

@@ -31,6 +31,7 @@ from botocore.exceptions import (
 )
 from botocore.utils import parse_timestamp
 
+from daemon.bandwidth import Bandwidth, timetable
 from daemon.errors import (
     PermanentError,
     RetryableError,
@@ -325,6 +326,8 @@ class S3Reader:
         self._proxies = Proxies()  # botocore finds its own, from the same variables
         self._signer: QuerySigner | None = None
         self.round_trips = RoundTrips()  # of HEADs: how near S3 is
+        table = timetable(settings.bandwidth_mb_s)
+        self.bandwidth = None if table.never else Bandwidth(table)
 
     async def __aenter__(self) -> S3Reader:
         try:
@@ -595,6 +598,7 @@ class S3Reader:
     ) -> AsyncIterator[bytes]:
         """Exactly ``length`` bytes of the body, in the chunks aiohttp received them in."""
         got = 0
+        bandwidth = self.bandwidth
         try:
             while got < length:
                 chunk = await resp.content.readany()
@@ -603,6 +607,10 @@ class S3Reader:
                 got += len(chunk)
                 if got > length:
                     raise RetryableError(f"{what}: more bytes than asked for")
+                if bandwidth is not None:
+                    # While this waits, aiohttp reads on until its buffer is full, then
+                    # pauses the socket and its stall timer: the wait is no stall.
+                    await bandwidth.take(len(chunk))
                 yield chunk
         except TimeoutError:
             raise StallError(what, self._settings.retry.stall_timeout_s) from None

@@ -27,6 +27,7 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+from daemon.bandwidth import timetable
 from daemon.errors import ConfigError
 
 MiB = 1024 * 1024
@@ -182,6 +183,13 @@ class Settings(BaseSettings):
         description="Finished jobs are dropped from the state database after this many "
         "days (their reports in done/ and failed/ stay); 0 keeps them for ever.",
     )
+    bandwidth_mb_s: float | str = Field(
+        default=0,
+        description="A cap on the MB/s (10^6 bytes) read from S3 and sent on, all "
+        "transfers together, so the service sharing the instance keeps its network: a "
+        "number (0: none), or a timetable by local time of day such as "
+        "'08:00,20 19:00,off'. Server-side mode moves no payload here and is not capped.",
+    )
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     metrics_address: str | None = Field(
         default=None,
@@ -231,6 +239,12 @@ class Settings(BaseSettings):
     s3: S3Settings = S3Settings()
     azure: AzureSettings = AzureSettings()
     retry: RetrySettings = RetrySettings()
+
+    @field_validator("bandwidth_mb_s")
+    @classmethod
+    def _bandwidth(cls, v: float | str) -> float | str:
+        timetable(v)  # raises ValueError naming what is wrong
+        return v
 
     @field_validator("metrics_address")
     @classmethod

@@ -52,11 +52,13 @@ async def test_metrics_count_jobs_transfers_and_bytes(
     s3_client.put_object(Bucket=bucket, Key="a", Body=body)
     address = f"127.0.0.1:{free_port()}"
     url = f"http://{address}/metrics"
-    tuned = settings.model_copy(update={"metrics_address": address})
+    # A cap that never binds here, to be read back.
+    tuned = settings.model_copy(update={"metrics_address": address, "bandwidth_mb_s": 900})
     async with running_daemon(tuned) as d:
         kind, first = await scrape(url)
         assert kind == "text/plain; version=0.0.4; charset=utf-8"
         before = samples(first)
+        assert before["blobferry_bandwidth_cap_bytes_per_second"] == 900e6
         assert before['blobferry_jobs_total{status="cancelled"}'] == 0
         assert before['blobferry_transfers_total{status="copied"}'] == 0
         d.drop(

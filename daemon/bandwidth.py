@@ -1,0 +1,132 @@
+"""A cap on the bytes a second the daemon reads from S3, all transfers together.
+
+The instance the daemon runs on also runs the service whose files it moves; a copy at
+full speed takes that service's network. ``bandwidth_mb_s`` caps it, as rclone's
+``--bwlimit`` and AzCopy's ``--cap-mbps`` do: a number of MB/s (10^6 bytes), or a
+timetable of them by time of day, such as ``"08:00,20 19:00,off"`` (20 MB/s from 8 in
+the morning, no cap from 7 in the evening). Streaming sends on each byte it reads, so
+the cap holds on the way out too; a block sent to Azure again after a failure is not
+read again, and not counted again. In server-side mode the payload does not pass
+through the instance, and nothing is capped.
+
+The pacing is one reservation clock (GCRA): each chunk read books its time at the rate
+after the ones before it, and its reader waits out what it booked beyond a short burst.
+Every reader is served in turn, one clock for all, at O(1) a chunk.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+MB = 1_000_000
+BURST_S = 0.2  # reading may run this far ahead of the rate
+_ENTRY = re.compile(r"(\d{1,2}):(\d{2}),(\S+)")
+
+
+@dataclass(frozen=True, slots=True)
+class Timetable:
+    """Caps in bytes a second (None: no cap) from each minute of the day, in order."""
+
+    entries: tuple[tuple[int, float | None], ...]
+
+    @property
+    def never(self) -> bool:
+        return all(rate is None for _, rate in self.entries)
+
+    def at(self, minute: int) -> float | None:
+        """The cap in force ``minute`` minutes after local midnight; before the first
+        entry, the last one's still holds (from the evening before)."""
+        rate = self.entries[-1][1]
+        for start, r in self.entries:
+            if start > minute:
+                break
+            rate = r
+        return rate
+
+    def describe(self) -> str:
+        def mb(rate: float | None) -> str:
+            return "off" if rate is None else f"{rate / MB:g}"
+
+        if len(self.entries) == 1:
+            return mb(self.entries[0][1])
+        return " ".join(f"{s // 60:02d}:{s % 60:02d},{mb(r)}" for s, r in self.entries)
+
+
+def _rate(value: float | str) -> float | None:
+    """MB/s (0 or 'off': no cap) as bytes a second."""
+    if isinstance(value, str) and value.lower() == "off":
+        return None
+    try:
+        mb = float(value)
+    except ValueError:
+        mb = float("nan")
+    if not 0 <= mb < float("inf"):
+        raise ValueError(f"{value!r} is not a number of MB/s or 'off'")
+    return None if mb == 0 else mb * MB
+
+
+def timetable(value: float | str) -> Timetable:
+    """``bandwidth_mb_s`` as a Timetable; raises ValueError saying what is wrong."""
+    if not isinstance(value, str):
+        return Timetable(((0, _rate(value)),))
+    words = value.split()
+    if len(words) == 1 and "," not in words[0]:
+        return Timetable(((0, _rate(words[0])),))
+    if not words:
+        raise ValueError("is empty; give MB/s, or entries such as '08:00,20 19:00,off'")
+    entries: list[tuple[int, float | None]] = []
+    for word in words:
+        m = _ENTRY.fullmatch(word)
+        if m is None:
+            raise ValueError(f"{word!r} is not HH:MM,MB/s (such as 08:00,20 or 19:00,off)")
+        hh, mm = int(m.group(1)), int(m.group(2))
+        if hh > 23 or mm > 59:
+            raise ValueError(f"{word!r}: {m.group(1)}:{m.group(2)} is not a time of day")
+        start = hh * 60 + mm
+        if entries and start <= entries[-1][0]:
+            raise ValueError(f"{word!r}: the times must rise through the day")
+        entries.append((start, _rate(m.group(3))))
+    return Timetable(tuple(entries))
+
+
+def _local_minute() -> int:
+    t = time.localtime()
+    return t.tm_hour * 60 + t.tm_min
+
+
+class Bandwidth:
+    """The one clock every read from S3 books its bytes on."""
+
+    def __init__(self, table: Timetable, minute: Callable[[], int] = _local_minute) -> None:
+        self._table = table
+        self._minute = minute
+        self._paid_until = 0.0  # loop time by which the bytes booked so far are due
+        self._rate: float | None = None
+        self._checked = -1.0  # loop time the timetable was last read
+
+    def rate(self) -> float | None:
+        """The cap now, in bytes a second; None when there is none."""
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        if now - self._checked >= 1.0:  # the timetable moves by the minute
+            self._checked = now
+            rate = self._table.at(self._minute())
+            if rate != self._rate:
+                self._rate = rate
+                self._paid_until = now  # a new cap starts afresh
+        return self._rate
+
+    async def take(self, n: int) -> None:
+        """Book ``n`` bytes just read; wait while reading has run ahead of the cap."""
+        rate = self.rate()
+        if rate is None:
+            return
+        now = asyncio.get_running_loop().time()
+        self._paid_until = max(self._paid_until, now) + n / rate
+        ahead = self._paid_until - now - BURST_S
+        if ahead > 0:
+            await asyncio.sleep(ahead)
