@@ -55,6 +55,7 @@ from azure.storage.blob import BlobBlock, ContentSettings, StandardBlobTier
 from azure.storage.blob._shared.authentication import SharedKeyCredentialPolicy
 from azure.storage.blob.aio import BlobClient, BlobServiceClient
 
+from daemon.clock import refused_for_time
 from daemon.errors import CorruptBlockError, PermanentError, RetryableError
 from daemon.jobs import AzAddress
 from daemon.latency import RoundTrips
@@ -390,7 +391,7 @@ class AzureWriter:
             # A bearer token refused (expired early, revoked): try again with a new one.
             # The same token handed back and refused again is the failure below.
             raise RetryableError(f"{dst}: {what}: Azure refused the token ({code or 401})")
-        raise _failure(r.status, code, dst, what, self.sas_expiry)
+        raise _failure(r.status, code, dst, what, self.sas_expiry, r.headers.get("Date"))
 
     async def existing(self, dst: AzAddress) -> ExistingBlob | None:
         h = await self._send("HEAD", dst, "read properties", ok=(200,), missing_ok=True)
@@ -750,15 +751,25 @@ def _translate(
     status = getattr(e, "status_code", None) or 0
     if isinstance(e, ClientAuthenticationError) and status not in (401, 403):
         status = 403  # the SDK found the credential unusable before sending anything
-    return _failure(status, _code(e) or type(e).__name__, dst, what, sas_expiry)
+    response = getattr(e, "response", None)
+    date = response.headers.get("Date") if response is not None else None
+    return _failure(status, _code(e) or type(e).__name__, dst, what, sas_expiry, date)
 
 
 def _failure(
-    status: int, code: str, dst: AzAddress, what: str, sas_expiry: datetime | None = None
+    status: int,
+    code: str,
+    dst: AzAddress,
+    what: str,
+    sas_expiry: datetime | None = None,
+    date: str | None = None,
 ) -> Exception:
     """Azure's answer ``status`` with error code ``code``, as an error to act on.
-    ``sas_expiry``: when the credential is a SAS token, its end (``se``)."""
+    ``sas_expiry``: when the credential is a SAS token, its end (``se``); ``date``: the
+    answer's Date header, Azure's time."""
     where = f"{dst}: {what}"
+    if status in (401, 403) and (skewed := refused_for_time(where, "Azure", date)):
+        return skewed  # before the SAS check, which reads this machine's clock
     if status == 407 and not code:  # a plain-http request, refused by the proxy itself
         return refused_by_proxy(407, where)
     if code == "ContainerNotFound":

@@ -32,6 +32,7 @@ from botocore.exceptions import (
 from botocore.utils import parse_timestamp
 
 from daemon.bandwidth import Bandwidth, timetable
+from daemon.clock import refused_for_time
 from daemon.errors import (
     PermanentError,
     RetryableError,
@@ -47,6 +48,7 @@ from daemon.sigv4 import UrlShape, presign_get, signing_key
 
 _MD5_HEX = re.compile(r"[0-9a-f]{32}\Z")
 _CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
+_REFUSED = (400, 401, 403)  # how S3 answers a request signed at the wrong time
 _RETRYABLE_CODES = {
     "SlowDown",
     "InternalError",
@@ -493,7 +495,12 @@ class S3Reader:
     async def _explain(self, e: ClientError, address: S3Address) -> Exception:
         err = e.response.get("Error", {})
         code = str(err.get("Code", ""))
-        status = e.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+        meta = e.response.get("ResponseMetadata", {})
+        status = meta.get("HTTPStatusCode", 0)
+        if status in _REFUSED and (
+            skewed := refused_for_time(str(address), "S3", meta.get("HTTPHeaders", {}).get("date"))
+        ):
+            return skewed
         if code in ("404", "NoSuchKey", "NotFound", "NoSuchBucket"):
             if code != "NoSuchBucket" and await self._bucket_exists(address.bucket):
                 return PermanentError(f"{address}: no such key in bucket {address.bucket!r}")
@@ -629,6 +636,10 @@ class S3Reader:
     async def _raise_for(self, resp: aiohttp.ClientResponse, address: S3Address, what: str) -> None:
         body = await resp.read()
         code, message = _error_code(body)
+        if resp.status in _REFUSED and (
+            skewed := refused_for_time(what, "S3", resp.headers.get("Date"))
+        ):
+            raise skewed
         if resp.status == 412:
             raise SourceChangedError(str(address))
         if code == "InvalidObjectState":

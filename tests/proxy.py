@@ -17,6 +17,7 @@ import socket
 import struct
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from email.utils import formatdate, parsedate_to_datetime
 from typing import Self
 
 
@@ -48,6 +49,12 @@ class Faults:
     # Access key ID -> when its temporary credentials expire (epoch s): a request signed
     # with them later is refused with ExpiredToken, as S3 does (moto does not).
     credential_expiry: dict[str, float] | None = None
+    # The server's clock is this far ahead of ours (negative: behind): a request signed
+    # more than 15 minutes off it (or a presigned one past its expiry by it) is refused
+    # as S3 or Azure refuses it, with the server's Date. Only requests holding
+    # clock_match are judged.
+    clock_offset_s: float = 0.0
+    clock_match: bytes = b""
     # Lose the answer to the first request that holds this: the server has done the work
     # (a Put Blob committed, say) and the client sees its connection reset.
     lose_reply_match: bytes = b""
@@ -177,8 +184,12 @@ class FaultProxy(LoopbackServer):
                     self.errors += 1
                     await self._refuse(src, chunk)
                     raise _Reset()
-            status, body = b"403 Forbidden", b""
-            if not down and f.enforce_expiry and _expired(chunk):
+            status, body, extra = b"403 Forbidden", b"", b""
+            judged = not down and f.clock_offset_s and f.clock_match in chunk
+            refusal = _off_clock(chunk, f.clock_offset_s) if judged else None
+            if refusal is not None:
+                body, extra = refusal
+            elif not down and f.enforce_expiry and _expired(chunk):
                 body = b"<Error><Code>AccessDenied</Code><Message>Request has expired</Message></Error>"
             elif not down and f.credential_expiry and _stale(chunk, f.credential_expiry):
                 status, body = (
@@ -188,10 +199,13 @@ class FaultProxy(LoopbackServer):
                 )
             if body:
                 self.expired += 1
+                head_only = chunk.startswith(b"HEAD ")  # a HEAD's answer has no body
                 reply = (
                     b"HTTP/1.1 %s\r\nContent-Type: application/xml\r\n" % status
-                    + b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(body)
-                    + body
+                    + extra
+                    + b"Content-Length: %d\r\nConnection: close\r\n\r\n"
+                    % (0 if head_only else len(body))
+                    + (b"" if head_only else body)
                 )
                 back = self._client_writer.get(id(src))
                 if back is not None:
@@ -270,6 +284,53 @@ def _expired(request: bytes) -> bool:
         return False
     signed = datetime.strptime(date.group(1).decode(), "%Y%m%dT%H%M%SZ").replace(tzinfo=UTC)
     return datetime.now(UTC).timestamp() > signed.timestamp() + int(expires.group(1))
+
+
+_HEADER_DATE = re.compile(rb"(?im)^(x-amz-date|x-ms-date):\s*([^\r\n]+)")
+
+
+def _off_clock(request: bytes, offset: float) -> tuple[bytes, bytes] | None:
+    """(body, extra headers) of the refusal a server ``offset`` seconds ahead of this
+    machine gives ``request``, or None when it takes it."""
+    if not _REQUEST.match(request):
+        return None
+    server = datetime.now(UTC).timestamp() + offset
+    head = request.split(b"\r\n\r\n", 1)[0]
+    line = head.split(b"\r\n", 1)[0]
+    date = b"Date: " + formatdate(server, usegmt=True).encode() + b"\r\n"
+    query, expires = _DATE.search(line), _EXPIRES.search(line)
+    if query and expires:  # presigned: refused once expired, or signed in its future
+        signed = _amz_time(query.group(1))
+        if server > signed + int(expires.group(1)):
+            return (
+                b"<Error><Code>AccessDenied</Code><Message>Request has expired</Message></Error>",
+                date,
+            )
+        if signed > server + 900:
+            return (
+                b"<Error><Code>AccessDenied</Code><Message>Request is not valid yet</Message></Error>",
+                date,
+            )
+        return None
+    m = _HEADER_DATE.search(head)
+    if m is None:
+        return None
+    value = m.group(2).strip()
+    azure = m.group(1).lower() == b"x-ms-date"
+    signed = parsedate_to_datetime(value.decode()).timestamp() if azure else _amz_time(value)
+    if abs(signed - server) <= 900:
+        return None
+    if azure:
+        return (
+            b"<Error><Code>AuthenticationFailed</Code><AuthenticationErrorDetail>Request date "
+            b"header too old</AuthenticationErrorDetail></Error>",
+            date + b"x-ms-error-code: AuthenticationFailed\r\n",
+        )
+    return b"<Error><Code>RequestTimeTooSkewed</Code></Error>", date
+
+
+def _amz_time(value: bytes) -> float:
+    return datetime.strptime(value.decode(), "%Y%m%dT%H%M%SZ").replace(tzinfo=UTC).timestamp()
 
 
 _KEY_ID = re.compile(rb"Credential=([^/%\s,]+)(?:/|%2F)")
