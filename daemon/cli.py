@@ -88,6 +88,13 @@ def _option_flags(p: argparse.ArgumentParser) -> None:
         metavar="NAME=VALUE",
         help="metadata to set on the blobs (repeatable)",
     )
+    for flag, which in (("--include", "only keys"), ("--exclude", "no keys")):
+        p.add_argument(
+            flag,
+            action="append",
+            metavar="GLOB",
+            help=f"under a prefix, copy {which} matching GLOB (repeatable; '*.csv', 'logs/**')",
+        )
 
 
 def _options_doc(args: argparse.Namespace) -> dict[str, object]:
@@ -102,6 +109,9 @@ def _options_doc(args: argparse.Namespace) -> dict[str, object]:
         if any(not sep for _, sep, _ in pairs):
             raise JobFileError("--metadata takes NAME=VALUE")
         doc["metadata"] = {k: v for k, _, v in pairs}
+    for field in ("include", "exclude"):
+        if getattr(args, field):
+            doc[field] = getattr(args, field)
     return doc
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Annotated, Any, Literal
@@ -161,14 +161,83 @@ def blob_name_problem(name: str) -> str | None:
 
 
 @dataclass(frozen=True, slots=True)
+class KeyFilter:
+    """Which keys under a prefix are copied: those matching an ``include`` pattern (all,
+    when there is none) and no ``exclude`` pattern, as rclone's and AzCopy's filters
+    choose. Patterns are globs on the key below the prefix: ``*`` and ``?`` stay within
+    one ``/``-separated segment, ``**`` crosses them, ``[abc]`` and ``[!abc]`` are sets.
+    A pattern without ``/`` matches the last segment (the file name) at any depth; one
+    with ``/`` matches the whole key below the prefix (a leading ``/`` is dropped)."""
+
+    include: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+    _include: tuple[re.Pattern[str], ...] = field(default=(), repr=False, compare=False)
+    _exclude: tuple[re.Pattern[str], ...] = field(default=(), repr=False, compare=False)
+
+    @classmethod
+    def of(cls, include: Sequence[str], exclude: Sequence[str]) -> KeyFilter:
+        return cls(
+            tuple(include),
+            tuple(exclude),
+            tuple(map(glob, include)),
+            tuple(map(glob, exclude)),
+        )
+
+    def admits(self, rest: str) -> bool:
+        """Whether the key ``rest`` (below the prefix) is copied."""
+        if self._include and not any(p.fullmatch(rest) for p in self._include):
+            return False
+        return not any(p.fullmatch(rest) for p in self._exclude)
+
+
+def glob(pattern: str) -> re.Pattern[str]:
+    """``pattern`` (see KeyFilter) as a regular expression; ValueError if malformed."""
+    if not pattern or pattern in ("/", "**/"):
+        raise ValueError(f"pattern {pattern!r} matches nothing or everything; leave it out")
+    anchored = "/" in pattern
+    p = pattern.removeprefix("/")
+    out = [] if anchored else ["(?:.*/)?"]
+    i = 0
+    while i < len(p):
+        c = p[i]
+        if p.startswith("**/", i):
+            out.append("(?:.*/)?")  # any number of folders, none included
+            i += 3
+        elif p.startswith("**", i):
+            out.append(".*")
+            i += 2
+        elif c == "*":
+            out.append("[^/]*")
+            i += 1
+        elif c == "?":
+            out.append("[^/]")
+            i += 1
+        elif c == "[":
+            end = p.find("]", i + 2 if p[i + 1 : i + 2] in ("!", "]") else i + 1)
+            if end < 0:
+                raise ValueError(f"pattern {pattern!r} opens a [set] it does not close")
+            body = p[i + 1 : end]
+            negate = body.startswith("!")
+            body = re.escape(body[1:] if negate else body).replace(r"\-", "-")
+            out.append(f"[^/{body}]" if negate else f"[{body}]")
+            i = end + 1
+        else:
+            out.append(re.escape(c))
+            i += 1
+    return re.compile("".join(out), re.DOTALL)
+
+
+@dataclass(frozen=True, slots=True)
 class Options:
-    """What a job may say about how objects land, beyond where."""
+    """What a job may say about how objects land, beyond where, and (for a prefix)
+    which of its objects."""
 
     overwrite: Overwrite = Overwrite.IF_CHANGED
     metadata: Mapping[str, str] = field(default_factory=dict)  # merged over the source's
     content_type: str | None = None  # replaces the source's
     tier: Tier | None = None  # otherwise the storage-class map in settings, or the default
     mode: Mode | None = None  # otherwise the mode setting
+    keys: KeyFilter | None = None  # a prefix's objects to copy; None: every one
 
 
 @dataclass(frozen=True, slots=True)
@@ -214,6 +283,15 @@ class _OptionsIn(BaseModel):
     content_type: str | None = None
     tier: Tier | None = None
     mode: Mode | None = None
+    include: list[str] | None = None
+    exclude: list[str] | None = None
+
+    @field_validator("include", "exclude")
+    @classmethod
+    def _patterns(cls, v: list[str] | None) -> list[str] | None:
+        for pattern in v or ():
+            glob(pattern)  # raises ValueError saying what is wrong with it
+        return v
 
     @field_validator("metadata")
     @classmethod
@@ -242,7 +320,16 @@ class _OptionsIn(BaseModel):
             content_type=self.content_type if self.content_type is not None else base.content_type,
             tier=self.tier or base.tier,
             mode=self.mode or base.mode,
+            keys=self._keys(base.keys),
         )
+
+    def _keys(self, base: KeyFilter | None) -> KeyFilter | None:
+        """A transfer's own include (or exclude) list replaces the job's."""
+        if self.include is None and self.exclude is None:
+            return base
+        include = self.include if self.include is not None else (base.include if base else ())
+        exclude = self.exclude if self.exclude is not None else (base.exclude if base else ())
+        return KeyFilter.of(include, exclude) if include or exclude else None
 
 
 class _TransferIn(_OptionsIn):
@@ -302,7 +389,9 @@ def parse_job(raw: bytes | str) -> list[TransferSpec]:
     defaults = job.over(Options())
     if job.transfers is None:
         assert job.source is not None and job.destination is not None
-        return [make_spec(job.source, job.destination, defaults)]
+        spec = make_spec(job.source, job.destination, defaults)
+        _filters_a_prefix(spec, "job file")
+        return [spec]
     items, job.transfers = job.transfers, None
     del data
     specs = []
@@ -310,7 +399,10 @@ def parse_job(raw: bytes | str) -> list[TransferSpec]:
         try:
             t = _TransferIn.model_validate(item)
             own = t.model_fields_set - {"source", "destination"}
-            specs.append(make_spec(t.source, t.destination, t.over(defaults) if own else defaults))
+            spec = make_spec(t.source, t.destination, t.over(defaults) if own else defaults)
+            if t.include is not None or t.exclude is not None:
+                _filters_a_prefix(spec, f"job file: transfers.{i}")
+            specs.append(spec)
         except ValidationError as e:
             raise JobFileError(f"job file: transfers.{i}.{_first_problem(e)}") from None
         except AddressError as e:
@@ -326,6 +418,16 @@ def parse_job(raw: bytes | str) -> list[TransferSpec]:
                 f"{spec.destination}; a blob holds one object"
             )
     return specs
+
+
+def _filters_a_prefix(spec: TransferSpec, where: str) -> None:
+    """include/exclude choose among a prefix's objects: given for one object, they
+    would either copy it anyway or silently copy nothing."""
+    if spec.options.keys is not None and not spec.source.is_prefix:
+        raise JobFileError(
+            f"{where}: include and exclude choose objects under a prefix, and "
+            f"{spec.source} is one object (a prefix ends with /)"
+        )
 
 
 def _first_problem(e: ValidationError) -> str:

@@ -35,7 +35,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     status TEXT NOT NULL,
     started_at REAL NOT NULL,
     finished_at REAL,
-    error TEXT
+    error TEXT,
+    excluded INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS opened (
     one INTEGER PRIMARY KEY CHECK (one = 1),
@@ -77,6 +78,7 @@ class JobRow:
     skipped: int
     failed: int
     bytes_done: int
+    excluded: int = 0  # objects under a prefix its include/exclude left out
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,11 +122,13 @@ class StateStore:
         """``read_only``: for `blobferry status`, which may run as a user who can only
         read the database (one of the daemon's group), and never writes to it."""
         self._path = str(path)
+        self._excluded = "j.excluded"  # or 0, read from a database from before it
         if read_only:
             try:
                 uri = Path(path).absolute().as_uri() + "?mode=ro"
                 self._db = sqlite3.connect(uri, uri=True)
                 self._db.execute("SELECT 1 FROM jobs LIMIT 1")
+                self._excluded = "j.excluded" if self._has_excluded() else "0"
             except sqlite3.Error as e:
                 raise BlobferryError(
                     f"cannot read the state database {self._path} ({e}); reading it takes "
@@ -139,11 +143,16 @@ class StateStore:
             raise StateError(self._path, e) from None
         self._open()
 
+    def _has_excluded(self) -> bool:
+        return any(r[1] == "excluded" for r in self._db.execute("PRAGMA table_info(jobs)"))
+
     def _open(self) -> None:
         with self._writing():
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.executescript(_SCHEMA)
+            if not self._has_excluded():  # a database from before include/exclude
+                self._db.execute("ALTER TABLE jobs ADD COLUMN excluded INTEGER NOT NULL DEFAULT 0")
             # One row written at every start: a disk too full to take it stops the daemon
             # here, with the reason, not at the first job.
             self._db.execute(
@@ -208,11 +217,14 @@ class StateStore:
             )
             self._db.commit()
 
-    def job_finished(self, job: str, status: str, error: str | None = None) -> None:
+    def job_finished(
+        self, job: str, status: str, error: str | None = None, excluded: int = 0
+    ) -> None:
         with self._writing():
             self._db.execute(
-                "UPDATE jobs SET status = ?, finished_at = ?, error = ? WHERE job = ?",
-                (status, time.time(), error, job),
+                "UPDATE jobs SET status = ?, finished_at = ?, error = ?, excluded = ? "
+                "WHERE job = ?",
+                (status, time.time(), error, excluded, job),
             )
             self._db.commit()
 
@@ -281,11 +293,11 @@ class StateStore:
         q = (
             "SELECT j.job, j.status, j.started_at, j.finished_at, j.error, "
             "COUNT(t.seq), SUM(t.status = 'copied'), SUM(t.status = 'skipped'), "
-            "SUM(t.status = 'failed'), COALESCE(SUM(t.bytes_done), 0) "
+            f"SUM(t.status = 'failed'), COALESCE(SUM(t.bytes_done), 0), {self._excluded} "
             f"FROM jobs j LEFT JOIN transfers t ON t.job = j.job {where} GROUP BY j.job {order}"
         )
         return [
-            JobRow(r[0], r[1], r[2], r[3], r[4], r[5], r[6] or 0, r[7] or 0, r[8] or 0, r[9])
+            JobRow(r[0], r[1], r[2], r[3], r[4], r[5], r[6] or 0, r[7] or 0, r[8] or 0, r[9], r[10])
             for r in (db or self._db).execute(q, args)
         ]
 
@@ -334,6 +346,7 @@ class StateStore:
                 "copied": row.copied,
                 "skipped": row.skipped,
                 "failed": row.failed,
+                "excluded": row.excluded,
                 "bytes": row.bytes_done,
             },
         }

@@ -44,6 +44,7 @@ class Tally:
     skipped: int = 0
     failed: int = 0
     interrupted: int = 0
+    excluded: int = 0  # objects under a prefix its include/exclude left out
 
     @property
     def status(self) -> str:
@@ -378,7 +379,7 @@ class Supervisor:
                     seq += 1
         status = tally.status
         if status != "interrupted":
-            self.state.job_finished(name, status)
+            self.state.job_finished(name, status, excluded=tally.excluded)
         else:
             self.state.flush()
         log.info(
@@ -386,6 +387,7 @@ class Supervisor:
             copied=tally.copied,
             skipped=tally.skipped,
             failed=tally.failed,
+            **({"excluded": tally.excluded} if tally.excluded else {}),
             seconds=round(time.monotonic() - t0, 3),
         )
         return status
@@ -397,6 +399,9 @@ class Supervisor:
         order; returns the next number. The first page fills every slot at once; later
         pages arrive while earlier ones are copied."""
         start = seq
+        keys = spec.options.keys
+        skip = len(spec.source.key)
+        excluded = 0
         try:
             first = self.settings.max_transfers
             async with aclosing(self._s3.pages(spec.source, first)) as pages:
@@ -405,6 +410,11 @@ class Supervisor:
                         # Stopping: the rest is listed again on the next start.
                         tally.interrupted += 1
                         return seq
+                    if keys is not None:
+                        n = len(page)
+                        page = [o for o in page if keys.admits(o.key[skip:])]
+                        excluded += n - len(page)
+                        tally.excluded += n - len(page)
                     # A transfer's number (its place in the report) follows key order,
                     # but a page's largest objects start first, so a job never ends on
                     # one large object copying alone.
@@ -417,6 +427,11 @@ class Supervisor:
             return seq + 1
         if seq == start:
             error = f"no objects under {spec.source}; check the prefix"
+            if excluded:
+                error = (
+                    f"none of the {excluded} objects under {spec.source} is chosen by "
+                    "the job's include and exclude; check the patterns"
+                )
             self._record_failure(job, seq, spec, tally, error)
             return seq + 1
         return seq

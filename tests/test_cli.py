@@ -108,6 +108,16 @@ def test_exit_codes_and_one_line_errors(
     assert "no such key" in json.loads(missing.stdout)["transfers"][0]["error"]
     usage = run(["copy", "not-an-address", f"az://{container}/x"], env)
     assert usage.returncode == 2 and "must start with s3://" in usage.stderr
+    for key in ("p/a.csv", "p/b.txt", "p/tmp/c.csv"):
+        s3_client.put_object(Bucket=bucket, Key=key, Body=b"data")
+    chosen = ["--include", "*.csv", "--exclude", "tmp/**", "--quiet"]
+    some = run(["copy", f"s3://{bucket}/p/", f"az://{container}/p/", *chosen], env)
+    assert some.returncode == 0, some.stderr
+    report = json.loads(some.stdout)
+    assert [t["source"] for t in report["transfers"]] == [f"s3://{bucket}/p/a.csv"]
+    assert report["summary"]["excluded"] == 2
+    one = run(["copy", f"s3://{bucket}/k", f"az://{container}/k", "--include", "*.csv"], env)
+    assert one.returncode == 2 and "choose objects under a prefix" in one.stderr
     bad_env = dict(env, BLOBFERRY_MEMORY_MB="lots")
     config = run(["copy", f"s3://{bucket}/k", f"az://{container}/k"], bad_env)
     assert config.returncode == 2

@@ -20,7 +20,7 @@ from daemon.errors import ConfigError
 from daemon.jobs import S3Address, TransferSpec
 from daemon.s3 import S3Reader
 from daemon.settings import Settings
-from daemon.state import StateStore
+from daemon.state import _SCHEMA, StateStore
 from daemon.transfer import Copier
 from tests.conftest import AZURITE_KEY, make_settings, running_daemon
 from tests.helpers import MiB, blob_bytes, blob_names, payload
@@ -527,3 +527,71 @@ async def test_jobs_older_than_keep_days_are_dropped_from_the_state(settings: Se
         jobs = sorted(r[0] for r in raw.execute("SELECT job FROM jobs"))
         transfers = sorted(r[0] for r in raw.execute("SELECT job FROM transfers"))
     assert jobs == transfers == ["recent.json", "waiting.json"]
+
+
+async def test_include_and_exclude_choose_a_prefixs_objects(
+    settings: Settings,
+    s3_client: Any,
+    blob_service: BlobServiceClient,
+    bucket: str,
+    container: str,
+) -> None:
+    """Only the chosen objects are read and copied; the report counts the others as
+    excluded, and a prefix of which nothing is chosen fails saying so."""
+    keys = ["a.csv", "b.csv.tmp", "2026/c.csv", "2026/_SUCCESS", "logs/d.csv", "logs/e.txt"]
+    for i, key in enumerate(keys):
+        s3_client.put_object(Bucket=bucket, Key=f"out/{key}", Body=payload(1000 + i, seed=i))
+    async with (
+        FaultProxy(settings.s3.endpoint_url or "") as proxy,
+        running_daemon(through(settings, proxy)) as d,
+    ):
+        d.drop(
+            "chosen.json",
+            job(
+                f"s3://{bucket}/out/",
+                f"az://{container}/in/",
+                include=["*.csv"],
+                exclude=["/logs/**"],
+            ),
+        )
+        folder, report = await d.wait_finished("chosen.json")
+        d.drop(
+            "none.json",
+            job(f"s3://{bucket}/out/", f"az://{container}/none/", include=["*.parquet"]),
+        )
+        none_folder, none_report = await d.wait_finished("none.json")
+    assert folder == "done", report
+    assert report["summary"] | {"bytes": 0} == {
+        "transfers": 2, "copied": 2, "skipped": 0, "failed": 0, "excluded": 4, "bytes": 0,
+    }  # fmt: skip
+    assert blob_names(blob_service, container) == ["in/2026/c.csv", "in/a.csv"]
+    gets = [r for r in proxy.requests if r.startswith("GET ") and "list-type" not in r]
+    assert len(gets) == 2 and all(".csv?" in r for r in gets), gets
+    assert none_folder == "failed"
+    assert none_report["summary"]["excluded"] == 6
+    assert none_report["transfers"][0]["error"] == (
+        f"none of the 6 objects under s3://{bucket}/out/ is chosen by the job's include "
+        "and exclude; check the patterns"
+    )
+
+
+def test_a_state_database_from_before_excluded_is_read_and_brought_up_to_date(
+    tmp_path: Path,
+) -> None:
+    """`blobferry status` reads an older database as it is; the daemon adds the column."""
+    path = tmp_path / "blobferry.sqlite3"
+    old_schema = _SCHEMA.replace(",\n    excluded INTEGER NOT NULL DEFAULT 0", "")
+    assert old_schema != _SCHEMA
+    with sqlite3.connect(path) as db:
+        db.executescript(old_schema)
+        db.execute("INSERT INTO jobs VALUES ('old.json', 'done', 1.0, 2.0, NULL)")
+    db.close()
+    reader = StateStore(path, read_only=True)
+    [row] = reader.jobs()
+    assert (row.job, row.status, row.excluded) == ("old.json", "done", 0)
+    reader.close()
+    store = StateStore(path)
+    store.job_started("new.json")
+    store.job_finished("new.json", "done", excluded=3)
+    assert {r.job: r.excluded for r in store.jobs()} == {"old.json": 0, "new.json": 3}
+    store.close()

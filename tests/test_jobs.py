@@ -5,7 +5,16 @@ import json
 import pytest
 
 from daemon.errors import AddressError, JobFileError
-from daemon.jobs import AzAddress, Overwrite, S3Address, make_spec, parse_azure, parse_job, parse_s3
+from daemon.jobs import (
+    AzAddress,
+    KeyFilter,
+    Overwrite,
+    S3Address,
+    make_spec,
+    parse_azure,
+    parse_job,
+    parse_s3,
+)
 
 
 def test_s3_addresses() -> None:
@@ -109,6 +118,21 @@ def test_both_job_shapes() -> None:
             '{"source": "s3://bucket/k", "destination": "az://ctr/k", "content_type": "a/b\\n"}',
             "content_type must be printable ASCII",
         ),
+        (
+            '{"source": "s3://bucket/k", "destination": "az://ctr/k", "include": ["*.csv"]}',
+            "include and exclude choose objects under a prefix, and s3://bucket/k is one object",
+        ),
+        (
+            '{"transfers": [{"source": "s3://bucket/k", "destination": "az://ctr/k", '
+            '"exclude": ["x"]}]}',
+            "transfers.0: include and exclude choose objects under a prefix",
+        ),
+        (
+            '{"source": "s3://bucket/p/", "destination": "az://ctr/p/", "include": ["a[b"]}',
+            "include: pattern 'a\\[b' opens a \\[set\\] it does not close",
+        ),
+        ('{"source": "s3://bucket/p/", "destination": "az://ctr/p/", "exclude": [""]}', "exclude"),
+        ('{"source": "s3://bucket/p/", "destination": "az://ctr/p/", "include": "*.csv"}', "list"),
         ("[" * 100000 + "]" * 100000, "JSON"),
         (b"\xff\xfe not utf8", "not valid JSON"),
     ],
@@ -168,3 +192,48 @@ def test_two_transfers_of_one_job_may_not_write_one_blob() -> None:
         ]
     }
     assert len(parse_job(json.dumps(fine))) == 3  # prefixes are checked as they list
+
+
+@pytest.mark.parametrize(
+    ("pattern", "key", "chosen"),
+    [
+        ("*.csv", "a.csv", True),
+        ("*.csv", "2026/11/a.csv", True),  # no /: the file name, at any depth
+        ("*.csv", "a.csv.tmp", False),
+        ("/*.csv", "2026/a.csv", False),  # a leading /: from the prefix only
+        ("/*.csv", "a.csv", True),
+        ("logs/**", "logs/a/b.txt", True),
+        ("logs/**", "old/logs/a", False),
+        ("**/tmp/*", "tmp/a", True),
+        ("**/tmp/*", "x/y/tmp/a", True),
+        ("**/tmp/*", "x/tmp/a/b", False),  # * stays within a segment
+        ("part-?.bin", "part-1.bin", True),
+        ("part-?.bin", "part-10.bin", False),
+        ("[!_]*", "_SUCCESS", False),
+        ("[a-c]*", "b.txt", True),
+        ("a.b", "axb", False),  # . is itself
+    ],
+)
+def test_include_patterns(pattern: str, key: str, chosen: bool) -> None:
+    assert KeyFilter.of([pattern], []).admits(key) is chosen
+    assert KeyFilter.of([], [pattern]).admits(key) is not chosen
+
+
+def test_a_transfers_own_filters_replace_the_jobs() -> None:
+    [a, b, c] = parse_job(
+        json.dumps(
+            {
+                "include": ["*.csv"],
+                "exclude": ["tmp/**"],
+                "transfers": [
+                    {"source": "s3://bucket/a/", "destination": "az://ctr/a/"},
+                    {"source": "s3://bucket/b/", "destination": "az://ctr/b/", "include": ["*"]},
+                    {"source": "s3://bucket/c", "destination": "az://ctr/c"},
+                ],
+            }
+        )
+    )
+    assert a.options.keys == KeyFilter.of(["*.csv"], ["tmp/**"])
+    assert b.options.keys == KeyFilter.of(["*"], ["tmp/**"])
+    # The job's filters are for its prefixes; its one-object transfer is copied as named.
+    assert c.options.keys is not None and not c.source.is_prefix
