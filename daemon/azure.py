@@ -768,8 +768,6 @@ def _failure(
     ``sas_expiry``: when the credential is a SAS token, its end (``se``); ``date``: the
     answer's Date header, Azure's time."""
     where = f"{dst}: {what}"
-    if status in (401, 403) and (skewed := refused_for_time(where, "Azure", date)):
-        return skewed  # before the SAS check, which reads this machine's clock
     if status == 407 and not code:  # a plain-http request, refused by the proxy itself
         return refused_by_proxy(407, where)
     if code == "ContainerNotFound":
@@ -777,7 +775,9 @@ def _failure(
     if code == "BlobAlreadyExists":  # only a write conditional on absence gets this
         return DestinationExistsError(dst)
     if code == "AuthorizationPermissionMismatch":
-        return NotPermittedError(dst, what)
+        return NotPermittedError(dst, what)  # authenticated: the clock was right enough
+    if status in (401, 403) and (skewed := refused_for_time(where, "Azure", date)):
+        return skewed  # before the SAS check, which reads this machine's clock
     if status in (401, 403) or code in ("AuthorizationFailure", "AuthenticationFailed"):
         if sas_expiry is not None and sas_expiry <= datetime.now(UTC):
             # A transfer of days outlives a SAS of hours: say so, not "check the token".

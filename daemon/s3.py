@@ -636,14 +636,14 @@ class S3Reader:
     async def _raise_for(self, resp: aiohttp.ClientResponse, address: S3Address, what: str) -> None:
         body = await resp.read()
         code, message = _error_code(body)
-        if resp.status in _REFUSED and (
-            skewed := refused_for_time(what, "S3", resp.headers.get("Date"))
-        ):
-            raise skewed
         if resp.status == 412:
             raise SourceChangedError(str(address))
         if code == "InvalidObjectState":
             raise ArchivedObjectError(address, None)
+        if resp.status in _REFUSED and (
+            skewed := refused_for_time(what, "S3", resp.headers.get("Date"))
+        ):
+            raise skewed
         if resp.status == 200:
             raise PermanentError(f"{what}: the endpoint ignored the Range header")
         if resp.status == 416:

@@ -401,7 +401,7 @@ class Supervisor:
         start = seq
         keys = spec.options.keys
         skip = len(spec.source.key)
-        excluded = 0
+        excluded_before = tally.excluded
         try:
             first = self.settings.max_transfers
             async with aclosing(self._s3.pages(spec.source, first)) as pages:
@@ -413,7 +413,6 @@ class Supervisor:
                     if keys is not None:
                         n = len(page)
                         page = [o for o in page if keys.admits(o.key[skip:])]
-                        excluded += n - len(page)
                         tally.excluded += n - len(page)
                     # A transfer's number (its place in the report) follows key order,
                     # but a page's largest objects start first, so a job never ends on
@@ -427,7 +426,7 @@ class Supervisor:
             return seq + 1
         if seq == start:
             error = f"no objects under {spec.source}; check the prefix"
-            if excluded:
+            if excluded := tally.excluded - excluded_before:
                 error = (
                     f"none of the {excluded} objects under {spec.source} is chosen by "
                     "the job's include and exclude; check the patterns"
