@@ -24,7 +24,6 @@ import structlog
 
 from daemon import metrics
 from daemon.azure import AzureWriter
-from daemon.bandwidth import timetable
 from daemon.budget import ByteBudget
 from daemon.errors import ConfigError, StateError
 from daemon.jobs import TransferSpec
@@ -139,7 +138,7 @@ async def serve(
                     jobs_dir=str(settings.jobs_dir),
                     max_transfers=settings.max_transfers,
                     memory_mb=settings.memory_mb,
-                    bandwidth_mb_s=timetable(settings.bandwidth_mb_s).describe(),
+                    bandwidth_mb_s=settings.bandwidth.describe(),
                     metrics=settings.metrics_address,
                 )
                 notifier.ready(sup.summary())

@@ -110,8 +110,9 @@ class Bandwidth:
 
     def rate(self) -> float | None:
         """The cap now, in bytes a second; None when there is none."""
-        loop = asyncio.get_running_loop()
-        now = loop.time()
+        return self._rate_at(asyncio.get_running_loop().time())
+
+    def _rate_at(self, now: float) -> float | None:
         if now - self._checked >= 1.0:  # the timetable moves by the minute
             self._checked = now
             rate = self._table.at(self._minute())
@@ -122,10 +123,10 @@ class Bandwidth:
 
     async def take(self, n: int) -> None:
         """Book ``n`` bytes just read; wait while reading has run ahead of the cap."""
-        rate = self.rate()
+        now = asyncio.get_running_loop().time()
+        rate = self._rate_at(now)
         if rate is None:
             return
-        now = asyncio.get_running_loop().time()
         self._paid_until = max(self._paid_until, now) + n / rate
         ahead = self._paid_until - now - BURST_S
         if ahead > 0:

@@ -31,7 +31,7 @@ from botocore.exceptions import (
 )
 from botocore.utils import parse_timestamp
 
-from daemon.bandwidth import Bandwidth, timetable
+from daemon.bandwidth import Bandwidth
 from daemon.clock import refused_for_time
 from daemon.errors import (
     PermanentError,
@@ -328,7 +328,7 @@ class S3Reader:
         self._proxies = Proxies()  # botocore finds its own, from the same variables
         self._signer: QuerySigner | None = None
         self.round_trips = RoundTrips()  # of HEADs: how near S3 is
-        table = timetable(settings.bandwidth_mb_s)
+        table = settings.bandwidth
         self.bandwidth = None if table.never else Bandwidth(table)
 
     async def __aenter__(self) -> S3Reader:

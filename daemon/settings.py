@@ -27,7 +27,7 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
-from daemon.bandwidth import timetable
+from daemon.bandwidth import Timetable, timetable
 from daemon.errors import ConfigError
 
 MiB = 1024 * 1024
@@ -272,6 +272,11 @@ class Settings(BaseSettings):
     @property
     def memory_bytes(self) -> int:
         return self.memory_mb * MiB
+
+    @property
+    def bandwidth(self) -> Timetable:
+        """bandwidth_mb_s as the timetable it stands for (validated at load)."""
+        return timetable(self.bandwidth_mb_s)
 
     @classmethod
     def settings_customise_sources(
