@@ -277,13 +277,18 @@ _DATE = re.compile(rb"X-Amz-Date=(\d{8}T\d{6}Z)")
 _EXPIRES = re.compile(rb"X-Amz-Expires=(\d+)")
 
 
-def _expired(request: bytes) -> bool:
+def _presigned(request: bytes) -> tuple[float, int] | None:
+    """A presigned request's signing time and lifetime (s), from its request line."""
     line = request.split(b"\r\n", 1)[0]
     date, expires = _DATE.search(line), _EXPIRES.search(line)
     if not date or not expires:
-        return False
-    signed = datetime.strptime(date.group(1).decode(), "%Y%m%dT%H%M%SZ").replace(tzinfo=UTC)
-    return datetime.now(UTC).timestamp() > signed.timestamp() + int(expires.group(1))
+        return None
+    return _amz_time(date.group(1)), int(expires.group(1))
+
+
+def _expired(request: bytes) -> bool:
+    signed = _presigned(request)
+    return signed is not None and datetime.now(UTC).timestamp() > signed[0] + signed[1]
 
 
 _HEADER_DATE = re.compile(rb"(?im)^(x-amz-date|x-ms-date):\s*([^\r\n]+)")
@@ -296,12 +301,11 @@ def _off_clock(request: bytes, offset: float) -> tuple[bytes, bytes] | None:
         return None
     server = datetime.now(UTC).timestamp() + offset
     head = request.split(b"\r\n\r\n", 1)[0]
-    line = head.split(b"\r\n", 1)[0]
     date = b"Date: " + formatdate(server, usegmt=True).encode() + b"\r\n"
-    query, expires = _DATE.search(line), _EXPIRES.search(line)
-    if query and expires:  # presigned: refused once expired, or signed in its future
-        signed = _amz_time(query.group(1))
-        if server > signed + int(expires.group(1)):
+    presigned = _presigned(request)
+    if presigned:  # refused once expired, or signed in its future
+        signed, expires = presigned
+        if server > signed + expires:
             return (
                 b"<Error><Code>AccessDenied</Code><Message>Request has expired</Message></Error>",
                 date,
