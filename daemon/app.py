@@ -27,6 +27,8 @@ from daemon.azure import AzureWriter
 from daemon.budget import ByteBudget
 from daemon.errors import ConfigError, StateError
 from daemon.jobs import TransferSpec
+from daemon.logs import set_level
+from daemon.reload import Reloader
 from daemon.s3 import S3Reader
 from daemon.settings import Settings, require_azure
 from daemon.sources.directory import DirectorySource
@@ -88,8 +90,10 @@ async def serve(
     stop: asyncio.Event,
     force: asyncio.Event | None = None,
     on_ready: Callable[[], None] | None = None,
+    reloader: Reloader | None = None,
 ) -> None:
-    """The daemon: watch ``jobs_dir`` and run what arrives until ``stop`` is set."""
+    """The daemon: watch ``jobs_dir`` and run what arrives until ``stop`` is set; with
+    ``reloader``, apply what can change live each time it is asked."""
     state_lock = _lock(settings.state_dir, "state_dir")
     jobs_lock = None
     if settings.jobs_dir != settings.state_dir:  # one folder for both: its lock is taken
@@ -103,6 +107,7 @@ async def serve(
     try:
         state = StateStore.in_dir(settings.state_dir)
         _prune(state, settings)
+        in_force = settings  # a reload replaces the settings that change live
         source = DirectorySource(
             settings.jobs_dir,
             settings.poll_interval_s,
@@ -144,13 +149,27 @@ async def serve(
                 notifier.ready(sup.summary())
                 if on_ready is not None:
                     on_ready()
+
+                def apply(live: Settings) -> None:
+                    nonlocal in_force
+                    in_force = live
+                    e.s3.bandwidth.set(live.bandwidth)
+                    set_level(live.log_level)
+                    _prune(state, live)
+
                 async with asyncio.TaskGroup() as tg:
-                    keepalive = tg.create_task(notifier.keepalive(sup.summary))
-                    pruning = tg.create_task(_prune_daily(state, settings))
+                    chores = [
+                        tg.create_task(notifier.keepalive(sup.summary)),
+                        tg.create_task(_prune_daily(state, lambda: in_force)),
+                    ]
+                    if reloader is not None:
+                        chores.append(
+                            tg.create_task(reloader.serve(settings, apply, notifier, sup.summary))
+                        )
                     tg.create_task(_announce_stop(stop, notifier, sup))
                     await sup.serve(source)
-                    keepalive.cancel()
-                    pruning.cancel()
+                    for chore in chores:
+                        chore.cancel()
             if sup.state_lost is not None:
                 raise sup.state_lost  # exits non-zero with the reason: systemd restarts
     finally:
@@ -171,11 +190,11 @@ def _prune(state: StateStore, settings: Settings) -> None:
             log.info("old jobs dropped from the state", jobs=gone, keep_days=settings.keep_days)
 
 
-async def _prune_daily(state: StateStore, settings: Settings) -> None:
+async def _prune_daily(state: StateStore, settings: Callable[[], Settings]) -> None:
     while True:
         await asyncio.sleep(86400)
         try:
-            _prune(state, settings)
+            _prune(state, settings())
         except StateError as e:  # a full disk: the next job's write says so, and stops
             log.warning("old jobs not dropped from the state", error=str(e))
 
@@ -183,7 +202,7 @@ async def _prune_daily(state: StateStore, settings: Settings) -> None:
 def _gauges(sup: Supervisor, source: DirectorySource, e: Engine) -> dict[str, tuple[str, float]]:
     """What /metrics reads at each scrape, beside the supervisor's counters."""
     budget = e.budget
-    cap = e.s3.bandwidth.rate() if e.s3.bandwidth is not None else None
+    cap = e.s3.bandwidth.rate()
     return {
         "jobs_running": ("Jobs claimed and not yet filed.", sup.claimed_jobs),
         "jobs_waiting": ("Job files waiting in inbox/.", source.waiting()),

@@ -102,11 +102,16 @@ class Bandwidth:
     """The one clock every read from S3 books its bytes on."""
 
     def __init__(self, table: Timetable, minute: Callable[[], int] = _local_minute) -> None:
-        self._table = table
         self._minute = minute
         self._paid_until = 0.0  # loop time by which the bytes booked so far are due
         self._rate: float | None = None
-        self._checked = -1.0  # loop time the timetable was last read
+        self.set(table)
+
+    def set(self, table: Timetable) -> None:
+        """A new timetable (a reload): read at the next chunk, by every reader."""
+        self._table = table
+        self.on = not table.never  # False: readers need not book anything
+        self._checked = float("-inf")  # loop time the timetable was last read
 
     def rate(self) -> float | None:
         """The cap now, in bytes a second; None when there is none."""

@@ -16,6 +16,7 @@ import sys
 import time
 from collections.abc import Callable, Coroutine
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -25,6 +26,7 @@ from daemon import __version__, app
 from daemon.errors import BlobferryError, ConfigError, JobFileError
 from daemon.jobs import TIERS, parse_job
 from daemon.logs import configure
+from daemon.reload import Reloader
 from daemon.settings import Settings, load_settings
 from daemon.sources.directory import report_name
 from daemon.state import StateStore, iso
@@ -178,7 +180,10 @@ def _run(args: argparse.Namespace, settings: Settings) -> int:
     async def main() -> None:
         stop, force = asyncio.Event(), asyncio.Event()
         _signals(stop, force)
-        await app.serve(settings, stop, force)
+        reloader = Reloader(partial(load_settings, args.config))
+        # systemctl reload (ExecReload= in the unit). Unhandled, SIGHUP killed the daemon.
+        asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, reloader.ask)
+        await app.serve(settings, stop, force, reloader=reloader)
 
     _arun(settings, main())
     return EXIT_OK

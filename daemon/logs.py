@@ -38,9 +38,16 @@ def configure(level: str = "info", json: bool = True, stream: TextIO | None = No
             _redact,
             renderer,
         ],
-        wrapper_class=structlog.make_filtering_bound_logger(
-            getattr(logging, level.upper(), logging.INFO)
-        ),
+        wrapper_class=_filtering(level),
         logger_factory=structlog.PrintLoggerFactory(file=stream or sys.stdout),
         cache_logger_on_first_use=False,
     )
+
+
+def set_level(level: str) -> None:
+    """A new level for every logger, the rest of the configuration kept (a reload)."""
+    structlog.configure(wrapper_class=_filtering(level))
+
+
+def _filtering(level: str) -> Any:
+    return structlog.make_filtering_bound_logger(getattr(logging, level.upper(), logging.INFO))

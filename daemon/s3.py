@@ -328,8 +328,7 @@ class S3Reader:
         self._proxies = Proxies()  # botocore finds its own, from the same variables
         self._signer: QuerySigner | None = None
         self.round_trips = RoundTrips()  # of HEADs: how near S3 is
-        table = settings.bandwidth
-        self.bandwidth = None if table.never else Bandwidth(table)
+        self.bandwidth = Bandwidth(settings.bandwidth)
 
     async def __aenter__(self) -> S3Reader:
         try:
@@ -614,7 +613,7 @@ class S3Reader:
                 got += len(chunk)
                 if got > length:
                     raise RetryableError(f"{what}: more bytes than asked for")
-                if bandwidth is not None:
+                if bandwidth.on:
                     # While this waits, aiohttp reads on until its buffer is full, then
                     # pauses the socket and its stall timer: the wait is no stall.
                     await bandwidth.take(len(chunk))

@@ -1,8 +1,9 @@
 """sd_notify, spoken directly to $NOTIFY_SOCKET: no native dependency.
 
 READY=1 once the daemon serves, STATUS= a one-line summary, WATCHDOG=1 from the event
-loop itself (so a wedged loop stops the pings and systemd restarts the service), and
-STOPPING=1 when it drains. Outside systemd (no NOTIFY_SOCKET) every call is a no-op.
+loop itself (so a wedged loop stops the pings and systemd restarts the service),
+RELOADING=1 then READY=1 around a reload (SIGHUP), and STOPPING=1 when it drains.
+Outside systemd (no NOTIFY_SOCKET) every call is a no-op.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
+import time
 from collections.abc import Callable, Mapping
 
 import structlog
@@ -46,6 +48,12 @@ class Notifier:
 
     def ready(self, status: str) -> None:
         self.notify(ready="1", status=status)
+
+    def reloading(self) -> None:
+        # MONOTONIC_USEC tells systemd which reload this is (it is required with
+        # Type=notify-reload, and harmless with Type=notify).
+        usec = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+        self.notify(reloading="1", monotonic_usec=str(usec), status="reloading settings")
 
     def stopping(self, status: str) -> None:
         self.notify(stopping="1", status=status)

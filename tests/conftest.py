@@ -22,6 +22,7 @@ import pytest
 from azure.storage.blob import BlobServiceClient
 
 from daemon import app
+from daemon.reload import Reloader
 from daemon.settings import Settings, load_settings
 from daemon.sources.directory import report_name
 from tests.emulators import AZURITE_KEY, connection_string, emulator
@@ -131,10 +132,12 @@ class RunningDaemon:
 
 
 @asynccontextmanager
-async def running_daemon(settings: Settings) -> AsyncIterator[RunningDaemon]:
+async def running_daemon(
+    settings: Settings, reloader: Reloader | None = None
+) -> AsyncIterator[RunningDaemon]:
     stop = asyncio.Event()
     ready = asyncio.Event()
-    task = asyncio.create_task(app.serve(settings, stop, on_ready=ready.set))
+    task = asyncio.create_task(app.serve(settings, stop, on_ready=ready.set, reloader=reloader))
     waiter = asyncio.ensure_future(ready.wait())
     await asyncio.wait({task, waiter}, timeout=30, return_when=asyncio.FIRST_COMPLETED)
     waiter.cancel()

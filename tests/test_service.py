@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import signal
 import socket
@@ -20,6 +19,7 @@ from tests.helpers import MiB, blob_bytes, payload
 from tests.sandbox import Sandbox
 from tests.test_faults import daemon_env, start_daemon, wait_report
 from tests.test_metrics import samples, scrape
+from tests.test_reload import notice
 
 UNIT = ROOT / "config" / "blobferry.service"
 
@@ -67,7 +67,7 @@ async def test_the_daemon_serves_inside_the_units_system_call_sandbox(
     the unit takes away): the daemon died on import before it could log a line. Here
     the unit's own filters wrap a daemon that resolves host names, watches its inbox,
     copies on the one-request and the block route, talks to systemd, serves its
-    metrics and drains on SIGTERM."""
+    metrics, reloads on SIGHUP and drains on SIGTERM."""
     local = {e: e.replace("127.0.0.1", "localhost") for e in (moto_endpoint, azurite_endpoint)}
     settings = make_settings(tmp_path, local[moto_endpoint], local[azurite_endpoint])
     sizes = {"small.bin": 1000, "large.bin": 9 * MiB}
@@ -86,15 +86,7 @@ async def test_the_daemon_serves_inside_the_units_system_call_sandbox(
     )
     proc = await start_daemon(env, sandbox=Sandbox.of_unit(UNIT))
     try:
-        loop = asyncio.get_running_loop()
-        message = ""
-        for _ in range(60):
-            if "READY=1" in message or proc.returncode is not None:
-                break
-            with contextlib.suppress(TimeoutError):
-                message = (await asyncio.wait_for(loop.sock_recv(notify, 4096), 0.5)).decode()
-        assert proc.returncode is None, f"the daemon died in the sandbox: {proc.returncode}"
-        assert "READY=1" in message
+        await notice(notify, "READY=1", proc)
         inbox = settings.jobs_dir / "inbox"
         (inbox / ".j.tmp").write_text(
             json.dumps({"source": f"s3://{bucket}/in/", "destination": f"az://{container}/"})
@@ -103,6 +95,9 @@ async def test_the_daemon_serves_inside_the_units_system_call_sandbox(
         report = await wait_report(settings.jobs_dir, "j", timeout=60)
         _, text = await scrape(f"http://{metrics}/metrics")
         assert samples(text)['blobferry_transfers_total{status="copied"}'] == 2
+        proc.send_signal(signal.SIGHUP)  # the unit's ExecReload=
+        await notice(notify, "RELOADING=1", proc)
+        await notice(notify, "READY=1", proc)
         proc.send_signal(signal.SIGTERM)
         _, err = await asyncio.wait_for(proc.communicate(), 60)
     finally:

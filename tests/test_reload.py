@@ -1,0 +1,192 @@
+"""SIGHUP (systemctl reload): the bandwidth cap, log level and keep_days change live;
+other changes wait for a restart and are named; a bad file changes nothing."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import signal
+import socket
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from azure.storage.blob import BlobServiceClient
+from pydantic import SecretStr
+from structlog.testing import capture_logs
+
+from daemon.errors import ConfigError
+from daemon.reload import Reloader, changed
+from daemon.settings import AzureSettings, Settings
+from tests.conftest import running_daemon
+from tests.emulators import free_port
+from tests.helpers import MiB, blob_bytes, payload
+from tests.test_daemon import job
+from tests.test_faults import daemon_env, start_daemon
+from tests.test_metrics import samples, scrape
+
+
+def test_changes_are_named_by_setting_never_by_value(settings: Settings) -> None:
+    new = settings.model_copy(
+        update={
+            "bandwidth_mb_s": 5,
+            "s3": settings.s3.model_copy(update={"endpoint_url": "http://elsewhere:9000"}),
+            "azure": AzureSettings(connection_string=SecretStr("AccountKey=c2VjcmV0")),
+        }
+    )
+    assert list(changed(settings, new)) == [
+        "bandwidth_mb_s",
+        "s3.endpoint_url",
+        "azure.connection_string",
+    ]
+    assert list(changed(settings, settings.model_copy(deep=True))) == []
+
+
+async def until(condition: Callable[[], bool]) -> None:
+    for _ in range(250):
+        if condition():
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError("not within 5 s")
+
+
+async def cap_in_force(url: str, want: float) -> None:
+    for _ in range(100):
+        if samples((await scrape(url))[1])["blobferry_bandwidth_cap_bytes_per_second"] == want:
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"the cap never became {want}")
+
+
+async def test_a_reload_caps_running_transfers_and_leaves_the_rest_for_a_restart(
+    settings: Settings,
+    s3_client: Any,
+    blob_service: BlobServiceClient,
+    bucket: str,
+    container: str,
+) -> None:
+    """Started uncapped; a reload to 3 MB/s (and 5 transfers) caps a copy at once, and
+    names max_transfers as waiting for a restart; a file that does not load changes
+    nothing; a reload to log_level = warning silences the info lines."""
+    size = 3 * MiB
+    s3_client.put_object(Bucket=bucket, Key="a", Body=payload(size, seed=3))
+    address = f"127.0.0.1:{free_port()}"
+    url = f"http://{address}/metrics"
+    base = settings.model_copy(update={"metrics_address": address})
+    versions: list[Settings | ConfigError] = [
+        base.model_copy(update={"bandwidth_mb_s": 3, "max_transfers": 5}),
+        ConfigError("configuration error: bandwidth_mb_s: 'fast' is not a number"),
+        base.model_copy(update={"bandwidth_mb_s": 3, "log_level": "warning"}),
+    ]
+
+    def load() -> Settings:
+        version = versions.pop(0)
+        if isinstance(version, ConfigError):
+            raise version
+        return version
+
+    reloader = Reloader(load)
+    with capture_logs() as logs:
+        async with running_daemon(base, reloader) as d:
+            await cap_in_force(url, 0)
+            reloader.ask()
+            await cap_in_force(url, 3e6)
+            t0 = time.monotonic()
+            d.drop("capped.json", job(f"s3://{bucket}/a", f"az://{container}/a"))
+            assert (await d.wait_finished("capped.json"))[0] == "done"
+            # 3.1 MB at 3 MB/s, less the 0.2 s burst the clock allows; ~0.05 s uncapped.
+            assert time.monotonic() - t0 > 0.8
+            reloader.ask()
+            await until(
+                lambda: any(
+                    e["event"] == "settings not reloaded; running on as before" for e in logs
+                )
+            )
+            await cap_in_force(url, 3e6)
+            reloader.ask()
+            await until(lambda: len([e for e in logs if e["event"].startswith("settings ")]) == 3)
+            quiet = len(logs)
+            d.drop("quiet.json", job(f"s3://{bucket}/a", f"az://{container}/b"))
+            assert (await d.wait_finished("quiet.json"))[0] == "done"
+            assert [e for e in logs[quiet:] if e["log_level"] == "info"] == []
+    reloads = [e for e in logs if e["event"].startswith("settings ")]
+    assert [(e["log_level"], e["event"]) for e in reloads] == [
+        ("info", "settings reloaded"),
+        ("error", "settings not reloaded; running on as before"),
+        ("info", "settings reloaded"),
+    ]
+    assert reloads[0]["applied"] == ["bandwidth_mb_s"]
+    assert reloads[0]["after_restart"] == ["max_transfers"]
+    assert reloads[0]["in_force"] == {"bandwidth_mb_s": "3", "log_level": "info", "keep_days": 30}
+    assert reloads[1]["error"] == "configuration error: bandwidth_mb_s: 'fast' is not a number"
+    # max_transfers is back to what the daemon runs with: nothing waits for a restart.
+    assert reloads[2]["applied"] == ["log_level"]
+    assert reloads[2]["after_restart"] == []
+    assert blob_bytes(blob_service, container, "b") == payload(size, seed=3)
+
+
+async def notice(sock: socket.socket, want: str, proc: asyncio.subprocess.Process) -> str:
+    """The next sd_notify message holding ``want``, while the daemon lives."""
+    loop = asyncio.get_running_loop()
+    for _ in range(60):
+        assert proc.returncode is None, f"the daemon died: {proc.returncode}"
+        with contextlib.suppress(TimeoutError):
+            message: str = (await asyncio.wait_for(loop.sock_recv(sock, 4096), 0.5)).decode()
+            if want in message:
+                return message
+    raise AssertionError(f"no {want} from the daemon")
+
+
+async def test_sighup_reloads_the_file_and_tells_systemd(
+    tmp_path: Path,
+    settings: Settings,
+    moto_endpoint: str,
+    azurite_endpoint: str,
+) -> None:
+    """`blobferry run` with a settings file: SIGHUP rereads it (RELOADING=1 then
+    READY=1 to systemd), a file that no longer parses keeps the daemon as it was, and
+    SIGTERM still drains to exit 0. Before, SIGHUP killed the daemon on the spot."""
+    config = tmp_path / "blobferry.toml"
+    config.write_text("bandwidth_mb_s = 0\n")
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(str(tmp_path / "notify.sock"))
+    notify.setblocking(False)
+    env = daemon_env(
+        settings,
+        moto_endpoint,
+        azurite_endpoint,
+        BLOBFERRY_CONFIG=str(config),
+        NOTIFY_SOCKET=str(tmp_path / "notify.sock"),
+    )
+    proc = await start_daemon(env)
+    try:
+        await notice(notify, "READY=1", proc)
+        config.write_text('bandwidth_mb_s = "08:00,20 19:00,off"\nmax_transfers = 4\n')
+        proc.send_signal(signal.SIGHUP)
+        assert "RELOADING=1" in await notice(notify, "RELOADING=1", proc)
+        await notice(notify, "READY=1", proc)
+        config.write_text("bandwidth_mb_s = \n")  # not TOML
+        proc.send_signal(signal.SIGHUP)
+        await notice(notify, "RELOADING=1", proc)
+        await notice(notify, "READY=1", proc)
+        proc.send_signal(signal.SIGTERM)
+        out, err = await asyncio.wait_for(proc.communicate(), 60)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.communicate()
+        notify.close()
+    assert proc.returncode == 0, err.decode()[-2000:]
+    lines = [json.loads(line) for line in out.decode().splitlines()]
+    reloads = [e for e in lines if e["event"].startswith("settings ")]
+    assert [e["event"] for e in reloads] == [
+        "settings reloaded",
+        "settings not reloaded; running on as before",
+    ]
+    assert reloads[0]["applied"] == ["bandwidth_mb_s"]
+    assert reloads[0]["after_restart"] == ["max_transfers"]
+    assert reloads[0]["in_force"]["bandwidth_mb_s"] == "08:00,20 19:00,off"
+    assert str(config) in reloads[1]["error"]
+    assert lines[-1]["event"] == "stopped"
