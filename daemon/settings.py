@@ -188,7 +188,8 @@ class Settings(BaseSettings):
         description="A cap on the MB/s (10^6 bytes) read from S3 and sent on, all "
         "transfers together, so the service sharing the instance keeps its network: a "
         "number (0: none), or a timetable by local time of day such as "
-        "'08:00,20 19:00,off'. Server-side mode moves no payload here and is not capped.",
+        "'08:00,20 19:00,off', or of the week such as 'Mon-08:00,20 Fri-19:00,off'. "
+        "Changes on reload (SIGHUP). Server-side mode moves no payload here and is not capped.",
     )
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     metrics_address: str | None = Field(

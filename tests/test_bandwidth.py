@@ -33,13 +33,32 @@ def test_timetables_and_what_is_wrong_with_them() -> None:
         ("fast", "'fast' is not a number of MB/s or 'off'"),
         (-1, "-1 is not a number of MB/s"),
         (float("inf"), "inf is not a number of MB/s"),
-        ("08:00,20 8am,off", "'8am,off' is not HH:MM,MB/s"),
+        ("08:00,20 8am,off", "'8am,off' is not HH:MM,MB/s or Day-HH:MM,MB/s"),
+        ("Mon-08:00,20 Fr-19:00,off", "'Fr-19:00,off' is not HH:MM,MB/s or Day-HH:MM,MB/s"),
+        ("Mon-08:00,20 Fry-19:00,off", "'Fry-19:00,off': Fry is not a day"),
+        ("Mon-08:00,20 08:00,5", "'08:00,5': 'Mon-08:00,20' already gives that time"),
         ("24:00,1", "'24:00,1': 24:00 is not a time of day"),
         ("09:00,1 08:00,2", "'08:00,2': the times must rise through the day"),
         ("08:00,-5", "'-5' is not a number of MB/s"),
     ]:
         with pytest.raises(ValueError, match="^" + why.replace("(", r"\(")):
             timetable(bad)
+    # By the week, as rclone's: an entry without a day holds every day at its time.
+    week = timetable("Mon-08:00,20; sat-00:00,off 23:00,5")
+    assert week.describe() == (
+        "Mon-08:00,20 Mon-23:00,5 Tue-23:00,5 Wed-23:00,5 Thu-23:00,5 Fri-23:00,5 "
+        "Sat-00:00,off Sat-23:00,5 Sun-23:00,5"
+    )
+    monday, friday, saturday, sunday = 0, 4 * 1440, 5 * 1440, 6 * 1440
+    assert [week.at(m) for m in (
+        monday,                    # Sunday 23:00's 5 still holds
+        monday + 8 * 60,           # 20 from Monday 08:00
+        monday + 23 * 60,          # 5 from Monday 23:00, each night
+        friday + 12 * 60,          # and so on to Friday noon
+        saturday + 12 * 60,        # off from Saturday 00:00
+        sunday + 23 * 60 + 59,     # 5 again from Saturday 23:00 (nights are capped)
+    )] == [5 * MB, 20 * MB, 5 * MB, 5 * MB, None, 5 * MB]  # fmt: skip
+    assert timetable(week.describe()) == week
     with pytest.raises(ConfigError) as e:
         load_settings(None, bandwidth_mb_s="08:00,20 19:00,of")
     assert str(e.value) == (
