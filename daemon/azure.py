@@ -22,9 +22,7 @@ import base64
 import email.message
 import email.utils
 import hashlib
-import os
 import re
-import socket
 import time
 import unicodedata
 import warnings
@@ -56,7 +54,7 @@ from azure.storage.blob._shared.authentication import SharedKeyCredentialPolicy
 from azure.storage.blob.aio import BlobClient, BlobServiceClient
 
 from daemon.clock import refused_for_time
-from daemon.errors import CorruptBlockError, PermanentError, RetryableError
+from daemon.errors import CorruptBlockError, PermanentError, RetryableError, connection_failed
 from daemon.jobs import AzAddress
 from daemon.latency import RoundTrips
 from daemon.proxies import Proxies, refused_by_proxy
@@ -384,7 +382,7 @@ class AzureWriter:
         except aiohttp.ClientHttpProxyError as e:
             raise refused_by_proxy(e.status, f"{dst}: {what}") from None
         except aiohttp.ClientError as e:
-            raise RetryableError(f"{dst}: {what}: {_connection_failed(e)}") from None
+            raise RetryableError(f"{dst}: {what}: {connection_failed(e)}") from None
         if missing_ok and r.status == 404 and code in ("BlobNotFound", ""):
             return None  # a HEAD's 404 has no body; Azure still names the code in a header
         if r.status == 401 and not again and self._direct.drop_token(headers):
@@ -722,24 +720,11 @@ def _code(e: AzureError) -> str:
     return str(getattr(code, "value", code) or "")  # the SDK's enum, or a plain string
 
 
-def _connection_failed(e: BaseException) -> str:
-    """Why a connection failed, as the OS said it: a host that does not resolve, a
-    refused port, too many open files. The class name alone hid which."""
-    if isinstance(e, aiohttp.ClientConnectorError):
-        os_error = e.os_error
-        # asyncio words a refusal "Connect call failed (...)"; the errno says it plainly.
-        errno = 0 if isinstance(os_error, socket.gaierror) else os_error.errno or 0
-        reason = os.strerror(errno) if errno > 0 else os_error.strerror
-        return f"connection failed ({type(e).__name__}: {e.host}:{e.port}: {reason})"
-    detail = str(e)
-    return f"connection failed ({type(e).__name__}{': ' + detail if detail else ''})"
-
-
 def _translate(
     e: AzureError, dst: AzAddress, what: str, sas_expiry: datetime | None = None
 ) -> Exception:
     if isinstance(e, (ServiceRequestError, ServiceResponseError)):
-        return RetryableError(f"{dst}: {what}: {_connection_failed(e.inner_exception or e)}")
+        return RetryableError(f"{dst}: {what}: {connection_failed(e.inner_exception or e)}")
     if isinstance(e, TokenError) and e.passing:
         return RetryableError(f"{dst}: {what}: the identity endpoint gave no token ({e.detail})")
     if isinstance(e, TokenError):

@@ -9,8 +9,12 @@ to act (a missing key, a denied credential, a bad name). Messages are built in
 
 from __future__ import annotations
 
+import os
 import re
+import socket
 import sqlite3
+
+import aiohttp
 
 # A URL's query string can carry a SAS token or an S3 presigned signature and
 # session token; no message that leaves the process may keep one.
@@ -25,6 +29,20 @@ _SECRET_PAIRS = re.compile(
 def redact(text: str) -> str:
     """``text`` with URL query strings and key=secret pairs blanked out."""
     return _SECRET_PAIRS.sub(r"\1=<redacted>", _URL_QUERY.sub(r"\1?<redacted>", text))
+
+
+def connection_failed(e: BaseException) -> str:
+    """Why a connection failed, as the OS said it: a host that does not resolve, a
+    refused port, too many open files. The class name alone hid which. Both sides'
+    requests word their connection failures with it."""
+    if isinstance(e, aiohttp.ClientConnectorError):
+        os_error = e.os_error
+        # asyncio words a refusal "Connect call failed (...)"; the errno says it plainly.
+        errno = 0 if isinstance(os_error, socket.gaierror) else os_error.errno or 0
+        reason = os.strerror(errno) if errno > 0 else os_error.strerror
+        return f"connection failed ({type(e).__name__}: {e.host}:{e.port}: {reason})"
+    detail = str(e)
+    return f"connection failed ({type(e).__name__}{': ' + detail if detail else ''})"
 
 
 class BlobferryError(Exception):

@@ -38,6 +38,7 @@ from daemon.errors import (
     RetryableError,
     SourceChangedError,
     StallError,
+    connection_failed,
 )
 from daemon.jobs import S3Address
 from daemon.latency import RoundTrips
@@ -569,7 +570,7 @@ class S3Reader:
             except aiohttp.ClientHttpProxyError as e:
                 raise refused_by_proxy(e.status, what) from None
             except aiohttp.ClientError as e:
-                raise RetryableError(f"{what}: {type(e).__name__}: {e}") from None
+                raise RetryableError(f"{what}: {connection_failed(e)}") from None
             yield resp
 
     async def read_range(self, info: ObjectInfo, start: int, length: int) -> Chunks:

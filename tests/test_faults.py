@@ -19,6 +19,9 @@ from aiohttp import web
 from azure.storage.blob import BlobServiceClient
 from pydantic import SecretStr
 
+from daemon.errors import RetryableError
+from daemon.jobs import S3Address
+from daemon.s3 import Listed, S3Reader
 from daemon.settings import Settings
 from daemon.systemd import Notifier
 from tests.conftest import connection_string, make_settings
@@ -656,6 +659,30 @@ async def test_an_azure_endpoint_that_refuses_connections_is_named_with_the_reas
     assert row.error.endswith(
         f"gave up after 2 attempts; last error: az://ctr/k: read properties: connection "
         f"failed (ClientConnectorError: 127.0.0.1:{closed.rsplit(':', 1)[1]}: Connection refused)"
+    )
+
+
+async def test_an_s3_read_that_cannot_connect_is_named_with_the_reason(
+    tmp_path: Path, moto_endpoint: str, azurite_endpoint: str, s3_client: Any, bucket: str
+) -> None:
+    """The presigned GETs go out by aiohttp, not botocore. One whose connection was
+    refused read "ClientConnectorError: Cannot connect to host ... [Connect call failed
+    (...)]". It is worded as Azure's are now: where, and the OS's reason. (S3 goes away
+    after the reader has learnt the bucket; a refusal at the start is botocore's, which
+    names the URL.)"""
+    etag = s3_client.put_object(Bucket=bucket, Key="k", Body=b"kkk")["ETag"]
+    listed, address = Listed("k", 3, etag), S3Address(bucket, "k")
+    async with FaultProxy(moto_endpoint, Faults()) as proxy:
+        settings = make_settings(tmp_path, proxy.endpoint, azurite_endpoint)
+        port = proxy.endpoint.rsplit(":", 1)[1]
+        async with S3Reader(settings) as s3:
+            assert (await s3.read_object(listed, address))[1].join() == b"kkk"
+            await proxy.__aexit__(None, None, None)  # nothing listens there any more
+            with pytest.raises(RetryableError) as e:
+                await s3.read_object(listed, address)
+    assert str(e.value) == (
+        f"GET s3://{bucket}/k: connection failed (ClientConnectorError: 127.0.0.1:{port}: "
+        "Connection refused)"
     )
 
 
