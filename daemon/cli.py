@@ -90,6 +90,11 @@ def _option_flags(p: argparse.ArgumentParser) -> None:
         metavar="NAME=VALUE",
         help="metadata to set on the blobs (repeatable)",
     )
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="copy nothing: report each object as skipped, unchanged or would be copied",
+    )
     for flag, which in (("--include", "only keys"), ("--exclude", "no keys")):
         p.add_argument(
             flag,
@@ -111,7 +116,7 @@ def _options_doc(args: argparse.Namespace) -> dict[str, object]:
         if any(not sep for _, sep, _ in pairs):
             raise JobFileError("--metadata takes NAME=VALUE")
         doc["metadata"] = {k: v for k, _, v in pairs}
-    for field in ("include", "exclude"):
+    for field in ("include", "exclude", "dry_run"):
         if getattr(args, field):
             doc[field] = getattr(args, field)
     return doc

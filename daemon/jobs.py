@@ -238,6 +238,7 @@ class Options:
     tier: Tier | None = None  # otherwise the storage-class map in settings, or the default
     mode: Mode | None = None  # otherwise the mode setting
     keys: KeyFilter | None = None  # a prefix's objects to copy; None: every one
+    dry_run: bool = False  # decide what would be copied, and copy nothing
 
 
 @dataclass(frozen=True, slots=True)
@@ -285,6 +286,7 @@ class _OptionsIn(BaseModel):
     mode: Mode | None = None
     include: list[str] | None = None
     exclude: list[str] | None = None
+    dry_run: bool | None = None
 
     @field_validator("include", "exclude")
     @classmethod
@@ -321,6 +323,7 @@ class _OptionsIn(BaseModel):
             tier=self.tier or base.tier,
             mode=self.mode or base.mode,
             keys=self._keys(base.keys),
+            dry_run=self.dry_run if self.dry_run is not None else base.dry_run,
         )
 
     def _keys(self, base: KeyFilter | None) -> KeyFilter | None:

@@ -548,6 +548,8 @@ class Supervisor:
             detail["verified"] = outcome.verified
         if outcome.note:
             detail["note"] = outcome.note
+        if outcome.would_copy is not None:
+            detail["would_copy"] = outcome.would_copy
         landing = outcome.landing
         if landing is not None and landing.renamed:
             detail["renamed_metadata"] = landing.renamed

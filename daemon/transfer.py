@@ -112,6 +112,7 @@ class Outcome:
     # How the bytes went: "whole" (one GET, one Put Blob, held here), "pipe" (one GET
     # streamed into one Put Blob), "blocks" (ranges staged in parallel) or "server-side".
     route: str | None = None
+    would_copy: int | None = None  # a dry run's: the bytes a copy would move
 
 
 @dataclass(frozen=True, slots=True)
@@ -423,6 +424,8 @@ class Copier:
         skip = await self._skip_reason(spec, fp)
         if skip:
             return Outcome(Status.SKIPPED, note=skip)
+        if spec.options.dry_run:
+            return await self._dry_run(src, info, listed)
         # Server-side, even a small object goes as a block Azure fetches itself: its
         # properties come from a HEAD, as no GET passes through here.
         server_side = (spec.options.mode or self._settings.mode) == "server-side"
@@ -440,6 +443,21 @@ class Copier:
         if await self._pipes(info, spec):
             return await self._pipe(info, spec, fp, progress)
         return await self._streamed(info, spec, fp, progress)
+
+    async def _dry_run(
+        self, src: S3Address, info: ObjectInfo | None, listed: Listed | None
+    ) -> Outcome:
+        """What a copy would do, having asked what it asks before reading a byte: the
+        destination (skipped as unchanged, or refused by overwrite 'never', above) and,
+        for one object, or one in an archive class whose listing cannot say if it is
+        restored, the source's HEAD (missing, denied or archived fail, or skip, as a
+        copy would)."""
+        if info is None:
+            assert listed is not None
+            if listed.storage_class in ("GLACIER", "DEEP_ARCHIVE"):
+                info = await self._head(src)
+        size = info.size if info is not None else listed.size if listed is not None else 0
+        return Outcome(Status.SKIPPED, note="dry run: would be copied", would_copy=size)
 
     async def _streamed(
         self, info: ObjectInfo, spec: TransferSpec, fp: str, progress: Progress

@@ -116,6 +116,11 @@ def test_exit_codes_and_one_line_errors(
     report = json.loads(some.stdout)
     assert [t["source"] for t in report["transfers"]] == [f"s3://{bucket}/p/a.csv"]
     assert report["summary"]["excluded"] == 2
+    dry = run(["copy", f"s3://{bucket}/p/", f"az://{container}/q/", "--dry-run", "--quiet"], env)
+    assert dry.returncode == 0, dry.stderr
+    assert [(t["note"], t["would_copy"]) for t in json.loads(dry.stdout)["transfers"]] == [
+        ("dry run: would be copied", 4)
+    ] * 3
     one = run(["copy", f"s3://{bucket}/k", f"az://{container}/k", "--include", "*.csv"], env)
     assert one.returncode == 2 and "choose objects under a prefix" in one.stderr
     bad_env = dict(env, BLOBFERRY_MEMORY_MB="lots")

@@ -23,7 +23,7 @@ from daemon.settings import Settings
 from daemon.state import _SCHEMA, StateStore
 from daemon.transfer import Copier
 from tests.conftest import AZURITE_KEY, make_settings, running_daemon
-from tests.helpers import MiB, blob_bytes, blob_names, payload
+from tests.helpers import MiB, blob_bytes, blob_names, copy, payload
 from tests.proxy import FaultProxy, Faults
 from tests.test_faults import through
 
@@ -573,6 +573,50 @@ async def test_include_and_exclude_choose_a_prefixs_objects(
         f"none of the 6 objects under s3://{bucket}/out/ is chosen by the job's include "
         "and exclude; check the patterns"
     )
+
+
+async def test_a_dry_run_decides_what_would_be_copied_and_writes_nothing(
+    settings: Settings,
+    s3_client: Any,
+    blob_service: BlobServiceClient,
+    bucket: str,
+    container: str,
+) -> None:
+    """Under a prefix: an object already copied is skipped as unchanged, new ones (one
+    small, one of blocks) would be copied and say how many bytes, an archived one is
+    skipped as archived (its HEAD says whether it is restored), an excluded one is left
+    out. Not one object is read and no blob is written. One missing object fails as a
+    copy would."""
+    sizes = {"a.csv": 1000, "b.csv": 2000, "big.csv": 9 * MiB, "c.tmp": 10}
+    for key, size in sizes.items():
+        s3_client.put_object(Bucket=bucket, Key=f"out/{key}", Body=payload(size))
+    s3_client.put_object(Bucket=bucket, Key="out/cold.csv", Body=b"x", StorageClass="GLACIER")
+    status, _ = await copy(settings, f"s3://{bucket}/out/a.csv", f"az://{container}/in/a.csv")
+    assert status == "done"
+    async with FaultProxy(settings.s3.endpoint_url or "") as proxy:
+        dry = through(settings, proxy)
+        status, rows = await copy(
+            dry, f"s3://{bucket}/out/", f"az://{container}/in/", include=["*.csv"], dry_run=True
+        )
+        missing, [gone] = await copy(
+            dry, f"s3://{bucket}/out/gone.csv", f"az://{container}/gone.csv", dry_run=True
+        )
+    assert status == "done"
+    by_key = {r.source.rsplit("/", 1)[1]: r for r in rows}
+    assert sorted(by_key) == ["a.csv", "b.csv", "big.csv", "cold.csv"]
+    assert {r.status for r in rows} == {"skipped"}
+    assert by_key["a.csv"].detail["note"].startswith("unchanged")
+    for key in ("b.csv", "big.csv"):
+        assert by_key[key].detail == {"note": "dry run: would be copied", "would_copy": sizes[key]}
+    assert "archived" in by_key["cold.csv"].detail["note"]
+    assert (missing, gone.status) == ("failed", "failed") and "no such key" in (gone.error or "")
+    assert blob_names(blob_service, container) == ["in/a.csv"]
+    reads = [r for r in proxy.requests if r.startswith("GET ") and "list-type" not in r]
+    assert reads == [], reads
+    heads = sorted(
+        r.split("?")[0] for r in proxy.requests if r.startswith("HEAD /") and "/out/" in r
+    )
+    assert heads == [f"HEAD /{bucket}/out/cold.csv", f"HEAD /{bucket}/out/gone.csv"], heads
 
 
 def test_a_state_database_from_before_excluded_is_read_and_brought_up_to_date(

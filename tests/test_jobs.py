@@ -133,6 +133,10 @@ def test_both_job_shapes() -> None:
         ),
         ('{"source": "s3://bucket/p/", "destination": "az://ctr/p/", "exclude": [""]}', "exclude"),
         ('{"source": "s3://bucket/p/", "destination": "az://ctr/p/", "include": "*.csv"}', "list"),
+        (
+            '{"source": "s3://bucket/k", "destination": "az://ctr/k", "dry_run": "yes"}',
+            "dry_run: Input should be a valid boolean",
+        ),
         ("[" * 100000 + "]" * 100000, "JSON"),
         (b"\xff\xfe not utf8", "not valid JSON"),
     ],
@@ -149,6 +153,7 @@ def test_job_level_options_are_defaults_for_each_transfer() -> None:
                 "metadata": {"team": "ops", "env": "prod"},
                 "content_type": "text/csv",
                 "tier": "Cool",
+                "dry_run": True,
                 "transfers": [
                     {"source": "s3://bucket/a", "destination": "az://ctr/a"},
                     {
@@ -157,6 +162,7 @@ def test_job_level_options_are_defaults_for_each_transfer() -> None:
                         "tier": "Archive",
                         "metadata": {"env": "dev"},
                         "overwrite": "always",
+                        "dry_run": False,
                     },
                 ],
             }
@@ -172,6 +178,9 @@ def test_job_level_options_are_defaults_for_each_transfer() -> None:
         Overwrite.ALWAYS,
         {"team": "ops", "env": "dev"},
     )
+    assert (a.options.dry_run, b.options.dry_run) == (True, False)
+    [plain] = parse_job('{"source": "s3://bucket/a", "destination": "az://ctr/a"}')
+    assert plain.options.dry_run is False
 
 
 def test_two_transfers_of_one_job_may_not_write_one_blob() -> None:
