@@ -476,6 +476,22 @@ class AzureWriter:
             raise self._error(e, dst, "list blocks") from None
         return {b.id: b.size for b in uncommitted}
 
+    async def listing(
+        self, prefix: AzAddress, per_page: int
+    ) -> AsyncIterator[list[tuple[str, ExistingBlob]]]:
+        """The committed blobs under ``prefix``, with their sizes and metadata, a page
+        (one request) at a time, in name order. Errors pass as the SDK raises them."""
+        assert self._service is not None
+        self._check_account(prefix)
+        container = self._service.get_container_client(prefix.container)
+        blobs = container.list_blobs(
+            name_starts_with=prefix.blob or None,
+            include=["metadata"],
+            results_per_page=per_page,
+        )
+        async for page in blobs.by_page():
+            yield [(b.name, ExistingBlob(b.size, dict(b.metadata or {}))) async for b in page]
+
     async def discard_uncommitted(self, dst: AzAddress) -> None:
         """Delete a blob that has uncommitted blocks and nothing committed: the one way
         to be rid of blocks another writer left. Only for a blob a HEAD found absent."""

@@ -27,6 +27,7 @@ from functools import partial
 import structlog
 
 from daemon.errors import Interrupted, JobFileError, StateError, TransferError, redact
+from daemon.holdings import Known
 from daemon.jobs import TransferSpec, parse_job
 from daemon.metrics import Metrics
 from daemon.s3 import Listed, S3Reader
@@ -402,6 +403,7 @@ class Supervisor:
         keys = spec.options.keys
         skip = len(spec.source.key)
         excluded_before = tally.excluded
+        holdings = self._copier.holdings(spec)
         try:
             first = self.settings.max_transfers
             async with aclosing(self._s3.pages(spec.source, first)) as pages:
@@ -419,11 +421,21 @@ class Supervisor:
                     # one large object copying alone.
                     numbered = sorted(enumerate(page, seq), key=lambda n: -n[1].size)
                     seq += len(page)
+                    specs = {o.key: spec.for_key(o.key) for o in page}
+                    known = {}
+                    if holdings is not None:
+                        known = await holdings.known(s.destination.blob for s in specs.values())
                     for n, listed in numbered:
-                        await self._admit(tg, job, n, spec.for_key(listed.key), listed, tally)
+                        one = specs[listed.key]
+                        await self._admit(
+                            tg, job, n, one, listed, tally, known.get(one.destination.blob)
+                        )
         except TransferError as e:
             self._record_failure(job, seq, spec, tally, str(e))
             return seq + 1
+        finally:
+            if holdings is not None:
+                await holdings.aclose()
         if seq == start:
             error = f"no objects under {spec.source}; check the prefix"
             if excluded := tally.excluded - excluded_before:
@@ -443,6 +455,7 @@ class Supervisor:
         spec: TransferSpec,
         listed: Listed | None,
         tally: Tally,
+        known: Known | None = None,
     ) -> None:
         if self._stop.is_set():
             tally.interrupted += 1
@@ -453,7 +466,7 @@ class Supervisor:
         else:
             await self._slots.acquire()
         self.metrics.transfers_running += 1
-        task = tg.create_task(self._transfer(job, seq, spec, listed, tally))
+        task = tg.create_task(self._transfer(job, seq, spec, listed, tally, known))
         task.add_done_callback(self._transfer_done)
 
     def _transfer_done(self, _: asyncio.Task[None]) -> None:
@@ -506,7 +519,13 @@ class Supervisor:
                 del self._writing[dst]
 
     async def _transfer(
-        self, job: str, seq: int, spec: TransferSpec, listed: Listed | None, tally: Tally
+        self,
+        job: str,
+        seq: int,
+        spec: TransferSpec,
+        listed: Listed | None,
+        tally: Tally,
+        known: Known | None = None,
     ) -> None:
         src, dst = str(spec.source), str(spec.destination)
         structlog.contextvars.bind_contextvars(source=src, destination=dst)
@@ -515,7 +534,7 @@ class Supervisor:
         log.info("transfer started", bytes=tracker.total)
         try:
             async with self._sole_writer(dst):
-                outcome = await self._copier.copy(spec, listed, tracker.advance)
+                outcome = await self._copier.copy(spec, listed, tracker.advance, known)
         except Interrupted:
             tally.interrupted += 1
             self._ended(job, seq, "interrupted", tracker.done)

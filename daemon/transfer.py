@@ -50,6 +50,7 @@ from daemon.errors import (
     TransferError,
     VerificationError,
 )
+from daemon.holdings import Holdings, Known
 from daemon.jobs import (
     AzAddress,
     Overwrite,
@@ -392,20 +393,34 @@ class Copier:
         # Buckets Azure could not fetch from in server-side mode: (when, its answer).
         self._unreachable: dict[str, tuple[float, str]] = {}
 
+    def holdings(self, spec: TransferSpec) -> Holdings | None:
+        """For a prefix whose copies would each ask whether their blob exists: the
+        destination's listing, to tell them instead (see holdings.py)."""
+        if spec.overwrite is Overwrite.ALWAYS or not spec.source.is_prefix:
+            return None
+        return Holdings(self._azure.listing(spec.destination, 1000))
+
     async def copy(
-        self, spec: TransferSpec, listed: Listed | None = None, progress: Progress | None = None
+        self,
+        spec: TransferSpec,
+        listed: Listed | None = None,
+        progress: Progress | None = None,
+        known: Known | None = None,
     ) -> Outcome:
-        """Copy ``spec`` (one object). Raises TransferError when it cannot."""
+        """Copy ``spec`` (one object). Raises TransferError when it cannot. ``known``:
+        what the destination's listing said of its blob, if it said anything."""
         if self._stopping.is_set():
             raise Interrupted()
         try:
-            return await self._copy(spec, listed, progress or (lambda n: None))
+            return await self._copy(spec, listed, progress or (lambda n: None), known)
         except ArchivedObjectError as e:
             if self._settings.archived == "skip":
                 return Outcome(Status.SKIPPED, note=str(e))
             raise
 
-    async def _copy(self, spec: TransferSpec, listed: Listed | None, progress: Progress) -> Outcome:
+    async def _copy(
+        self, spec: TransferSpec, listed: Listed | None, progress: Progress, known: Known | None
+    ) -> Outcome:
         src = spec.source
         # A job's own addresses were checked when it was read; a prefix's children get
         # their names from S3 keys, which allow what blob names do not.
@@ -421,7 +436,11 @@ class Copier:
             # A listing gives ETag and size: enough to skip an unchanged object without
             # a single request to S3 for it.
             fp = fingerprint(src, listed.etag, listed.size)
-        skip = await self._skip_reason(spec, fp)
+        # A large object asks Azure itself: that HEAD is what times Azure for the pipe
+        # decision, and beside its bytes it costs nothing.
+        if listed is None or listed.size > bs:
+            known = None
+        skip = await self._skip_reason(spec, fp, known)
         if skip:
             return Outcome(Status.SKIPPED, note=skip)
         if spec.options.dry_run:
@@ -585,12 +604,12 @@ class Copier:
             info = await retrying(lambda: self._s3.head(src, True), policy, f"HEAD {src}")
         return info
 
-    async def _skip_reason(self, spec: TransferSpec, fp: str) -> str | None:
+    async def _skip_reason(self, spec: TransferSpec, fp: str, known: Known | None) -> str | None:
         if spec.overwrite is Overwrite.ALWAYS:
             return None
         dst = spec.destination
         try:
-            existing = await self._existing(dst)
+            existing = known.blob if known is not None else await self._existing(dst)
         except NotPermittedError:
             raise PermanentError(
                 f"{dst}: overwrite '{spec.overwrite}' reads the blob first, and the "
