@@ -19,7 +19,7 @@ from tests.helpers import MiB, blob_bytes, payload
 from tests.sandbox import Sandbox
 from tests.test_faults import daemon_env, start_daemon, wait_report
 from tests.test_metrics import samples, scrape
-from tests.test_reload import notice
+from tests.test_reload import notice, reload
 
 UNIT = ROOT / "config" / "blobferry.service"
 
@@ -95,9 +95,7 @@ async def test_the_daemon_serves_inside_the_units_system_call_sandbox(
         report = await wait_report(settings.jobs_dir, "j", timeout=60)
         _, text = await scrape(f"http://{metrics}/metrics")
         assert samples(text)['blobferry_transfers_total{status="copied"}'] == 2
-        proc.send_signal(signal.SIGHUP)  # the unit's ExecReload=
-        await notice(notify, "RELOADING=1", proc)
-        await notice(notify, "READY=1", proc)
+        await reload(proc, notify)
         proc.send_signal(signal.SIGTERM)
         _, err = await asyncio.wait_for(proc.communicate(), 60)
     finally:
