@@ -14,6 +14,11 @@ S3 documents; Azure lists "in alphabetical order, upper-case first"); a name wit
 other character gets no answer, and its copy asks with a HEAD as before. So does every
 object when the listing fails (no list permission, a missing container, a broken
 connection): the answer is an optimisation, never a reason.
+
+A listing can also cost more than the HEADs it saves: a few objects copied into a
+prefix that already holds a million other blobs. So it may make three requests, and
+one more for each hundred names it has answered for; past that it stops, and the copies
+ask.
 """
 
 from __future__ import annotations
@@ -44,6 +49,8 @@ class Holdings:
         self._ahead: deque[tuple[str, ExistingBlob]] = deque()
         self._reached = ""  # every ASCII name up to this one has been listed
         self._ended = False  # the listing is complete
+        self._requests = 0
+        self._answered = 0
 
     async def known(self, names: Iterable[str]) -> dict[str, Known]:
         """What the listing says of each of ``names`` (a page's destination names);
@@ -53,12 +60,18 @@ class Holdings:
             return {}
         last = max(wanted)
         while not self._ended and self._reached < last:
+            if self._requests >= 3 + self._answered // 100:
+                log.info("destination listing costs more than it saves; each copy asks")
+                await self.aclose()
+                return {}
+            self._requests += 1
             if not await self._next_page():
                 return {}  # the listing failed: no answers from now on
         listed: dict[str, ExistingBlob] = {}
         while self._ahead and self._ahead[0][0] <= last:
             name, blob = self._ahead.popleft()
             listed[name] = blob
+        self._answered += len(wanted)
         return {n: Known(listed.get(n)) for n in wanted}
 
     async def _next_page(self) -> bool:

@@ -35,7 +35,6 @@ async def test_the_cursor_answers_in_step_and_only_for_what_it_can_vouch_for() -
         pages_of(
             ["a/1", "a/3", "a/\u00e9", "a/5"],  # "a/é" placed where code points would not
             ["a/7", "b/1"],
-            ["c/0"],
         )
     )
     first = await listing.known(["a/1", "a/2", "a/3"])
@@ -51,6 +50,32 @@ async def test_the_cursor_answers_in_step_and_only_for_what_it_can_vouch_for() -
     }  # a/é: no answer, its copy asks with a HEAD
     assert await listing.known(["d/1"]) == {"d/1": Known(None)}  # past the listing's end
     await listing.aclose()
+
+
+async def test_a_listing_that_would_cost_more_than_it_saves_is_given_up() -> None:
+    """Three objects into a prefix whose listing first holds 5,000 other blobs: three
+    requests, then the copies ask with a HEAD each. A listing that answers as it goes
+    may go on: one more request per hundred names answered."""
+    crowded = [[f"a/{p}-{i:04d}" for i in range(1000)] for p in range(5)] + [["z/1"]]
+    pulled = 0
+
+    async def counted(pages: list[list[str]]) -> AsyncIterator[list[Any]]:
+        nonlocal pulled
+        async for page in pages_of(*pages):
+            pulled += 1
+            yield page
+
+    listing = Holdings(counted(crowded))
+    assert await listing.known(["z/1", "z/2", "z/3"]) == {}
+    assert pulled == 3
+    assert await listing.known(["z/4"]) == {}  # given up for good
+    pulled = 0
+    answering = [[f"k/{p:02d}-{i:03d}" for i in range(100)] for p in range(30)]
+    listing = Holdings(counted(answering))
+    for p in range(30):
+        names = [f"k/{p:02d}-{i:03d}" for i in range(100)]
+        assert len(await listing.known(names)) == 100
+    assert pulled == 30
 
 
 async def test_a_listing_that_fails_answers_nothing_from_then_on() -> None:
