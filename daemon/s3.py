@@ -47,6 +47,8 @@ from daemon.retry import retrying
 from daemon.settings import Settings
 from daemon.sigv4 import UrlShape, presign_get, signing_key
 
+# Storage classes whose objects cannot be read until someone restores them.
+ARCHIVE_CLASSES = ("GLACIER", "DEEP_ARCHIVE")
 _MD5_HEX = re.compile(r"[0-9a-f]{32}\Z")
 _CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
 _REFUSED = (400, 401, 403)  # how S3 answers a request signed at the wrong time
@@ -103,7 +105,7 @@ class ObjectInfo:
     @property
     def archived(self) -> bool:
         """In Glacier or Deep Archive and not restored: unreadable until someone restores it."""
-        cold = self.storage_class in ("GLACIER", "DEEP_ARCHIVE")
+        cold = self.storage_class in ARCHIVE_CLASSES
         return cold and 'ongoing-request="false"' not in (self.restore or "")
 
     def raise_if_unreadable(self) -> None:

@@ -60,7 +60,7 @@ from daemon.jobs import (
     header_safe,
 )
 from daemon.retry import retrying
-from daemon.s3 import ArchivedObjectError, Chunks, Listed, ObjectInfo, S3Reader
+from daemon.s3 import ARCHIVE_CLASSES, ArchivedObjectError, Chunks, Listed, ObjectInfo, S3Reader
 from daemon.settings import MiB, Settings
 
 MAX_BLOCKS = 50_000
@@ -97,6 +97,9 @@ class Status(StrEnum):
     COPIED = "copied"
     SKIPPED = "skipped"
     FAILED = "failed"
+
+
+DRY_RUN = "dry run: would be copied"
 
 
 @dataclass(slots=True)
@@ -473,10 +476,10 @@ class Copier:
         copy would)."""
         if info is None:
             assert listed is not None
-            if listed.storage_class in ("GLACIER", "DEEP_ARCHIVE"):
-                info = await self._head(src)
-        size = info.size if info is not None else listed.size if listed is not None else 0
-        return Outcome(Status.SKIPPED, note="dry run: would be copied", would_copy=size)
+            if listed.storage_class not in ARCHIVE_CLASSES:
+                return Outcome(Status.SKIPPED, note=DRY_RUN, would_copy=listed.size)
+            info = await self._head(src)
+        return Outcome(Status.SKIPPED, note=DRY_RUN, would_copy=info.size)
 
     async def _streamed(
         self, info: ObjectInfo, spec: TransferSpec, fp: str, progress: Progress
