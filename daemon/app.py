@@ -24,7 +24,7 @@ import structlog
 
 from daemon import metrics
 from daemon.azure import AzureWriter
-from daemon.budget import ByteBudget
+from daemon.budget import Budget
 from daemon.errors import ConfigError, StateError
 from daemon.jobs import TransferSpec
 from daemon.logs import set_level
@@ -45,7 +45,7 @@ class Engine:
     settings: Settings
     s3: S3Reader
     azure: AzureWriter
-    budget: ByteBudget
+    budget: Budget
     copier: Copier
 
 
@@ -53,7 +53,7 @@ class Engine:
 async def engine(settings: Settings, stopping: asyncio.Event) -> AsyncIterator[Engine]:
     require_azure(settings)
     async with S3Reader(settings) as s3, AzureWriter(settings) as azure:
-        budget = ByteBudget(settings.memory_bytes)
+        budget = Budget(settings.memory_bytes)
         # What exists now (botocore's service model, the SDKs' pipelines: most of the
         # heap) lives as long as the process. Frozen, it is left out of the collector's
         # full passes, which otherwise walk all of it: 30-60 ms each, and the first one
@@ -154,6 +154,8 @@ async def serve(
                     nonlocal in_force
                     in_force = live
                     e.s3.bandwidth.set(live.bandwidth)
+                    e.budget.resize(live.memory_bytes)
+                    sup.resize(live)
                     set_level(live.log_level)
                     _prune(state, live)
 
@@ -206,6 +208,7 @@ def _gauges(sup: Supervisor, source: DirectorySource, e: Engine) -> dict[str, tu
     return {
         "jobs_running": ("Jobs claimed and not yet filed.", sup.claimed_jobs),
         "jobs_waiting": ("Job files waiting in inbox/.", source.waiting()),
+        "transfers_max": ("The bound on transfers in flight (max_transfers).", sup.max_transfers),
         "memory_budget_bytes": ("The byte budget for blocks (memory_mb).", budget.capacity),
         "memory_used_bytes": ("Bytes of it held by blocks in flight.", budget.used),
         "bandwidth_cap_bytes_per_second": (

@@ -1,10 +1,17 @@
-"""One budget for the bytes of every block in flight, across all transfers.
+"""A budget of units shared by many tasks: the one bound both limits are made of.
 
-A block reserves its size before its first byte is read and gives it back once it is
-staged. Waiters are served first come, first served, so one large block cannot be
-starved by a stream of small ones. A request larger than the whole budget is let
-through alone, when nothing else holds any, so an oversized block still makes
-progress instead of deadlocking.
+The engine's holds bytes: a block reserves its size before its first byte is read and
+gives it back once it is staged. The supervisor's holds transfers: one unit per object
+in flight (``max_transfers``). Waiters are served first come, first served, so one large
+block cannot be starved by a stream of small ones. A request larger than the whole
+budget is let through alone, when nothing else holds any, so an oversized block still
+makes progress instead of deadlocking.
+
+A reload resizes a budget in place (``resize``). Growing it lets waiters in at once;
+shrinking it takes nothing back from those holding units: they finish, and no one new
+is let in until the holdings are under the new capacity. So lowering ``memory_mb`` or
+``max_transfers`` never cancels a block or a transfer, and holds within one block's or
+one transfer's time.
 """
 
 from __future__ import annotations
@@ -15,18 +22,23 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 
-class ByteBudget:
+class Budget:
     def __init__(self, capacity: int) -> None:
-        if capacity <= 0:
-            raise ValueError("capacity must be positive")
-        self.capacity = capacity
         self._used = 0
         self._waiters: deque[tuple[int, asyncio.Future[None]]] = deque()
         self.peak = 0
+        self.capacity = 0
+        self.resize(capacity)
 
     @property
     def used(self) -> int:
         return self._used
+
+    def resize(self, capacity: int) -> None:
+        if capacity <= 0:
+            raise ValueError("capacity must be positive")
+        self.capacity = capacity
+        self._wake()
 
     def _fits(self, n: int) -> bool:
         return self._used + n <= self.capacity or self._used == 0

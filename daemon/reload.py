@@ -2,11 +2,14 @@
 
 The cap on bandwidth is why this exists: the service sharing the instance may need its
 network back now, not after a restart, and a restart of a daemon moving a file of
-hundreds of GB costs the blocks in flight. ``bandwidth_mb_s``, ``log_level`` and
-``keep_days`` change at once, for running transfers too. Everything else (folders,
-endpoints, credentials, concurrency, memory, block sizes) is built into parts that live
-for the run: a change to it is named in the log as waiting for a restart, and none of it
-applies, so the daemon never runs on half of a new configuration.
+hundreds of GB costs the blocks in flight. The same holds for its memory and its
+connections. ``bandwidth_mb_s``, ``max_transfers``, ``memory_mb``, ``log_level`` and
+``keep_days`` change at once, for running transfers too: a lower ``max_transfers`` or
+``memory_mb`` stops admitting transfers or blocks until the load is under it, and
+cancels nothing. Everything else (folders, endpoints, credentials, block sizes,
+connection pools) is built into parts that live for the run: a change to it is named in
+the log as waiting for a restart, and none of it applies, so the daemon never runs on
+half of a new configuration.
 
 A settings file that does not load changes nothing: the daemon logs why and runs on as it
 was. The log names settings, never their values, which may be secrets. The environment
@@ -32,7 +35,7 @@ from daemon.systemd import Notifier
 
 log = structlog.get_logger("blobferry")
 
-LIVE = frozenset({"bandwidth_mb_s", "keep_days", "log_level"})
+LIVE = ("bandwidth_mb_s", "max_transfers", "memory_mb", "log_level", "keep_days")
 
 
 def changed(old: BaseModel, new: BaseModel, prefix: str = "") -> Iterator[str]:
@@ -43,6 +46,11 @@ def changed(old: BaseModel, new: BaseModel, prefix: str = "") -> Iterator[str]:
             yield from changed(a, b, f"{prefix}{name}.")
         elif a != b:  # SecretStr compares its secrets
             yield prefix + name
+
+
+def in_force(settings: Settings, name: str) -> object:
+    """A live setting's value as the log shows it (a timetable in its own words)."""
+    return settings.bandwidth.describe() if name == "bandwidth_mb_s" else getattr(settings, name)
 
 
 @dataclass(slots=True)
@@ -83,11 +91,7 @@ class Reloader:
                     "settings reloaded",
                     applied=live,
                     after_restart=[n for n in names if n not in LIVE],
-                    in_force={
-                        "bandwidth_mb_s": current.bandwidth.describe(),
-                        "log_level": current.log_level,
-                        "keep_days": current.keep_days,
-                    },
+                    in_force={n: in_force(current, n) for n in LIVE},
                 )
                 apply(current)
             notifier.ready(status())

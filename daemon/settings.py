@@ -143,13 +143,15 @@ class Settings(BaseSettings):
         default=32,
         ge=1,
         description="Objects in flight at once. Small objects are latency-bound, so many "
-        "in flight is what makes them fast; memory is bounded by memory_mb regardless.",
+        "in flight is what makes them fast; memory is bounded by memory_mb regardless. "
+        "Changes on reload (SIGHUP): lower, it lets the transfers in flight finish.",
     )
     memory_mb: int = Field(
         default=96,
         ge=1,
         description="One budget for the bytes of all blocks in flight. The process adds "
-        "about 100 MiB of its own, so 96 keeps the whole daemon near 200-250 MiB.",
+        "about 100 MiB of its own, so 96 keeps the whole daemon near 200-250 MiB. "
+        "Changes on reload (SIGHUP): lower, it lets the blocks in flight land.",
     )
     block_size_mb: int = Field(
         default=4,

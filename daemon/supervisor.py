@@ -2,8 +2,10 @@
 
 The bounds live here, in one place: ``max_transfers`` objects in flight across all
 jobs (a job is claimed only when a slot is free, so the inbox is never emptied into
-``processing/`` faster than it can be served), and the ByteBudget shared by every
-block of every transfer. Every task belongs to a TaskGroup; none is left behind.
+``processing/`` faster than it can be served), and the byte budget shared by every
+block of every transfer. Both are a ``Budget``, which a reload resizes in place
+(``resize``): lowering either lets what runs finish and admits nothing new until
+the load is under the new bound. Every task belongs to a TaskGroup; none is left behind.
 
 A job is cancelled by name (a file in the source's cancel/): one that runs is
 stopped where it is (its blocks in flight are dropped, nothing more is committed) and
@@ -26,6 +28,7 @@ from functools import partial
 
 import structlog
 
+from daemon.budget import Budget
 from daemon.errors import Interrupted, JobFileError, StateError, TransferError, redact
 from daemon.holdings import Known
 from daemon.jobs import TransferSpec, parse_job
@@ -147,7 +150,7 @@ class Supervisor:
         self._stop = stop
         self._force = force or asyncio.Event()
         self._grace_s = grace_s
-        self._slots = asyncio.Semaphore(settings.max_transfers)
+        self._slots = Budget(settings.max_transfers)  # one unit per transfer in flight
         self._last_flush = time.monotonic()
         self._jobs: dict[str, _Job] = {}  # claimed from the source, not yet filed
         self._writing: dict[str, _Writers] = {}  # destination -> its transfers
@@ -167,6 +170,16 @@ class Supervisor:
             f"{m.transfers['copied']} copied, {m.transfers['failed']} failed, "
             f"{m.bytes_copied / 2**20:.0f} MiB since start"
         )
+
+    @property
+    def max_transfers(self) -> int:
+        """The bound in force now (a reload may have changed it)."""
+        return self._slots.capacity
+
+    def resize(self, settings: Settings) -> None:
+        """A reload's new ``max_transfers``, for the next transfer admitted."""
+        self.settings = settings
+        self._slots.resize(settings.max_transfers)
 
     def flush_soon(self) -> None:
         now = time.monotonic()
@@ -215,20 +228,20 @@ class Supervisor:
     async def _wait_for_slot(self, peek: bool) -> bool:
         """Wait for a free transfer slot, and take it unless ``peek``; False if ``stop``
         came first."""
-        waiter = asyncio.ensure_future(self._slots.acquire())
+        waiter = asyncio.ensure_future(self._slots.acquire(1))
         stopper = asyncio.ensure_future(self._stop.wait())
         try:
             await asyncio.wait({waiter, stopper}, return_when=asyncio.FIRST_COMPLETED)
         except BaseException:  # cancelled (a cancel request, a shutdown) while waiting
             stopper.cancel()
             if not waiter.cancel():  # it had the slot already: give it back
-                self._slots.release()
+                self._slots.release(1)
             raise
         stopper.cancel()
         if waiter.cancel():
             return False  # stop came first
         if peek:
-            self._slots.release()
+            self._slots.release(1)
         return True
 
     async def _drain(self, jobs: set[asyncio.Task[None]]) -> None:
@@ -324,7 +337,7 @@ class Supervisor:
             entry.has_slot.set()
             if entry.slot:  # no transfer took it
                 entry.slot = False
-                self._slots.release()
+                self._slots.release(1)
         if status == "interrupted":
             log.info("job interrupted, resumes on next start")
             return
@@ -464,14 +477,14 @@ class Supervisor:
         if entry is not None and entry.slot:
             entry.slot = False  # the one the job took as it began: now this transfer's
         else:
-            await self._slots.acquire()
+            await self._slots.acquire(1)
         self.metrics.transfers_running += 1
         task = tg.create_task(self._transfer(job, seq, spec, listed, tally, known))
         task.add_done_callback(self._transfer_done)
 
     def _transfer_done(self, _: asyncio.Task[None]) -> None:
         self.metrics.transfers_running -= 1
-        self._slots.release()
+        self._slots.release(1)
 
     def _ended(
         self,

@@ -4,7 +4,7 @@ checks against S3's MD5 ETag), or blocks: plan, read ranges, stage, verify, comm
 
 Nothing here knows where a job came from or writes anything to local disk. A block's
 bytes live in one buffer, from the ranged GET that fills it until Azure has
-acknowledged it; the buffer's size is reserved in the shared ByteBudget first.
+acknowledged it; the buffer's size is reserved in the shared Budget first.
 
 Block IDs are ``<24 hex of the source's identity><6-digit index><32 hex MD5>``. The
 identity hashes bucket, key, ETag, version, size and block size, so a later run
@@ -40,7 +40,7 @@ from daemon.azure import (
     ascii_disposition,
     azure_metadata,
 )
-from daemon.budget import ByteBudget
+from daemon.budget import Budget
 from daemon.errors import (
     CorruptBlockError,
     Interrupted,
@@ -379,7 +379,7 @@ class Copier:
         settings: Settings,
         s3: S3Reader,
         azure: AzureWriter,
-        budget: ByteBudget,
+        budget: Budget,
         stopping: asyncio.Event | None = None,
         source_urls: SourceUrls | None = None,
     ) -> None:

@@ -4,11 +4,11 @@ import asyncio
 
 import pytest
 
-from daemon.budget import ByteBudget
+from daemon.budget import Budget
 
 
 async def test_waits_in_order_and_never_exceeds() -> None:
-    budget = ByteBudget(100)
+    budget = Budget(100)
     order: list[str] = []
 
     async def take(name: str, n: int) -> None:
@@ -28,14 +28,14 @@ async def test_waits_in_order_and_never_exceeds() -> None:
 
 
 async def test_oversized_request_goes_alone() -> None:
-    budget = ByteBudget(10)
+    budget = Budget(10)
     async with budget.hold(50):
         assert budget.used == 50
     assert budget.used == 0
 
 
 async def test_cancelled_waiter_gives_nothing_away() -> None:
-    budget = ByteBudget(10)
+    budget = Budget(10)
     await budget.acquire(10)
     waiter = asyncio.create_task(budget.acquire(5))
     await asyncio.sleep(0)
@@ -46,3 +46,43 @@ async def test_cancelled_waiter_gives_nothing_away() -> None:
     assert budget.used == 0
     await budget.acquire(10)
     assert budget.used == 10
+
+
+async def test_shrinking_takes_nothing_back_and_admits_no_one_until_under() -> None:
+    """A reload lowers the bound: holders keep their units, and waiters get in only
+    once what is held fits under the new capacity."""
+    slots = Budget(4)
+    for _ in range(4):
+        await slots.acquire(1)
+    slots.resize(2)
+    assert slots.used == 4  # nothing cancelled, nothing given back
+    waiter = asyncio.create_task(slots.acquire(1))
+    for _ in range(2):
+        slots.release(1)
+        await asyncio.sleep(0)
+        assert not waiter.done()  # 3, then 2 held: full under the new bound
+    slots.release(1)
+    await waiter
+    assert slots.used == 2
+
+
+async def test_growing_lets_waiters_in_at_once_in_order() -> None:
+    slots = Budget(1)
+    await slots.acquire(1)
+    order: list[int] = []
+
+    async def take(i: int) -> None:
+        await slots.acquire(1)
+        order.append(i)
+
+    waiters = [asyncio.create_task(take(i)) for i in range(3)]
+    await asyncio.sleep(0)
+    assert order == []
+    slots.resize(3)  # two more: the first two waiters, in their order
+    await asyncio.sleep(0)
+    assert order == [0, 1] and slots.used == 3
+    slots.release(1)
+    await asyncio.gather(*waiters)
+    assert order == [0, 1, 2]
+    with pytest.raises(ValueError):
+        slots.resize(0)

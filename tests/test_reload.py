@@ -1,5 +1,6 @@
-"""SIGHUP (systemctl reload): the bandwidth cap, log level and keep_days change live;
-other changes wait for a restart and are named; a bad file changes nothing."""
+"""SIGHUP (systemctl reload): the bandwidth cap, max_transfers, memory_mb, log level and
+keep_days change live; other changes wait for a restart and are named; a bad file
+changes nothing."""
 
 from __future__ import annotations
 
@@ -9,15 +10,17 @@ import json
 import signal
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import pytest
 from azure.storage.blob import BlobServiceClient
 from pydantic import SecretStr
 from structlog.testing import capture_logs
 
 from daemon.errors import ConfigError
+from daemon.logs import set_level
 from daemon.reload import Reloader, changed
 from daemon.settings import AzureSettings, Settings
 from tests.conftest import running_daemon
@@ -26,6 +29,13 @@ from tests.helpers import MiB, blob_bytes, payload
 from tests.test_daemon import job
 from tests.test_faults import daemon_env, start_daemon
 from tests.test_metrics import samples, scrape
+
+
+@pytest.fixture(autouse=True)
+def _level_restored() -> Iterator[None]:
+    """A reload's log level is global: the next test must not start at "warning"."""
+    yield
+    set_level("info")
 
 
 def test_changes_are_named_by_setting_never_by_value(settings: Settings) -> None:
@@ -67,8 +77,8 @@ async def test_a_reload_caps_running_transfers_and_leaves_the_rest_for_a_restart
     bucket: str,
     container: str,
 ) -> None:
-    """Started uncapped; a reload to 3 MB/s (and 5 transfers) caps a copy at once, and
-    names max_transfers as waiting for a restart; a file that does not load changes
+    """Started uncapped; a reload to 3 MB/s (and 8 MiB blocks) caps a copy at once, and
+    names block_size_mb as waiting for a restart; a file that does not load changes
     nothing; a reload to log_level = warning silences the info lines."""
     size = 3 * MiB
     s3_client.put_object(Bucket=bucket, Key="a", Body=payload(size, seed=3))
@@ -76,7 +86,7 @@ async def test_a_reload_caps_running_transfers_and_leaves_the_rest_for_a_restart
     url = f"http://{address}/metrics"
     base = settings.model_copy(update={"metrics_address": address})
     versions: list[Settings | ConfigError] = [
-        base.model_copy(update={"bandwidth_mb_s": 3, "max_transfers": 5}),
+        base.model_copy(update={"bandwidth_mb_s": 3, "block_size_mb": 8}),
         ConfigError("configuration error: bandwidth_mb_s: 'fast' is not a number"),
         base.model_copy(update={"bandwidth_mb_s": 3, "log_level": "warning"}),
     ]
@@ -118,13 +128,90 @@ async def test_a_reload_caps_running_transfers_and_leaves_the_rest_for_a_restart
         ("info", "settings reloaded"),
     ]
     assert reloads[0]["applied"] == ["bandwidth_mb_s"]
-    assert reloads[0]["after_restart"] == ["max_transfers"]
-    assert reloads[0]["in_force"] == {"bandwidth_mb_s": "3", "log_level": "info", "keep_days": 30}
+    assert reloads[0]["after_restart"] == ["block_size_mb"]
+    assert reloads[0]["in_force"] == {
+        "bandwidth_mb_s": "3",
+        "max_transfers": base.max_transfers,
+        "memory_mb": base.memory_mb,
+        "log_level": "info",
+        "keep_days": 30,
+    }
     assert reloads[1]["error"] == "configuration error: bandwidth_mb_s: 'fast' is not a number"
-    # max_transfers is back to what the daemon runs with: nothing waits for a restart.
+    # block_size_mb is back to what the daemon runs with: nothing waits for a restart.
     assert reloads[2]["applied"] == ["log_level"]
     assert reloads[2]["after_restart"] == []
     assert blob_bytes(blob_service, container, "b") == payload(size, seed=3)
+
+
+async def test_a_reload_changes_how_many_transfers_run_and_cancels_none(
+    settings: Settings,
+    s3_client: Any,
+    blob_service: BlobServiceClient,
+    bucket: str,
+    container: str,
+) -> None:
+    """A prefix copies four at a time; a reload to max_transfers = 1 lets the four in
+    flight finish and then admits one at a time; a reload to 3 lets three run. Every
+    object is copied (none cancelled), and memory_mb's new budget shows at once."""
+    size, count = 256 << 10, 24
+    for i in range(count):
+        s3_client.put_object(Bucket=bucket, Key=f"p/{i:02}", Body=payload(size, seed=i))
+    address = f"127.0.0.1:{free_port()}"
+    url = f"http://{address}/metrics"
+    # 2 MB/s for all: an object takes 0.13 s alone, 0.5 s four at a time.
+    base = settings.model_copy(
+        update={"metrics_address": address, "max_transfers": 4, "bandwidth_mb_s": 2}
+    )
+    versions = [
+        base.model_copy(update={"max_transfers": 1, "memory_mb": 8}),  # 8 MiB: two blocks
+        base.model_copy(update={"max_transfers": 3}),
+    ]
+    reloader = Reloader(lambda: versions.pop(0))
+    seen: list[tuple[float, ...]] = []  # running, copied, memory budget, bound
+
+    async def sample() -> tuple[float, ...]:
+        got = samples((await scrape(url))[1])
+        seen.append(
+            (
+                got["blobferry_transfers_running"],
+                got['blobferry_transfers_total{status="copied"}'],
+                got["blobferry_memory_budget_bytes"],
+                got["blobferry_transfers_max"],
+            )
+        )
+        return seen[-1]
+
+    async def until_sampled(condition: Callable[[tuple[float, ...]], bool]) -> int:
+        for _ in range(500):
+            if condition(await sample()):
+                return len(seen) - 1
+            await asyncio.sleep(0.01)
+        raise AssertionError(f"not within 5 s: {seen[-10:]}")
+
+    with capture_logs() as logs:
+        async with running_daemon(base, reloader) as d:
+            d.drop("p.json", job(f"s3://{bucket}/p/", f"az://{container}/p/"))
+            await until_sampled(lambda s: s[0] == 4)
+            reloader.ask()
+            single = await until_sampled(lambda s: s[0] <= 1 and s[2] == 8 * MiB)
+            copied = seen[single][1]
+            # Three more, one at a time.
+            await until_sampled(lambda s: s[1] >= copied + 3)
+            alone = seen[single:]
+            reloader.ask()
+            await until_sampled(lambda s: s[0] == 3)
+            folder, report = await d.wait_finished("p.json")
+    assert [running for running, *_ in alone] and max(r for r, *_ in alone) == 1
+    bounds = [b for *_, b in seen]
+    assert [b for i, b in enumerate(bounds) if i == 0 or b != bounds[i - 1]] == [4, 1, 3]
+    assert folder == "done", report
+    assert report["summary"]["copied"] == count
+    reloads = [e for e in logs if e["event"] == "settings reloaded"]
+    # The second file leaves memory_mb out: back to the default, which is a change too.
+    assert [e["applied"] for e in reloads] == [["max_transfers", "memory_mb"]] * 2
+    assert not [e for e in logs if "cancel" in e["event"]]
+    for i in range(count):
+        assert blob_bytes(blob_service, container, f"p/{i:02}") == payload(size, seed=i)
 
 
 async def notice(sock: socket.socket, want: str, proc: asyncio.subprocess.Process) -> str:
@@ -171,7 +258,7 @@ async def test_sighup_reloads_the_file_and_tells_systemd(
     proc = await start_daemon(env)
     try:
         await notice(notify, "READY=1", proc)
-        config.write_text('bandwidth_mb_s = "08:00,20 19:00,off"\nmax_transfers = 4\n')
+        config.write_text('bandwidth_mb_s = "08:00,20 19:00,off"\nblock_size_mb = 8\n')
         await reload(proc, notify)
         config.write_text("bandwidth_mb_s = \n")  # not TOML
         await reload(proc, notify)
@@ -190,7 +277,7 @@ async def test_sighup_reloads_the_file_and_tells_systemd(
         "settings not reloaded; running on as before",
     ]
     assert reloads[0]["applied"] == ["bandwidth_mb_s"]
-    assert reloads[0]["after_restart"] == ["max_transfers"]
+    assert reloads[0]["after_restart"] == ["block_size_mb"]
     assert reloads[0]["in_force"]["bandwidth_mb_s"] == "08:00,20 19:00,off"
     assert str(config) in reloads[1]["error"]
     assert lines[-1]["event"] == "stopped"

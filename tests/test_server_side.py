@@ -17,7 +17,7 @@ import pytest
 from azure.storage.blob import BlobSasPermissions, BlobServiceClient, generate_blob_sas
 
 from daemon.azure import AzureWriter
-from daemon.budget import ByteBudget
+from daemon.budget import Budget
 from daemon.errors import Interrupted, RetriesExhaustedError
 from daemon.jobs import parse_job
 from daemon.s3 import ObjectInfo, S3Reader
@@ -63,7 +63,7 @@ async def test_blocks_are_fetched_by_azure_from_a_url_it_can_reach(
         f'{{"source": "s3://{bucket}/obj.bin", "destination": "az://{container}/copy.bin", "mode": "server-side"}}'
     )
     async with S3Reader(settings) as s3, AzureWriter(settings) as az:
-        budget = ByteBudget(settings.memory_bytes)
+        budget = Budget(settings.memory_bytes)
         outcome = await Copier(settings, s3, az, budget, source_urls=urls).copy(spec)
     assert outcome.status == "copied"
     assert outcome.verified is not None and outcome.verified.startswith("size: server-side")
@@ -130,7 +130,7 @@ async def test_a_small_object_is_fetched_by_azure_and_checked_against_its_md5(
             ' "mode": "server-side"}'
         )
         async with S3Reader(settings) as s3, AzureWriter(settings) as az:
-            budget = ByteBudget(settings.memory_bytes)
+            budget = Budget(settings.memory_bytes)
             copier = Copier(settings, s3, az, budget, source_urls=urls)
             if source == "good":
                 outcome = await copier.copy(spec)
@@ -204,7 +204,7 @@ async def test_a_server_side_copy_stopped_halfway_resumes_from_the_blocks_azure_
     )
     narrow = settings.model_copy(update={"block_concurrency": 2})
     async with S3Reader(settings) as s3, AzureWriter(settings) as az:
-        budget = ByteBudget(settings.memory_bytes)
+        budget = Budget(settings.memory_bytes)
         before = len(asyncio.all_tasks())
         with pytest.raises(Interrupted):
             await Copier(narrow, s3, az, budget, source_urls=urls, stopping=stopping).copy(spec)
