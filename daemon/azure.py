@@ -36,6 +36,7 @@ from typing import Any, cast
 from urllib.parse import parse_qs, quote
 
 import aiohttp
+import structlog
 from azure.core import MatchConditions
 from azure.core.exceptions import (
     AzureError,
@@ -61,6 +62,8 @@ from daemon.proxies import Proxies, refused_by_proxy
 from daemon.s3 import Chunks
 from daemon.settings import Settings
 
+log = structlog.get_logger("blobferry")
+
 _RETRYABLE_CODES = {"ServerBusy", "InternalError", "OperationTimedOut", "ServiceUnavailable"}
 # Refusals a person can act on, by Azure's error code: what is wrong and what to do.
 _LEASED = "the blob has an active lease; break or release it, or let it expire"
@@ -75,6 +78,8 @@ _WHY = {
     "LeaseIdMissing": _LEASED,
     "LeaseIdMismatchWithBlobOperation": _LEASED,
     "BlobImmutableDueToPolicy": "the blob is immutable (a retention policy or legal hold)",
+    "ContainerBeingDeleted": "the container is being deleted, which takes Azure 30 s or "
+    "more; submit the job again once it is gone",
     "InvalidBlobTier": _TIER,
     "BlobAccessTierNotSupportedForAccountType": _TIER,
 }
@@ -141,6 +146,16 @@ class NotPermittedError(PermanentError):
         super().__init__(
             f"{dst}: {what}: the credentials are not permitted to do this "
             "(AuthorizationPermissionMismatch); grant it on the container"
+        )
+
+
+class ContainerMissingError(PermanentError):
+    """The destination's container does not exist (and was not to be created)."""
+
+    def __init__(self, where: str, container: str) -> None:
+        super().__init__(
+            f"{where}: container {container!r} does not exist; create it, or set "
+            "azure.create_containers = true"
         )
 
 
@@ -235,6 +250,8 @@ class AzureWriter:
         self._session: aiohttp.ClientSession | None = None
         self._direct: _Direct | None = None
         self.round_trips = RoundTrips()  # of direct HEADs: how near Azure is
+        self._containers: set[str] = set()  # known to exist (azure.create_containers)
+        self._creating = asyncio.Lock()
         self._proxies = Proxies()
         self._timeout = aiohttp.ClientTimeout(
             total=None,
@@ -390,6 +407,36 @@ class AzureWriter:
             # The same token handed back and refused again is the failure below.
             raise RetryableError(f"{dst}: {what}: Azure refused the token ({code or 401})")
         raise _failure(r.status, code, dst, what, self.sas_expiry, r.headers.get("Date"))
+
+    async def ensure_container(self, dst: AzAddress) -> None:
+        """Create ``dst``'s container unless it exists (azure.create_containers): one
+        request per container for the run, however many transfers go there at once.
+        ``forget`` it when a transfer finds it gone, and the next one creates it again."""
+        if dst.container in self._containers:
+            return
+        async with self._creating:
+            if dst.container in self._containers:
+                return  # created while this one waited
+            assert self._service is not None
+            self._check_account(dst)
+            try:
+                await self._service.get_container_client(dst.container).create_container()
+                log.info("container created", container=dst.container)
+            except ResourceExistsError as e:
+                if _code(e) != "ContainerAlreadyExists":  # ContainerBeingDeleted
+                    raise self._error(e, dst, "create container") from None
+            except AzureError as e:
+                if _code(e) == "AuthorizationPermissionMismatch":
+                    raise PermanentError(
+                        f"{dst}: container {dst.container!r} does not exist and the "
+                        "credentials may not create containers; create it, or grant "
+                        "that permission"
+                    ) from None
+                raise self._error(e, dst, "create container") from None
+            self._containers.add(dst.container)
+
+    def forget_container(self, dst: AzAddress) -> None:
+        self._containers.discard(dst.container)
 
     async def existing(self, dst: AzAddress) -> ExistingBlob | None:
         h = await self._send("HEAD", dst, "read properties", ok=(200,), missing_ok=True)
@@ -772,7 +819,7 @@ def _failure(
     if status == 407 and not code:  # a plain-http request, refused by the proxy itself
         return refused_by_proxy(407, where)
     if code == "ContainerNotFound":
-        return PermanentError(f"{where}: container {dst.container!r} does not exist")
+        return ContainerMissingError(where, dst.container)
     if code == "BlobAlreadyExists":  # only a write conditional on absence gets this
         return DestinationExistsError(dst)
     if code == "AuthorizationPermissionMismatch":

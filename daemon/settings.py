@@ -79,6 +79,12 @@ class AzureSettings(BaseModel):
         description='S3 storage class -> access tier, e.g. {STANDARD_IA = "Cool"}; '
         "a job's own tier wins; unmapped classes get the account's default tier.",
     )
+    create_containers: bool = Field(
+        default=False,
+        description="Create a destination container that does not exist, as AzCopy and "
+        "rclone do. Off, such a transfer fails saying so: a misspelt container name in a "
+        "job would otherwise quietly become a new container.",
+    )
 
     @model_validator(mode="after")
     def _one_way_in(self) -> AzureSettings:

@@ -30,7 +30,7 @@ import structlog
 
 from daemon.budget import Budget
 from daemon.errors import Interrupted, JobFileError, StateError, TransferError, redact
-from daemon.holdings import Known
+from daemon.holdings import Holdings, Known
 from daemon.jobs import TransferSpec, parse_job
 from daemon.metrics import Metrics
 from daemon.s3 import Listed, S3Reader
@@ -416,8 +416,9 @@ class Supervisor:
         keys = spec.options.keys
         skip = len(spec.source.key)
         excluded_before = tally.excluded
-        holdings = self._copier.holdings(spec)
+        holdings: Holdings | None = None
         try:
+            holdings = await self._copier.holdings(spec)
             first = self.settings.max_transfers
             async with aclosing(self._s3.pages(spec.source, first)) as pages:
                 async for page in pages:

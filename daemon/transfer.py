@@ -33,6 +33,7 @@ from awscrt import checksums as awscrt_checksums
 from daemon.azure import (
     AzureWriter,
     BlobHeaders,
+    ContainerMissingError,
     DestinationExistsError,
     ExistingBlob,
     NotPermittedError,
@@ -396,9 +397,11 @@ class Copier:
         # Buckets Azure could not fetch from in server-side mode: (when, its answer).
         self._unreachable: dict[str, tuple[float, str]] = {}
 
-    def holdings(self, spec: TransferSpec) -> Holdings | None:
+    async def holdings(self, spec: TransferSpec) -> Holdings | None:
         """For a prefix whose copies would each ask whether their blob exists: the
-        destination's listing, to tell them instead (see holdings.py)."""
+        destination's listing, to tell them instead (see holdings.py). Its container
+        is created first, where that is asked for, so it can be listed."""
+        await self._container(spec)
         if spec.overwrite is Overwrite.ALWAYS or not spec.source.is_prefix:
             return None
         return Holdings(self._azure.listing(spec.destination, 1000))
@@ -415,11 +418,32 @@ class Copier:
         if self._stopping.is_set():
             raise Interrupted()
         try:
+            await self._container(spec)
             return await self._copy(spec, listed, progress or (lambda n: None), known)
         except ArchivedObjectError as e:
             if self._settings.archived == "skip":
                 return Outcome(Status.SKIPPED, note=str(e))
             raise
+        except ContainerMissingError:
+            if not self._settings.azure.create_containers:
+                raise
+            # Deleted while the daemon ran: this transfer fails, the next creates it.
+            self._azure.forget_container(spec.destination)
+            raise PermanentError(
+                f"{spec.destination}: container {spec.destination.container!r} was deleted "
+                "during the copy; the next transfer into it creates it again"
+            ) from None
+
+    async def _container(self, spec: TransferSpec) -> None:
+        """Create the destination's container if asked to (azure.create_containers),
+        once per run; a dry run creates nothing."""
+        if self._settings.azure.create_containers and not spec.options.dry_run:
+            dst = spec.destination
+            await retrying(
+                lambda: self._azure.ensure_container(dst),
+                self._settings.retry,
+                f"create container {dst.container!r}",
+            )
 
     async def _copy(
         self, spec: TransferSpec, listed: Listed | None, progress: Progress, known: Known | None
@@ -619,6 +643,10 @@ class Copier:
                 "credentials may not read (AuthorizationPermissionMismatch): grant read, "
                 "or set overwrite 'always'"
             ) from None
+        except ContainerMissingError:
+            if not (spec.options.dry_run and self._settings.azure.create_containers):
+                raise
+            existing = None  # a copy would create the container: no blob is there
         if existing is None:
             return None
         if spec.overwrite is Overwrite.NEVER:

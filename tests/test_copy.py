@@ -363,7 +363,8 @@ async def test_overwrite_never_writes_on_every_route(
         (
             "s3://{bucket}/present.bin",
             "az://no-such-container/x",
-            "container 'no-such-container' does not exist",
+            "container 'no-such-container' does not exist; create it, or set "
+            "azure.create_containers = true",
         ),
         (
             "s3://{bucket}/big.bin",
