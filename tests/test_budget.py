@@ -86,3 +86,15 @@ async def test_growing_lets_waiters_in_at_once_in_order() -> None:
     assert order == [0, 1, 2]
     with pytest.raises(ValueError):
         slots.resize(0)
+
+
+async def test_a_waiter_granted_as_it_is_cancelled_hands_its_units_back() -> None:
+    budget = Budget(1)
+    await budget.acquire(1)
+    waiter = asyncio.create_task(budget.acquire(1))
+    await asyncio.sleep(0)
+    budget.release(1)  # granted: its future is done, its task not yet resumed ...
+    waiter.cancel()  # ... and cancelled before it runs
+    with pytest.raises(asyncio.CancelledError):
+        await waiter
+    assert budget.used == 0

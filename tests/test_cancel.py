@@ -229,15 +229,15 @@ async def test_a_job_cancelled_as_its_slot_frees_gives_the_slot_back(settings: S
     fewer object in flight for the daemon's whole life."""
     tuned = settings.model_copy(update={"max_transfers": 1})
     sup = Supervisor(tuned, None, None, None, asyncio.Event())  # type: ignore[arg-type]
-    await sup._slots.acquire()  # a transfer holds the only slot
+    await sup._slots.acquire(1)  # a transfer holds the only slot
     waiting = asyncio.create_task(sup._wait_for_slot(peek=False))
     await asyncio.sleep(0)
-    sup._slots.release()  # the transfer ends: the waiting job is handed the slot ...
+    sup._slots.release(1)  # the transfer ends: the waiting job is handed the slot ...
     await asyncio.sleep(0)
     waiting.cancel()  # ... and cancelled before it saw it
     with pytest.raises(asyncio.CancelledError):
         await waiting
-    assert not sup._slots.locked()
+    assert sup._slots.used == 0
 
 
 async def test_a_recovered_job_cancelled_before_its_turn_is_not_run_after_all(
