@@ -35,7 +35,7 @@ from daemon.sources.directory import DirectorySource
 from daemon.state import StateStore
 from daemon.supervisor import Supervisor, state_failure
 from daemon.systemd import Notifier
-from daemon.transfer import Copier
+from daemon.transfer import Copier, Progress
 
 log = structlog.get_logger("blobferry")
 
@@ -228,7 +228,7 @@ async def copy_once(
     name: str,
     specs: list[TransferSpec],
     stop: asyncio.Event,
-    on_progress: Callable[[int], None] | None = None,
+    on_progress: Progress | None = None,
 ) -> tuple[str, StateStore]:
     """One job run to the end in this process; returns its status and the state."""
     state = StateStore.in_dir(settings.state_dir)

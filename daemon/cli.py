@@ -29,7 +29,7 @@ from daemon.logs import configure
 from daemon.reload import Reloader
 from daemon.settings import Settings, load_settings
 from daemon.sources.directory import report_name
-from daemon.state import StateStore, iso
+from daemon.state import StateStore, TransferRow, iso
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 T = TypeVar("T")
@@ -200,15 +200,17 @@ class _Bar:
     def __init__(self, enabled: bool) -> None:
         self.enabled = enabled
         self.done = 0
+        self.reused = 0  # staged by an earlier run: done, but not moved now
         self.t0 = time.monotonic()
         self._last = 0.0
 
-    def __call__(self, n: int) -> None:
+    def __call__(self, n: int, *, reused: bool = False) -> None:
         self.done += n
+        self.reused += n if reused else 0
         now = time.monotonic()
         if self.enabled and now - self._last > 0.2:
             self._last = now
-            rate = self.done / max(now - self.t0, 1e-6)
+            rate = (self.done - self.reused) / max(now - self.t0, 1e-6)
             sys.stderr.write(f"\r{self.done / 2**20:10.1f} MiB  {rate / 2**20:8.1f} MiB/s ")
             sys.stderr.flush()
 
@@ -382,11 +384,7 @@ def _status(args: argparse.Namespace, settings: Settings) -> int:
                 return EXIT_OK
             print(f"{row.job}  {row.status}  started {iso(row.started_at)}")
             for t in state.transfers(row.job):
-                total = f"/{t.bytes_total}" if t.bytes_total and t.status == "running" else ""
-                line = (
-                    f"  {t.status:<11} {t.bytes_done}{total} B  {t.rate / 2**20:7.1f} MiB/s  "
-                    f"{t.source} -> {t.destination}"
-                )
+                line = f"  {progress(t)}  {t.source} -> {t.destination}"
                 print(line + (f"\n              {t.error}" if t.error else ""))
             return EXIT_OK
         rows = state.jobs()
@@ -401,6 +399,31 @@ def _status(args: argparse.Namespace, settings: Settings) -> int:
         return EXIT_OK
     finally:
         state.close()
+
+
+def progress(t: TransferRow) -> str:
+    """A transfer's figures in `blobferry status`; one running also says how far it is
+    and, at its rate so far, how long it has to go: a file of days is watched by this."""
+    total = t.bytes_total if t.status == "running" else None
+    line = f"{t.status:<11} {t.bytes_done}"
+    line += f"/{total} B {100 * t.bytes_done / total:5.1f}%" if total else " B"
+    line += f"  {t.rate / 2**20:7.1f} MiB/s"
+    if total and t.rate > 0:
+        line += f"  ~{duration((total - t.bytes_done) / t.rate)} left"
+    return line
+
+
+def duration(seconds: float) -> str:
+    """3d04h, 2h05m, 4m10s or 12s: two units at most, as a person reads an estimate."""
+    s = round(seconds)
+    days, s = divmod(s, 86400)
+    hours, s = divmod(s, 3600)
+    minutes, s = divmod(s, 60)
+    if days:
+        return f"{days}d{hours:02}h"
+    if hours:
+        return f"{hours}h{minutes:02}m"
+    return f"{minutes}m{s:02}s" if minutes else f"{s}s"
 
 
 def _row(r: object) -> dict[str, object]:

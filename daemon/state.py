@@ -50,6 +50,7 @@ CREATE TABLE IF NOT EXISTS transfers (
     status TEXT NOT NULL,
     bytes_total INTEGER,
     bytes_done INTEGER NOT NULL DEFAULT 0,
+    bytes_reused INTEGER NOT NULL DEFAULT 0,
     started_at REAL NOT NULL,
     updated_at REAL NOT NULL,
     finished_at REAL,
@@ -94,6 +95,7 @@ class TransferRow:
     finished_at: float | None
     error: str | None
     detail: dict[str, Any]
+    bytes_reused: int = 0  # of bytes_done: staged by an earlier run, not moved by this one
 
     @property
     def seconds(self) -> float:
@@ -101,7 +103,9 @@ class TransferRow:
 
     @property
     def rate(self) -> float:
-        return self.bytes_done / self.seconds if self.seconds > 0 else 0.0
+        """Bytes moved a second: reused ones took no time and are left out."""
+        moved = self.bytes_done - self.bytes_reused
+        return moved / self.seconds if self.seconds > 0 else 0.0
 
     def report(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -122,13 +126,17 @@ class StateStore:
         """``read_only``: for `blobferry status`, which may run as a user who can only
         read the database (one of the daemon's group), and never writes to it."""
         self._path = str(path)
-        self._excluded = "j.excluded"  # or 0, read from a database from before it
+        # Columns added since the first release: 0 where a database from before lacks
+        # them (`blobferry status` reads, never alters, a database the daemon made).
+        self._excluded = "j.excluded"
+        self._reused = "bytes_reused"
         if read_only:
             try:
                 uri = Path(path).absolute().as_uri() + "?mode=ro"
                 self._db = sqlite3.connect(uri, uri=True)
                 self._db.execute("SELECT 1 FROM jobs LIMIT 1")
-                self._excluded = "j.excluded" if self._has_excluded() else "0"
+                self._excluded = "j.excluded" if self._has("jobs", "excluded") else "0"
+                self._reused = "bytes_reused" if self._has("transfers", "bytes_reused") else "0"
             except sqlite3.Error as e:
                 raise BlobferryError(
                     f"cannot read the state database {self._path} ({e}); reading it takes "
@@ -143,16 +151,20 @@ class StateStore:
             raise StateError(self._path, e) from None
         self._open()
 
-    def _has_excluded(self) -> bool:
-        return any(r[1] == "excluded" for r in self._db.execute("PRAGMA table_info(jobs)"))
+    def _has(self, table: str, column: str) -> bool:
+        return any(r[1] == column for r in self._db.execute(f"PRAGMA table_info({table})"))
 
     def _open(self) -> None:
         with self._writing():
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.executescript(_SCHEMA)
-            if not self._has_excluded():  # a database from before include/exclude
+            if not self._has("jobs", "excluded"):  # a database from before include/exclude
                 self._db.execute("ALTER TABLE jobs ADD COLUMN excluded INTEGER NOT NULL DEFAULT 0")
+            if not self._has("transfers", "bytes_reused"):  # from before it was told apart
+                self._db.execute(
+                    "ALTER TABLE transfers ADD COLUMN bytes_reused INTEGER NOT NULL DEFAULT 0"
+                )
             # One row written at every start: a disk too full to take it stops the daemon
             # here, with the reason, not at the first job.
             self._db.execute(
@@ -237,12 +249,15 @@ class StateStore:
                 (job, seq, source, destination, now, now),
             )
 
-    def transfer_progress(self, job: str, seq: int, done: int, total: int | None) -> None:
+    def transfer_progress(
+        self, job: str, seq: int, done: int, total: int | None, reused: int = 0
+    ) -> None:
+        """``done`` bytes of ``total``, ``reused`` of them staged by an earlier run."""
         with self._writing():
             self._db.execute(
-                "UPDATE transfers SET bytes_done = ?, bytes_total = ?, updated_at = ? "
-                "WHERE job = ? AND seq = ?",
-                (done, total, time.time(), job, seq),
+                "UPDATE transfers SET bytes_done = ?, bytes_total = ?, bytes_reused = ?, "
+                "updated_at = ? WHERE job = ? AND seq = ?",
+                (done, total, reused, time.time(), job, seq),
             )
 
     def transfer_finished(
@@ -304,7 +319,8 @@ class StateStore:
     def transfers(self, job: str, db: sqlite3.Connection | None = None) -> Iterator[TransferRow]:
         cur = (db or self._db).execute(
             "SELECT seq, source, destination, status, bytes_total, bytes_done, started_at, "
-            "updated_at, finished_at, error, detail FROM transfers WHERE job = ? ORDER BY seq",
+            f"updated_at, finished_at, error, detail, {self._reused} FROM transfers "
+            "WHERE job = ? ORDER BY seq",
             (job,),
         )
         for r in cur:
@@ -320,6 +336,7 @@ class StateStore:
                 finished_at=r[8],
                 error=r[9],
                 detail=json.loads(r[10]) if r[10] else {},
+                bytes_reused=r[11],
             )
 
     def write_report(self, job: str, fp: IO[str]) -> str:

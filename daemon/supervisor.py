@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass, field
 from functools import partial
@@ -37,7 +37,7 @@ from daemon.s3 import Listed, S3Reader
 from daemon.settings import Settings
 from daemon.sources.base import ClaimedJob, JobSource
 from daemon.state import StateStore
-from daemon.transfer import Copier, Status
+from daemon.transfer import Copier, Progress, Status
 
 log = structlog.get_logger("blobferry")
 
@@ -109,24 +109,34 @@ class _Tracker:
         self._job, self._seq = job, seq
         self.total = total
         self.done = 0
+        self.reused = 0  # of done: staged by an earlier run, not moved by this one
         self.t0 = time.monotonic()
         self._last = self.t0
 
-    def advance(self, n: int) -> None:
+    def advance(self, n: int, *, reused: bool = False) -> None:
         self.done += n
-        self._sup.metrics.streamed(n)
-        if self._sup.on_progress is not None:
-            self._sup.on_progress(n)
         now = time.monotonic()
-        if now - self._last >= self._sup.settings.progress_interval_s:
+        if reused:
+            # Done, but not moved: kept out of the throughput (the metric's rate(), the
+            # transfer's rate and what `blobferry status` estimates from it), and
+            # recorded at once, so the estimate is right from its first reading.
+            self.reused += n
+        else:
+            self._sup.metrics.streamed(n)
+        if self._sup.on_progress is not None:
+            self._sup.on_progress(n, reused=reused)
+        if reused or now - self._last >= self._sup.settings.progress_interval_s:
             self._last = now
-            self._sup.state.transfer_progress(self._job, self._seq, self.done, self.total)
+            self._sup.state.transfer_progress(
+                self._job, self._seq, self.done, self.total, self.reused
+            )
             self._sup.flush_soon()
             log.info("progress", bytes=self.done, total=self.total, rate=self.rate())
 
     def rate(self) -> float:
+        """Bytes moved a second (reused ones left out)."""
         seconds = time.monotonic() - self.t0
-        return round(self.done / seconds, 1) if seconds > 0 else 0.0
+        return round((self.done - self.reused) / seconds, 1) if seconds > 0 else 0.0
 
 
 class Supervisor:
@@ -140,7 +150,7 @@ class Supervisor:
         *,
         grace_s: float = 30.0,
         force: asyncio.Event | None = None,
-        on_progress: Callable[[int], None] | None = None,
+        on_progress: Progress | None = None,
     ) -> None:
         self.settings = settings
         self.state = state

@@ -25,7 +25,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from enum import StrEnum
 from functools import partial
-from typing import ClassVar, TypeVar
+from typing import ClassVar, Protocol, TypeVar
 
 import structlog
 from awscrt import checksums as awscrt_checksums
@@ -85,7 +85,19 @@ def _sent_length(block_id: str) -> int:
 
 
 T = TypeVar("T")
-Progress = Callable[[int], None]
+
+
+class Progress(Protocol):
+    """A transfer's bytes done: moved now, or ``reused``: found staged by an earlier
+    run, done without moving (no throughput, no rate)."""
+
+    def __call__(self, n: int, *, reused: bool = False) -> None: ...
+
+
+def _unwatched(n: int, *, reused: bool = False) -> None:
+    """The Progress of a copy no one watches."""
+
+
 SourceUrls = Callable[[ObjectInfo], Awaitable[str]]
 AZURE_CHECKED = "etag: Azure checked the bytes against S3's MD5 as they arrived"
 SERVER_SIDE_CHECKED = "etag: Azure checked the bytes it fetched from S3 against S3's MD5"
@@ -419,7 +431,7 @@ class Copier:
             raise Interrupted()
         try:
             await self._container(spec)
-            return await self._copy(spec, listed, progress or (lambda n: None), known)
+            return await self._copy(spec, listed, progress or _unwatched, known)
         except ArchivedObjectError as e:
             if self._settings.archived == "skip":
                 return Outcome(Status.SKIPPED, note=str(e))
@@ -884,7 +896,7 @@ class Copier:
         reused = sum(m is not None for m in md5s)
         todo = [b for b in plan.blocks if md5s[b.index] is None]
         if reused:
-            progress(sum(b.length for b in plan.blocks) - sum(b.length for b in todo))
+            progress(sum(b.length for b in plan.blocks) - sum(b.length for b in todo), reused=True)
         checksum = Checksum.for_object(info)
         # The in-order pass over the bytes gives the whole object's MD5 (the blob's
         # Content-MD5, and the proof of a single-part object), the MD5 of a part cut into
@@ -914,7 +926,7 @@ class Copier:
             if digest is not None:  # a fresh one: a checksum's state cannot be rewound
                 digest = _InOrderDigest(plan, Checksum.for_object(info))
             await self._stage_all(
-                info, dst, plan, list(plan.blocks), md5s, digest, lambda n: None, first
+                info, dst, plan, list(plan.blocks), md5s, digest, _unwatched, first
             )
             damaged = sum(a != b for a, b in zip(first, md5s, strict=True))
             verified, md5 = self._proof(info, plan, md5s, digest, reused)

@@ -619,23 +619,36 @@ async def test_a_dry_run_decides_what_would_be_copied_and_writes_nothing(
     assert heads == [f"HEAD /{bucket}/out/cold.csv", f"HEAD /{bucket}/out/gone.csv"], heads
 
 
-def test_a_state_database_from_before_excluded_is_read_and_brought_up_to_date(
+def test_a_state_database_from_before_new_columns_is_read_and_brought_up_to_date(
     tmp_path: Path,
 ) -> None:
-    """`blobferry status` reads an older database as it is; the daemon adds the column."""
+    """`blobferry status` reads an older database as it is (no jobs.excluded, no
+    transfers.bytes_reused); the daemon adds the columns."""
     path = tmp_path / "blobferry.sqlite3"
-    old_schema = _SCHEMA.replace(",\n    excluded INTEGER NOT NULL DEFAULT 0", "")
-    assert old_schema != _SCHEMA
+    old_schema = _SCHEMA.replace(",\n    excluded INTEGER NOT NULL DEFAULT 0", "").replace(
+        "\n    bytes_reused INTEGER NOT NULL DEFAULT 0,", ""
+    )
+    assert old_schema.count("DEFAULT 0") == _SCHEMA.count("DEFAULT 0") - 2
     with sqlite3.connect(path) as db:
         db.executescript(old_schema)
         db.execute("INSERT INTO jobs VALUES ('old.json', 'done', 1.0, 2.0, NULL)")
+        db.execute(
+            "INSERT INTO transfers VALUES "
+            "('old.json', 0, 's3://b/k', 'az://c/k', 'copied', 8, 8, 1.0, 2.0, 2.0, NULL, NULL)"
+        )
     db.close()
     reader = StateStore(path, read_only=True)
     [row] = reader.jobs()
     assert (row.job, row.status, row.excluded) == ("old.json", "done", 0)
+    [t] = reader.transfers("old.json")
+    assert (t.bytes_done, t.bytes_reused, t.rate) == (8, 0, 8.0)
     reader.close()
     store = StateStore(path)
     store.job_started("new.json")
+    store.transfer_started("new.json", 0, "s3://b/k", "az://c/k")
+    store.transfer_progress("new.json", 0, 6, 8, reused=4)
     store.job_finished("new.json", "done", excluded=3)
     assert {r.job: r.excluded for r in store.jobs()} == {"old.json": 0, "new.json": 3}
+    [t] = store.transfers("new.json")
+    assert (t.bytes_done, t.bytes_reused) == (6, 4)
     store.close()

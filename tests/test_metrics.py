@@ -134,3 +134,48 @@ async def test_retries_are_counted_by_step(
     # An object of one block goes in one step, its GET and its Put Blob: "copy".
     step = 'blobferry_retries_total{step="copy"}'
     assert after[step] - before.get(step, 0) == 3
+
+
+async def test_blocks_staged_by_an_earlier_run_count_as_done_but_not_as_streamed(
+    settings: Settings,
+    azurite_endpoint: str,
+    s3_client: Any,
+    blob_service: BlobServiceClient,
+    bucket: str,
+    container: str,
+) -> None:
+    """A commit refused leaves every block staged; the job run again reuses them all.
+    Its transfer has done all its bytes and moved none: the throughput (the streamed
+    bytes' rate(), the transfer's rate, and so `blobferry status`'s estimate) must not
+    count a resume's reuse as bytes moved in no time."""
+    from daemon.state import StateStore
+    from tests.helpers import azure_through, copy
+
+    size = 9 * MiB  # three 4 MiB blocks
+    body = payload(size, seed=21)
+    s3_client.put_object(Bucket=bucket, Key="r", Body=body)
+    refused = Faults(
+        error_every=1,
+        error_match=b"comp=blocklist",
+        error_status=403,
+        error_headers="x-ms-error-code: AuthorizationPermissionMismatch\r\n",
+    )
+    async with FaultProxy(azurite_endpoint, refused) as azp:
+        status, [row] = await copy(
+            azure_through(settings, azp.endpoint), f"s3://{bucket}/r", f"az://{container}/r"
+        )
+    assert status == "failed" and "not permitted" in (row.error or "")
+    address = f"127.0.0.1:{free_port()}"
+    tuned = settings.model_copy(update={"metrics_address": address})
+    async with running_daemon(tuned) as d:
+        d.drop("r.json", job(f"s3://{bucket}/r", f"az://{container}/r"))
+        folder, report = await d.wait_finished("r.json")
+        got = samples((await scrape(f"http://{address}/metrics"))[1])
+    assert folder == "done", report
+    assert report["transfers"][0]["blocks_reused"] == 3
+    assert got["blobferry_copied_bytes_total"] == size
+    assert got["blobferry_streamed_bytes_total"] == 0
+    state = StateStore(tuned.state_dir / "blobferry.sqlite3", read_only=True)
+    [t] = state.transfers("r.json")
+    state.close()
+    assert (t.bytes_done, t.bytes_reused, t.rate) == (size, size, 0.0)
