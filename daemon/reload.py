@@ -2,8 +2,8 @@
 
 The cap on bandwidth is why this exists: the service sharing the instance may need its
 network back now, not after a restart, and a restart of a daemon moving a file of
-hundreds of GB costs the blocks in flight. The same holds for its memory and its
-connections. ``bandwidth_mb_s``, ``max_transfers``, ``memory_mb``, ``log_level`` and
+hundreds of GB costs the blocks in flight. The same holds for its memory and for how
+many transfers run at once. ``bandwidth_mb_s``, ``max_transfers``, ``memory_mb``, ``log_level`` and
 ``keep_days`` change at once, for running transfers too: a lower ``max_transfers`` or
 ``memory_mb`` stops admitting transfers or blocks until the load is under it, and
 cancels nothing. Everything else (folders, endpoints, credentials, block sizes,
