@@ -60,6 +60,17 @@ class Faults:
     lose_reply_match: bytes = b""
 
 
+def azure_answers(match: bytes, status: int, code: str) -> Faults:
+    """Every request holding ``match`` answered as Azure refuses one: ``status``, with
+    its error code in x-ms-error-code (where a HEAD's answer, which has no body, has it)."""
+    return Faults(
+        error_every=1,
+        error_match=match,
+        error_status=status,
+        error_headers=f"x-ms-error-code: {code}\r\n",
+    )
+
+
 class LoopbackServer:
     """A TCP server on a free loopback port; the tasks serving its connections end
     with it. Subclasses serve a connection in ``_accept``."""

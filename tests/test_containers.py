@@ -12,7 +12,7 @@ from azure.storage.blob import BlobServiceClient
 
 from daemon.settings import Settings
 from tests.helpers import MiB, azure_through, blob_bytes, copy, payload
-from tests.proxy import FaultProxy, Faults
+from tests.proxy import FaultProxy, azure_answers
 
 
 @pytest.fixture
@@ -90,11 +90,10 @@ async def test_credentials_that_may_not_create_fail_the_prefix_once_with_the_rea
     one transfer saying what to do."""
     for i in range(3):
         s3_client.put_object(Bucket=bucket, Key=f"p/{i}", Body=b"x")
-    refusal = Faults(
-        error_every=1,
-        error_match=f"PUT /devstoreaccount1/{new_container}?restype=container ".encode(),
-        error_status=403,
-        error_headers="x-ms-error-code: AuthorizationPermissionMismatch\r\n",
+    refusal = azure_answers(
+        f"PUT /devstoreaccount1/{new_container}?restype=container ".encode(),
+        403,
+        "AuthorizationPermissionMismatch",
     )
     async with FaultProxy(azurite_endpoint, refusal) as azp:
         via = azure_through(settings, azp.endpoint)
@@ -120,11 +119,8 @@ async def test_a_container_deleted_during_a_run_fails_that_copy_and_is_created_a
     what the run had learnt."""
     for key in ("p/a", "p/b"):
         s3_client.put_object(Bucket=bucket, Key=key, Body=key.encode())
-    gone = Faults(
-        error_every=1,
-        error_match=f"PUT /devstoreaccount1/{new_container}/p/a ".encode(),
-        error_status=404,
-        error_headers="x-ms-error-code: ContainerNotFound\r\n",
+    gone = azure_answers(
+        f"PUT /devstoreaccount1/{new_container}/p/a ".encode(), 404, "ContainerNotFound"
     )
     async with FaultProxy(azurite_endpoint, gone) as azp:
         via = azure_through(settings, azp.endpoint, max_transfers=1)  # a, then b

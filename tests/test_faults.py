@@ -35,7 +35,7 @@ from tests.helpers import (
     multipart_object,
     payload,
 )
-from tests.proxy import FaultProxy, Faults
+from tests.proxy import FaultProxy, Faults, azure_answers
 from tests.sandbox import Sandbox
 
 BLOBFERRY = str(Path(sys.executable).parent / "blobferry")
@@ -731,11 +731,8 @@ async def test_a_refusal_as_existing_is_believed_when_the_blob_is_not_this_copy(
     it, and nothing is there) and no blob holding this copy is found, so the transfer
     fails as 'already exists': only this very copy is taken for a lost answer."""
     s3_client.put_object(Bucket=bucket, Key="o.bin", Body=b"data")
-    exists = Faults(
-        error_every=1,
-        error_status=409,
-        error_headers="x-ms-error-code: BlobAlreadyExists\r\n",
-        error_match=f"PUT /devstoreaccount1/{container}/o.bin HTTP".encode(),
+    exists = azure_answers(
+        f"PUT /devstoreaccount1/{container}/o.bin HTTP".encode(), 409, "BlobAlreadyExists"
     )
     async with FaultProxy(azurite_endpoint, exists) as azp:
         tuned = azure_through(settings, azp.endpoint)

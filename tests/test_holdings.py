@@ -13,7 +13,7 @@ from daemon.azure import ExistingBlob
 from daemon.holdings import Holdings, Known
 from daemon.settings import Settings
 from tests.helpers import MiB, azure_through, blob_bytes, blob_names, copy, payload
-from tests.proxy import FaultProxy, Faults
+from tests.proxy import FaultProxy, azure_answers
 
 
 def blob(n: int) -> ExistingBlob:
@@ -145,12 +145,7 @@ async def test_a_refused_listing_leaves_each_copy_to_ask(
     listing's refusal costs nothing but the HEADs it would have saved."""
     for i in range(5):
         s3_client.put_object(Bucket=bucket, Key=f"p/{i}", Body=payload(100, seed=i))
-    refusal = Faults(
-        error_every=1,
-        error_match=b"comp=list",
-        error_status=403,
-        error_headers="x-ms-error-code: AuthorizationPermissionMismatch\r\n",
-    )
+    refusal = azure_answers(b"comp=list", 403, "AuthorizationPermissionMismatch")
     async with FaultProxy(azurite_endpoint, refusal) as azp:
         via = azure_through(settings, azp.endpoint)
         status, rows = await copy(via, f"s3://{bucket}/p/", f"az://{container}/p/")

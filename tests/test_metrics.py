@@ -17,7 +17,7 @@ from daemon.settings import Settings, load_settings
 from tests.conftest import running_daemon
 from tests.emulators import free_port
 from tests.helpers import MiB, payload
-from tests.proxy import FaultProxy, Faults
+from tests.proxy import FaultProxy, Faults, azure_answers
 from tests.test_daemon import job, transfers
 from tests.test_faults import through
 
@@ -154,12 +154,7 @@ async def test_blocks_staged_by_an_earlier_run_count_as_done_but_not_as_streamed
     size = 9 * MiB  # three 4 MiB blocks
     body = payload(size, seed=21)
     s3_client.put_object(Bucket=bucket, Key="r", Body=body)
-    refused = Faults(
-        error_every=1,
-        error_match=b"comp=blocklist",
-        error_status=403,
-        error_headers="x-ms-error-code: AuthorizationPermissionMismatch\r\n",
-    )
+    refused = azure_answers(b"comp=blocklist", 403, "AuthorizationPermissionMismatch")
     async with FaultProxy(azurite_endpoint, refused) as azp:
         status, [row] = await copy(
             azure_through(settings, azp.endpoint), f"s3://{bucket}/r", f"az://{container}/r"
