@@ -392,8 +392,11 @@ def _status(args: argparse.Namespace, settings: Settings) -> int:
             print(json.dumps([_row(r) for r in rows]))
             return EXIT_OK
         for r in rows:
+            dry = ""
+            if r.would_copy:  # a dry run
+                dry = f" ({r.would_copy} would be copied, {r.would_copy_bytes} B)"
             print(
-                f"{r.job:<40} {r.status:<11} {r.copied} copied, {r.skipped} skipped, "
+                f"{r.job:<40} {r.status:<11} {r.copied} copied, {r.skipped} skipped{dry}, "
                 f"{r.failed} failed, {r.bytes_done} B  (started {iso(r.started_at)})"
             )
         return EXIT_OK

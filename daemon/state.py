@@ -61,6 +61,10 @@ CREATE TABLE IF NOT EXISTS transfers (
 """
 
 
+# A dry run's outcome for an object a copy would copy: its bytes, in the detail.
+_WOULD_COPY = "json_extract(t.detail, '$.would_copy')"
+
+
 def iso(ts: float | None) -> str | None:
     return (
         None if ts is None else datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds")
@@ -80,6 +84,8 @@ class JobRow:
     failed: int
     bytes_done: int
     excluded: int = 0  # objects under a prefix its include/exclude left out
+    would_copy: int = 0  # a dry run's skipped objects that a copy would copy ...
+    would_copy_bytes: int = 0  # ... and their bytes
 
 
 @dataclass(frozen=True, slots=True)
@@ -308,11 +314,12 @@ class StateStore:
         q = (
             "SELECT j.job, j.status, j.started_at, j.finished_at, j.error, "
             "COUNT(t.seq), SUM(t.status = 'copied'), SUM(t.status = 'skipped'), "
-            f"SUM(t.status = 'failed'), COALESCE(SUM(t.bytes_done), 0), {self._excluded} "
+            f"SUM(t.status = 'failed'), COALESCE(SUM(t.bytes_done), 0), {self._excluded}, "
+            f"COUNT({_WOULD_COPY}), COALESCE(SUM({_WOULD_COPY}), 0) "
             f"FROM jobs j LEFT JOIN transfers t ON t.job = j.job {where} GROUP BY j.job {order}"
         )
         return [
-            JobRow(r[0], r[1], r[2], r[3], r[4], r[5], r[6] or 0, r[7] or 0, r[8] or 0, r[9], r[10])
+            JobRow(r[0], r[1], r[2], r[3], r[4], r[5], r[6] or 0, r[7] or 0, r[8] or 0, *r[9:13])
             for r in (db or self._db).execute(q, args)
         ]
 
@@ -367,6 +374,11 @@ class StateStore:
                 "bytes": row.bytes_done,
             },
         }
+        if row.would_copy:  # a dry run: what it is run for, without adding it up by hand
+            head["summary"]["would_copy"] = {
+                "objects": row.would_copy,
+                "bytes": row.would_copy_bytes,
+            }
         if row.error:
             head["error"] = row.error
         text = json.dumps(head, indent=2, ensure_ascii=False)

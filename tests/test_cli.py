@@ -118,9 +118,15 @@ def test_exit_codes_and_one_line_errors(
     assert report["summary"]["excluded"] == 2
     dry = run(["copy", f"s3://{bucket}/p/", f"az://{container}/q/", "--dry-run", "--quiet"], env)
     assert dry.returncode == 0, dry.stderr
-    assert [(t["note"], t["would_copy"]) for t in json.loads(dry.stdout)["transfers"]] == [
+    dry_report = json.loads(dry.stdout)
+    assert [(t["note"], t["would_copy"]) for t in dry_report["transfers"]] == [
         ("dry run: would be copied", 4)
     ] * 3
+    assert dry_report["summary"]["would_copy"] == {"objects": 3, "bytes": 12}
+    assert "would_copy" not in report["summary"]  # a copy's report: nothing to add up
+    listed = run(["status"], env)
+    [line] = [line for line in listed.stdout.splitlines() if line.startswith(dry_report["job"])]
+    assert "3 skipped (3 would be copied, 12 B)" in line
     one = run(["copy", f"s3://{bucket}/k", f"az://{container}/k", "--include", "*.csv"], env)
     assert one.returncode == 2 and "choose objects under a prefix" in one.stderr
     bad_env = dict(env, BLOBFERRY_MEMORY_MB="lots")
