@@ -411,8 +411,8 @@ def progress(t: TransferRow) -> str:
     line = f"{t.status:<11} {t.bytes_done}"
     line += f"/{total} B {100 * t.bytes_done / total:5.1f}%" if total else " B"
     line += f"  {t.rate / 2**20:7.1f} MiB/s"
-    if total and t.rate > 0:
-        line += f"  ~{duration((total - t.bytes_done) / t.rate)} left"
+    if (left := t.seconds_left) is not None:
+        line += f"  ~{duration(left)} left"
     return line
 
 

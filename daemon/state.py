@@ -113,6 +113,14 @@ class TransferRow:
         moved = self.bytes_done - self.bytes_reused
         return moved / self.seconds if self.seconds > 0 else 0.0
 
+    @property
+    def seconds_left(self) -> float | None:
+        """For a running transfer of known size: how long it has to go at its rate so
+        far; None when nothing can be said yet."""
+        if self.status != "running" or not self.bytes_total or self.rate <= 0:
+            return None
+        return (self.bytes_total - self.bytes_done) / self.rate
+
     def report(self) -> dict[str, Any]:
         out: dict[str, Any] = {
             "source": self.source,
@@ -121,6 +129,12 @@ class TransferRow:
             "bytes": self.bytes_done,
             "seconds": self.seconds,
         }
+        if self.status == "running" and self.bytes_total:  # `blobferry status JOB --json`
+            out["bytes_total"] = self.bytes_total
+            if (left := self.seconds_left) is not None:
+                out["seconds_left"] = round(left)
+        if self.bytes_reused:
+            out["bytes_reused"] = self.bytes_reused
         if self.error:
             out["error"] = self.error
         out.update(self.detail)

@@ -221,8 +221,16 @@ def test_status_says_how_far_a_running_transfer_is_and_how_long_it_has_to_go() -
     line = progress(running)
     assert line.startswith(f"running     {40 * GiB}/{100 * GiB} B  40.0%")
     assert line.endswith(f"{30 * GiB / 3600 / MiB:7.1f} MiB/s  ~2h00m left")
+    report = running.report()  # `blobferry status JOB --json`: the same figures
+    assert (report["bytes_total"], report["bytes_reused"], report["seconds_left"]) == (
+        100 * GiB,
+        10 * GiB,
+        7200,
+    )
     done = TransferRow(0, "s3://b/k", "az://c/k", "copied", 8, 8, 0.0, 2.0, 2.0, None, {})
     assert progress(done) == f"copied      8 B  {4 / MiB:7.1f} MiB/s"
+    assert done.seconds_left is None
+    assert not {"bytes_total", "bytes_reused", "seconds_left"} & set(done.report())
     assert [duration(s) for s in (0.4, 59, 61, 3599, 3600 * 26.5, 86400 * 4)] == [
         "0s", "59s", "1m01s", "59m59s", "1d02h", "4d00h",
     ]  # fmt: skip

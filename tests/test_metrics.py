@@ -168,6 +168,7 @@ async def test_blocks_staged_by_an_earlier_run_count_as_done_but_not_as_streamed
         got = samples((await scrape(f"http://{address}/metrics"))[1])
     assert folder == "done", report
     assert report["transfers"][0]["blocks_reused"] == 3
+    assert report["transfers"][0]["bytes_reused"] == size
     assert got["blobferry_copied_bytes_total"] == size
     assert got["blobferry_streamed_bytes_total"] == 0
     state = StateStore(tuned.state_dir / "blobferry.sqlite3", read_only=True)
