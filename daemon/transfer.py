@@ -811,6 +811,8 @@ class Copier:
                 lanes.release()
 
         todo = [b for b in plan.blocks if b.index not in done]
+        if done:
+            progress(sum(b.length for b in plan.blocks if b.index in done), reused=True)
         interrupted = False
         try:
             async with asyncio.TaskGroup() as tg:

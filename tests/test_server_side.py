@@ -210,16 +210,27 @@ async def test_a_server_side_copy_stopped_halfway_resumes_from_the_blocks_azure_
             await Copier(narrow, s3, az, budget, source_urls=urls, stopping=stopping).copy(spec)
         # A task per lane, not per block: a 50,000-block object made 50,000 at once.
         assert max(tasks) - before <= 2
-        staged = len(
-            blob_service.get_blob_client(container, "copy.bin").get_block_list("uncommitted")[1]
-        )
+        client = blob_service.get_blob_client(container, "copy.bin")
+        uncommitted = client.get_block_list("uncommitted")[1]
+        staged = len(uncommitted)
         assert 0 < staged < 7 and asked == staged
         asked = 0
-        outcome = await Copier(settings, s3, az, budget, source_urls=urls).copy(spec)
+        done: list[tuple[int, bool]] = []
+
+        def progress(n: int, *, reused: bool = False) -> None:
+            done.append((n, reused))
+
+        outcome = await Copier(settings, s3, az, budget, source_urls=urls).copy(
+            spec, progress=progress
+        )
     assert (outcome.status, outcome.route, outcome.blocks_reused) == (
         "copied",
         "server-side",
         staged,
     )
     assert asked == 7 - staged  # only the blocks Azure did not hold were fetched
+    # The blocks Azure held are done, as reused (no rate counts them); the rest moved.
+    reused = [n for n, was_reused in done if was_reused]
+    assert len(reused) == 1 and sum(n for n, _ in done) == len(body)
+    assert reused[0] == sum(b.size for b in uncommitted)
     assert blob_bytes(blob_service, container, "copy.bin") == body
