@@ -10,6 +10,8 @@ import signal
 import socket
 import sys
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -330,6 +332,26 @@ async def start_daemon(
     )
 
 
+@asynccontextmanager
+async def notified_daemon(
+    env: dict[str, str], folder: Path, sandbox: Sandbox | None = None
+) -> AsyncIterator[tuple[asyncio.subprocess.Process, socket.socket]]:
+    """`blobferry run` with $NOTIFY_SOCKET on a socket of ours in ``folder``, to hear
+    what it tells systemd; a daemon still running at the end is killed."""
+    path = str(folder / "notify.sock")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(path)
+    sock.setblocking(False)
+    proc = await start_daemon(dict(env, NOTIFY_SOCKET=path), sandbox=sandbox)
+    try:
+        yield proc, sock
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.communicate()
+        sock.close()
+
+
 async def start_mid_copy(
     env: dict[str, str],
     jobs_dir: Path,
@@ -488,17 +510,10 @@ async def test_notify_socket_protocol(
     azurite_endpoint: str,
 ) -> None:
     settings = make_settings(tmp_path, moto_endpoint, azurite_endpoint)
-    path = str(tmp_path / "notify.sock")
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    sock.bind(path)
-    sock.setblocking(False)
-    env = daemon_env(
-        settings, moto_endpoint, azurite_endpoint, NOTIFY_SOCKET=path, WATCHDOG_USEC="400000"
-    )
-    proc = await start_daemon(env)
+    env = daemon_env(settings, moto_endpoint, azurite_endpoint, WATCHDOG_USEC="400000")
     loop = asyncio.get_running_loop()
     messages: list[str] = []
-    try:
+    async with notified_daemon(env, tmp_path) as (proc, sock):
         while (
             not any("READY=1" in m for m in messages)
             or sum("WATCHDOG=1" in m for m in messages) < 3
@@ -507,11 +522,7 @@ async def test_notify_socket_protocol(
         proc.send_signal(signal.SIGTERM)
         while not any("STOPPING=1" in m for m in messages):
             messages.append((await asyncio.wait_for(loop.sock_recv(sock, 4096), 30)).decode())
-    finally:
-        if proc.returncode is None:
-            proc.send_signal(signal.SIGTERM)
         await proc.communicate()
-        sock.close()
     ready = next(m for m in messages if "READY=1" in m)
     assert "STATUS=" in ready and "jobs" in ready
     assert proc.returncode == 0

@@ -27,7 +27,7 @@ from tests.conftest import running_daemon
 from tests.emulators import free_port
 from tests.helpers import MiB, blob_bytes, payload
 from tests.test_daemon import job
-from tests.test_faults import daemon_env, start_daemon
+from tests.test_faults import daemon_env, notified_daemon
 from tests.test_metrics import samples, scrape
 
 
@@ -245,18 +245,8 @@ async def test_sighup_reloads_the_file_and_tells_systemd(
     SIGTERM still drains to exit 0. Before, SIGHUP killed the daemon on the spot."""
     config = tmp_path / "blobferry.toml"
     config.write_text("bandwidth_mb_s = 0\n")
-    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    notify.bind(str(tmp_path / "notify.sock"))
-    notify.setblocking(False)
-    env = daemon_env(
-        settings,
-        moto_endpoint,
-        azurite_endpoint,
-        BLOBFERRY_CONFIG=str(config),
-        NOTIFY_SOCKET=str(tmp_path / "notify.sock"),
-    )
-    proc = await start_daemon(env)
-    try:
+    env = daemon_env(settings, moto_endpoint, azurite_endpoint, BLOBFERRY_CONFIG=str(config))
+    async with notified_daemon(env, tmp_path) as (proc, notify):
         await notice(notify, "READY=1", proc)
         config.write_text('bandwidth_mb_s = "08:00,20 19:00,off"\nblock_size_mb = 8\n')
         await reload(proc, notify)
@@ -264,11 +254,6 @@ async def test_sighup_reloads_the_file_and_tells_systemd(
         await reload(proc, notify)
         proc.send_signal(signal.SIGTERM)
         out, err = await asyncio.wait_for(proc.communicate(), 60)
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.communicate()
-        notify.close()
     assert proc.returncode == 0, err.decode()[-2000:]
     lines = [json.loads(line) for line in out.decode().splitlines()]
     reloads = [e for e in lines if e["event"].startswith("settings ")]

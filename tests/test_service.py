@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -17,7 +16,7 @@ from tests.conftest import make_settings
 from tests.emulators import ROOT, free_port
 from tests.helpers import MiB, blob_bytes, payload
 from tests.sandbox import Sandbox
-from tests.test_faults import daemon_env, start_daemon, wait_report
+from tests.test_faults import daemon_env, notified_daemon, wait_report
 from tests.test_metrics import samples, scrape
 from tests.test_reload import notice, reload
 
@@ -73,19 +72,14 @@ async def test_the_daemon_serves_inside_the_units_system_call_sandbox(
     sizes = {"small.bin": 1000, "large.bin": 9 * MiB}
     for key, size in sizes.items():
         s3_client.put_object(Bucket=bucket, Key=f"in/{key}", Body=payload(size))
-    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    notify.bind(str(tmp_path / "notify.sock"))
-    notify.setblocking(False)
     env = daemon_env(
         settings,
         local[moto_endpoint],
         local[azurite_endpoint],
-        NOTIFY_SOCKET=str(tmp_path / "notify.sock"),
         WATCHDOG_USEC="1000000",
         BLOBFERRY_METRICS_ADDRESS=(metrics := f"127.0.0.1:{free_port()}"),
     )
-    proc = await start_daemon(env, sandbox=Sandbox.of_unit(UNIT))
-    try:
+    async with notified_daemon(env, tmp_path, Sandbox.of_unit(UNIT)) as (proc, notify):
         await notice(notify, "READY=1", proc)
         inbox = settings.jobs_dir / "inbox"
         (inbox / ".j.tmp").write_text(
@@ -98,11 +92,6 @@ async def test_the_daemon_serves_inside_the_units_system_call_sandbox(
         await reload(proc, notify)
         proc.send_signal(signal.SIGTERM)
         _, err = await asyncio.wait_for(proc.communicate(), 60)
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.communicate()
-        notify.close()
     assert proc.returncode == 0, err.decode()[-2000:]
     assert report["status"] == "done", report
     for key, size in sizes.items():
