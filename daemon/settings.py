@@ -167,7 +167,13 @@ class Settings(BaseSettings):
         "streams in flight within memory_mb, which is what a slow, distant link needs.",
     )
     block_concurrency: int = Field(
-        default=16, ge=1, description="Blocks of one object in flight at once."
+        default=64,
+        ge=1,
+        description="Most blocks of one object in flight at once. The memory budget, "
+        "shared in turn by every transfer, is the usual bound: an object alone takes all "
+        "of it (memory_mb / block size, 24 blocks by default), several take turns. The "
+        "default is the connection pools' size, so it binds only with a larger memory_mb. "
+        "Server-side mode holds no memory, so there it is the bound.",
     )
     poll_interval_s: float = Field(default=1.0, gt=0, le=2.0)
     watch: bool = Field(

@@ -14,14 +14,18 @@ import pytest
 from azure.storage.blob import BlobServiceClient
 
 from daemon import app
+from daemon.azure import AzureWriter
+from daemon.budget import Budget
 from daemon.jobs import S3Address, parse_job
 from daemon.s3 import S3Reader
 from daemon.settings import Settings
 from daemon.state import StateStore
 from daemon.supervisor import Supervisor
-from daemon.transfer import AZURE_CHECKED, _sent_length
+from daemon.transfer import AZURE_CHECKED, Copier, _sent_length
 from tests.conftest import make_settings
 from tests.helpers import MiB, blob_bytes, blob_names, copy, gz, payload, random_bytes, s3_bytes
+from tests.proxy import FaultProxy, Faults
+from tests.test_faults import through
 
 
 @pytest.mark.parametrize(
@@ -609,3 +613,36 @@ async def test_a_write_only_sas_copies_every_route_with_overwrite_always(
         assert status == "failed"
         assert row.error is not None and "grant read, or set overwrite 'always'" in row.error
     assert not any(n.startswith("new-") for n in blob_names(blob_service, container))
+
+
+async def test_an_object_alone_takes_the_whole_memory_budget_and_block_concurrency_caps_it(
+    settings: Settings,
+    moto_endpoint: str,
+    s3_client: Any,
+    blob_service: BlobServiceClient,
+    bucket: str,
+    container: str,
+) -> None:
+    """On a distant link each stream is slow, so one file's speed is how many of its
+    blocks are in flight. Alone, an object takes every block the memory budget holds
+    (24 here, more than the 16 it was once held to); block_concurrency still caps it."""
+    body = payload(32 * MiB, seed=24)
+    s3_client.put_object(Bucket=bucket, Key="wide.bin", Body=body)
+    [spec] = parse_job(
+        f'{{"source": "s3://{bucket}/wide.bin", "destination": "az://{container}/wide.bin", '
+        '"overwrite": "always"}'
+    )
+    # Each connection at 4 MiB/s: a 1 MiB block takes a quarter of a second to read, so
+    # every block the object is allowed is in flight at once.
+    async with FaultProxy(moto_endpoint, Faults(rate_bps=4 * MiB)) as proxy:
+        for cap, widest in ((None, 24), (6, 6)):
+            tuned = through(settings, proxy, pipe_max_mb=0, block_size_mb=1, memory_mb=24)
+            if cap is not None:
+                tuned = tuned.model_copy(update={"block_concurrency": cap})
+            budget = Budget(tuned.memory_bytes)
+            async with S3Reader(tuned) as s3, AzureWriter(tuned) as az:
+                outcome = await Copier(tuned, s3, az, budget).copy(spec)
+            assert (outcome.status, outcome.route) == ("copied", "blocks")
+            assert budget.peak == widest * MiB, (cap, budget.peak / MiB)
+            assert budget.used == 0
+            assert blob_bytes(blob_service, container, "wide.bin") == body
