@@ -3,13 +3,20 @@
 A HEAD carries no payload, so its duration is the link's round trip plus the service's
 own reaction time. The minimum over the last minute filters out the moments when this
 process's event loop was busy; an old figure is dropped, so a link that moved is
-measured again.
+measured again. The minimum filters only when there is more than one figure: a verdict
+that a service is far is therefore not taken on fewer than ``FAR_AFTER`` of them (the
+transfer asks again, see ``Copier._near``).
 """
 
 from __future__ import annotations
 
 import time
 from collections import deque
+
+# Round trips a "far" verdict rests on. On a loaded machine one answer in a few is late
+# (a garbage collection, the event loop busy, the other core taken), and a near link
+# judged far loses the pipe for a whole object; a far one costs two more round trips.
+FAR_AFTER = 3
 
 
 class RoundTrips:
@@ -20,8 +27,20 @@ class RoundTrips:
     def record(self, seconds: float) -> None:
         self._samples.append((time.monotonic(), seconds))
 
+    def _recent(self) -> list[float]:
+        since = time.monotonic() - self._window
+        return [s for t, s in self._samples if t >= since]
+
     def best(self) -> float | None:
         """The fastest round trip seen in the window, in seconds; None when none."""
-        since = time.monotonic() - self._window
-        recent = [s for t, s in self._samples if t >= since]
+        recent = self._recent()
         return min(recent) if recent else None
+
+    def near(self, within: float) -> bool | None:
+        """Whether the service answers within ``within`` seconds: True on one fast
+        round trip in the window, False on ``FAR_AFTER`` slow ones and none fast, None
+        while too few have been seen to tell."""
+        recent = self._recent()
+        if recent and min(recent) <= within:
+            return True
+        return False if len(recent) >= FAR_AFTER else None

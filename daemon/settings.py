@@ -232,8 +232,8 @@ class Settings(BaseSettings):
         default=10.0,
         ge=0,
         description="A link is near when the fastest recent small request (a HEAD) to S3 "
-        "and to Azure both answer within this. Farther away one stream is slow, and "
-        "blocks go in parallel.",
+        "and to Azure both answer within this; far when three have, none within it. "
+        "Farther away one stream is slow, and blocks go in parallel.",
     )
     verify: bool = Field(
         default=True,

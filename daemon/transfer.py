@@ -60,6 +60,7 @@ from daemon.jobs import (
     blob_name_problem,
     header_safe,
 )
+from daemon.latency import FAR_AFTER, RoundTrips
 from daemon.retry import retrying
 from daemon.s3 import ARCHIVE_CLASSES, ArchivedObjectError, Chunks, Listed, ObjectInfo, S3Reader
 from daemon.settings import MiB, Settings
@@ -545,18 +546,31 @@ class Copier:
         ):
             return False
         near = s.pipe_rtt_ms / 1000
-        s3 = self._s3.round_trips.best()  # the HEAD just made is among them
-        if s3 is None or s3 > near:
-            return False
-        if self._azure.round_trips.best() is None:
-            try:  # one HEAD to time, once a minute at most while objects keep coming
-                await self._azure.existing(spec.destination)
+        # The HEAD just made is among S3's round trips; Azure's are timed on HEADs of the
+        # destination, once a minute at most while objects keep coming.
+        return await self._near(
+            self._s3.round_trips, lambda: self._s3.head(info.address), near
+        ) and await self._near(
+            self._azure.round_trips, lambda: self._azure.existing(spec.destination), near
+        )
+
+    @staticmethod
+    async def _near(
+        trips: RoundTrips, probe: Callable[[], Awaitable[object]], within: float
+    ) -> bool:
+        """Whether a service answers within ``within`` s, asking ``probe`` (a HEAD) until
+        its round trips tell: one late answer may be a busy moment, not a far link."""
+        for _ in range(FAR_AFTER):
+            verdict = trips.near(within)
+            if verdict is not None:
+                return verdict
+            try:
+                await probe()
             except NotPermittedError:
                 pass  # refused, but answered: the round trip is timed all the same
             except TransferError:
                 return False  # the block path reports the problem properly
-        azure = self._azure.round_trips.best()
-        return azure is not None and azure <= near
+        return trips.near(within) is True
 
     async def _pipe(
         self, info: ObjectInfo, spec: TransferSpec, fp: str, progress: Progress

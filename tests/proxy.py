@@ -58,6 +58,10 @@ class Faults:
     # Lose the answer to the first request that holds this: the server has done the work
     # (a Put Blob committed, say) and the client sees its connection reset.
     lose_reply_match: bytes = b""
+    # The answers to the first N requests come this late, the later ones at once: a
+    # moment when the server (or this machine) was busy.
+    late_first: int = 0
+    late_s: float = 0.0
 
 
 def azure_answers(match: bytes, status: int, code: str) -> Faults:
@@ -127,6 +131,7 @@ class FaultProxy(LoopbackServer):
         self.requests: list[str] = []  # "METHOD /path" of every request seen
         self.lost_replies = 0
         self._losing: set[int] = set()  # connections whose next answer is to be lost
+        self._late: set[int] = set()  # connections whose next answer is to be late
         self.errors = 0
         self._matching = 0
         self._client_writer: dict[int, asyncio.StreamWriter] = {}
@@ -186,6 +191,8 @@ class FaultProxy(LoopbackServer):
                 lose = f.lose_reply_match and f.lose_reply_match in chunk
                 if lose and not self.lost_replies and not self._losing:
                     self._losing.add(number)
+                if len(self.requests) <= f.late_first:
+                    self._late.add(number)
             erring = f.error_every or f.error_first
             if not down and erring and _REQUEST.match(chunk) and f.error_match in chunk:
                 self._matching += 1
@@ -239,6 +246,9 @@ class FaultProxy(LoopbackServer):
                     raise _Reset()
                 if f.delay_s:
                     await asyncio.sleep(f.delay_s)
+                if number in self._late:
+                    self._late.discard(number)
+                    await asyncio.sleep(f.late_s)
                 if (
                     f.reset_every
                     and number % f.reset_every == 0

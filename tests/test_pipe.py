@@ -41,6 +41,10 @@ def gets(proxy: FaultProxy, key: str) -> int:
     return sum(r.startswith("GET ") and key in r for r in proxy.requests)
 
 
+def heads(proxy: FaultProxy, key: str) -> int:
+    return sum(r.startswith("HEAD ") and r.endswith(f"/{key}") for r in proxy.requests)
+
+
 async def test_each_object_takes_its_route(
     piping: Settings,
     moto_endpoint: str,
@@ -110,7 +114,44 @@ async def test_a_far_link_gets_parallel_blocks(
     assert status == "done", row.error
     assert row.detail["route"] == "blocks"
     assert gets(s3p, "far.bin") == 3
+    # Judged far on three late answers, not on one (see the test below).
+    assert heads(s3p if far == "s3" else azp, "far.bin") == 3
     assert blob_bytes(blob_service, container, "far.bin") == body
+
+
+@pytest.mark.parametrize("late", ["s3", "azure"])
+async def test_one_late_answer_does_not_make_a_near_link_far(
+    late: str,
+    settings: Settings,
+    moto_endpoint: str,
+    azurite_endpoint: str,
+    s3_client: Any,
+    blob_service: BlobServiceClient,
+    bucket: str,
+    container: str,
+) -> None:
+    """A busy moment (a garbage collection, the other core taken) makes one HEAD late.
+    Judged on it alone, a near link lost the pipe for the whole object; the service is
+    asked again before it is judged far."""
+    body = payload(12 * MiB, seed=6)
+    s3_client.put_object(Bucket=bucket, Key="near.bin", Body=body)
+    once = Faults(late_first=1, late_s=0.5)  # the first answer only
+    async with (
+        FaultProxy(moto_endpoint, once if late == "s3" else None) as s3p,
+        FaultProxy(azurite_endpoint, once if late == "azure" else None) as azp,
+    ):
+        tuned = through(
+            settings,
+            s3p,
+            azure={"connection_string": SecretStr(connection_string(azp.endpoint))},
+            pipe_max_mb=16,
+            pipe_rtt_ms=150.0,  # far above a HEAD's time on a loaded machine, below 0.5 s
+        )
+        status, [row] = await copy(tuned, f"s3://{bucket}/near.bin", f"az://{container}/near.bin")
+    assert status == "done", row.error
+    assert row.detail["route"] == "pipe"
+    assert heads(s3p if late == "s3" else azp, "near.bin") == 2  # the late one, and one more
+    assert blob_bytes(blob_service, container, "near.bin") == body
 
 
 async def test_damaged_bytes_are_refused_by_azure_and_sent_again(
@@ -268,3 +309,22 @@ def test_round_trips_keep_the_fastest_recent_one(monkeypatch: pytest.MonkeyPatch
     assert rt.best() is None
     rt.record(0.05)
     assert rt.best() == 0.05
+
+
+def test_round_trips_judge_far_on_three_slow_ones_and_near_on_one_fast(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    now = [1000.0]
+    monkeypatch.setattr("daemon.latency.time.monotonic", lambda: now[0])
+    rt = RoundTrips(window_s=60)
+    assert rt.near(0.01) is None  # nothing seen
+    rt.record(0.05)
+    rt.record(0.04)
+    assert rt.near(0.01) is None  # two late answers: too few to call it far
+    rt.record(0.03)
+    assert rt.near(0.01) is False
+    rt.record(0.002)
+    assert rt.near(0.01) is True  # one fast answer shows the link is near
+    now[0] += 61
+    rt.record(0.002)
+    assert rt.near(0.01) is True
