@@ -9,14 +9,21 @@ against its ETag (sent as Content-MD5), as blobferry's whole route does. No retr
 state, no report: it is not a tool anyone should use, it is the bound the benchmark's
 object rates are measured against.
 
-    python -m benchmarks.ceiling BUCKET PREFIX CONTAINER DEST_PREFIX
+    python -m benchmarks.ceiling BUCKET PREFIX CONTAINER DEST_PREFIX [--only s3|azure]
     (env: NAIVE_S3_ENDPOINT, AZURE_STORAGE_CONNECTION_STRING)
+
+``--only`` asks one side alone, to show what bounds the other rows: ``s3`` lists and
+GETs every object and writes nothing; ``azure`` lists (one request), then Put Blobs
+bytes of each object's size made here, reading nothing. Any copy asks each emulator
+for at least that much, with the other one working on the same cores, so no copier's
+objects/s can beat either half's.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import hashlib
 import hmac
 import html
 import os
@@ -68,6 +75,19 @@ def presign(shape: UrlShape, key: str) -> str:
     return url.split(shape.host, 1)[1]  # the request target: path and query
 
 
+class _Made:
+    """Bytes of a given size and their MD5, made once per size: Azure's half alone."""
+
+    def __init__(self) -> None:
+        self._made: dict[int, tuple[bytes, bytes]] = {}
+
+    def bytes(self, size: int) -> tuple[bytes, bytes]:
+        if size not in self._made:
+            body = os.urandom(size)
+            self._made[size] = body, hashlib.md5(body).digest()
+        return self._made[size]
+
+
 class Azure:
     def __init__(self, connection_string: str) -> None:
         parts = dict(p.split("=", 1) for p in connection_string.split(";") if p)
@@ -102,7 +122,7 @@ class Azure:
             conn[1].close()
 
 
-async def main(bucket: str, prefix: str, container: str, dest: str) -> None:
+async def main(bucket: str, prefix: str, container: str, dest: str, only: str = "") -> None:
     s3 = urlsplit(os.environ["NAIVE_S3_ENDPOINT"])
     s3host, s3port = s3.hostname or "", s3.port or 80
     azure = Azure(os.environ["AZURE_STORAGE_CONNECTION_STRING"])
@@ -127,15 +147,20 @@ async def main(bucket: str, prefix: str, container: str, dest: str) -> None:
         token = found.group(1)
     objects.sort(reverse=True)  # largest first
     queue = iter(objects)
+    made = _Made()
 
     async def worker() -> None:
         for size, key, md5 in queue:
-            target = presign(shape, key)
-            request = f"GET {target} HTTP/1.1\r\nHost: {s3.netloc}\r\n\r\n"
-            status, body = await _once(s3host, s3port, request.encode())
-            if status != 200 or len(body) != size:
-                raise RuntimeError(f"GET {key}: {status}, {len(body)} of {size} bytes")
-            await azure.put(container, dest + key[len(prefix) :], body, md5)
+            if only == "azure":
+                body, md5 = made.bytes(size)
+            else:
+                target = presign(shape, key)
+                request = f"GET {target} HTTP/1.1\r\nHost: {s3.netloc}\r\n\r\n"
+                status, body = await _once(s3host, s3port, request.encode())
+                if status != 200 or len(body) != size:
+                    raise RuntimeError(f"GET {key}: {status}, {len(body)} of {size} bytes")
+            if only != "s3":
+                await azure.put(container, dest + key[len(prefix) :], body, md5)
 
     await asyncio.gather(*(worker() for _ in range(WORKERS)))
     for _, writer in azure.idle:
@@ -145,4 +170,5 @@ async def main(bucket: str, prefix: str, container: str, dest: str) -> None:
 if __name__ == "__main__":
     import uvloop  # as blobferry runs
 
-    uvloop.run(main(*sys.argv[1:5]))
+    only = sys.argv[6] if sys.argv[5:6] == ["--only"] else ""
+    uvloop.run(main(*sys.argv[1:5], only=only))
