@@ -27,20 +27,12 @@ class RoundTrips:
     def record(self, seconds: float) -> None:
         self._samples.append((time.monotonic(), seconds))
 
-    def _recent(self) -> list[float]:
-        since = time.monotonic() - self._window
-        return [s for t, s in self._samples if t >= since]
-
-    def best(self) -> float | None:
-        """The fastest round trip seen in the window, in seconds; None when none."""
-        recent = self._recent()
-        return min(recent) if recent else None
-
     def near(self, within: float) -> bool | None:
         """Whether the service answers within ``within`` seconds: True on one fast
         round trip in the window, False on ``FAR_AFTER`` slow ones and none fast, None
         while too few have been seen to tell."""
-        recent = self._recent()
+        since = time.monotonic() - self._window
+        recent = [s for t, s in self._samples if t >= since]
         if recent and min(recent) <= within:
             return True
         return False if len(recent) >= FAR_AFTER else None
