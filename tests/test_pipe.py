@@ -15,6 +15,7 @@ from pydantic import SecretStr
 
 from daemon.latency import RoundTrips
 from daemon.settings import Settings
+from daemon.state import TransferRow
 from tests.conftest import connection_string
 from tests.helpers import MiB, blob_bytes, blob_names, copy, multipart_object, payload
 from tests.proxy import FaultProxy, Faults
@@ -43,6 +44,24 @@ def gets(proxy: FaultProxy, key: str) -> int:
 
 def heads(proxy: FaultProxy, key: str) -> int:
     return sum(r.startswith("HEAD ") and r.endswith(f"/{key}") for r in proxy.requests)
+
+
+async def copy_through_proxies(
+    settings: Settings,
+    s3: tuple[str, Faults | None],
+    azure: tuple[str, Faults | None],
+    source: str,
+    destination: str,
+    **changes: Any,
+) -> tuple[TransferRow, FaultProxy, FaultProxy]:
+    """Copy one object with a fault proxy (endpoint, faults) before each service; the
+    transfer's row and both proxies, whose requests can still be read."""
+    async with FaultProxy(*s3) as s3p, FaultProxy(*azure) as azp:
+        via = SecretStr(connection_string(azp.endpoint))
+        tuned = through(settings, s3p, azure={"connection_string": via}, **changes)
+        status, [row] = await copy(tuned, source, destination)
+    assert status == "done", row.error
+    return row, s3p, azp
 
 
 async def test_each_object_takes_its_route(
@@ -100,18 +119,14 @@ async def test_a_far_link_gets_parallel_blocks(
     body = payload(12 * MiB, seed=4)
     s3_client.put_object(Bucket=bucket, Key="far.bin", Body=body)
     delayed = Faults(delay_s=0.03)  # per chunk the server sends: every answer is late
-    async with (
-        FaultProxy(moto_endpoint, delayed if far == "s3" else None) as s3p,
-        FaultProxy(azurite_endpoint, delayed if far == "azure" else None) as azp,
-    ):
-        tuned = through(
-            settings,
-            s3p,
-            azure={"connection_string": SecretStr(connection_string(azp.endpoint))},
-            pipe_max_mb=16,  # pipe_rtt_ms at its default, 10 ms
-        )
-        status, [row] = await copy(tuned, f"s3://{bucket}/far.bin", f"az://{container}/far.bin")
-    assert status == "done", row.error
+    row, s3p, azp = await copy_through_proxies(
+        settings,
+        (moto_endpoint, delayed if far == "s3" else None),
+        (azurite_endpoint, delayed if far == "azure" else None),
+        f"s3://{bucket}/far.bin",
+        f"az://{container}/far.bin",
+        pipe_max_mb=16,  # pipe_rtt_ms at its default, 10 ms
+    )
     assert row.detail["route"] == "blocks"
     assert gets(s3p, "far.bin") == 3
     # Judged far on three late answers, not on one (see the test below).
@@ -136,19 +151,15 @@ async def test_one_late_answer_does_not_make_a_near_link_far(
     body = payload(12 * MiB, seed=6)
     s3_client.put_object(Bucket=bucket, Key="near.bin", Body=body)
     once = Faults(late_first=1, late_s=0.5)  # the first answer only
-    async with (
-        FaultProxy(moto_endpoint, once if late == "s3" else None) as s3p,
-        FaultProxy(azurite_endpoint, once if late == "azure" else None) as azp,
-    ):
-        tuned = through(
-            settings,
-            s3p,
-            azure={"connection_string": SecretStr(connection_string(azp.endpoint))},
-            pipe_max_mb=16,
-            pipe_rtt_ms=150.0,  # far above a HEAD's time on a loaded machine, below 0.5 s
-        )
-        status, [row] = await copy(tuned, f"s3://{bucket}/near.bin", f"az://{container}/near.bin")
-    assert status == "done", row.error
+    row, s3p, azp = await copy_through_proxies(
+        settings,
+        (moto_endpoint, once if late == "s3" else None),
+        (azurite_endpoint, once if late == "azure" else None),
+        f"s3://{bucket}/near.bin",
+        f"az://{container}/near.bin",
+        pipe_max_mb=16,
+        pipe_rtt_ms=150.0,  # far above a HEAD's time on a loaded machine, below 0.5 s
+    )
     assert row.detail["route"] == "pipe"
     assert heads(s3p if late == "s3" else azp, "near.bin") == 2  # the late one, and one more
     assert blob_bytes(blob_service, container, "near.bin") == body
