@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import functools
 import hashlib
 import hmac
 import html
@@ -75,17 +76,11 @@ def presign(shape: UrlShape, key: str) -> str:
     return url.split(shape.host, 1)[1]  # the request target: path and query
 
 
-class _Made:
+@functools.cache
+def made(size: int) -> tuple[bytes, bytes]:
     """Bytes of a given size and their MD5, made once per size: Azure's half alone."""
-
-    def __init__(self) -> None:
-        self._made: dict[int, tuple[bytes, bytes]] = {}
-
-    def bytes(self, size: int) -> tuple[bytes, bytes]:
-        if size not in self._made:
-            body = os.urandom(size)
-            self._made[size] = body, hashlib.md5(body).digest()
-        return self._made[size]
+    body = os.urandom(size)
+    return body, hashlib.md5(body).digest()
 
 
 class Azure:
@@ -147,12 +142,11 @@ async def main(bucket: str, prefix: str, container: str, dest: str, only: str = 
         token = found.group(1)
     objects.sort(reverse=True)  # largest first
     queue = iter(objects)
-    made = _Made()
 
     async def worker() -> None:
         for size, key, md5 in queue:
             if only == "azure":
-                body, md5 = made.bytes(size)
+                body, md5 = made(size)
             else:
                 target = presign(shape, key)
                 request = f"GET {target} HTTP/1.1\r\nHost: {s3.netloc}\r\n\r\n"
