@@ -368,7 +368,16 @@ def main() -> int:
         help="a blobferry setting for this run, e.g. --set max_transfers=8 "
         "(the defaults are what the targets are about)",
     )
+    p.add_argument(
+        "--summarize",
+        metavar="FILE.json",
+        type=Path,
+        help="print the summary and targets of a run saved in bench-results/, run nothing",
+    )
     a = p.parse_args()
+    if a.summarize:
+        print(resummarize(a.summarize))
+        return 0
     # Stopped with SIGTERM, unwind like Ctrl-C so every emulator, proxy and daemon
     # started here is stopped by the finally blocks, not orphaned.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
@@ -520,34 +529,47 @@ def row(r: Result) -> str:
     )
 
 
+def medians(
+    results: list[Result], sc: Scenario, tools: list[str]
+) -> tuple[dict[str, dict[str, float]], dict[str, str], list[str]]:
+    """Per tool: its median figures (the largest peak RSS), its MB/s round by round,
+    and a line for each tool whose copy was wrong in some round (it gets no figures)."""
+    med: dict[str, dict[str, float]] = {}
+    spread: dict[str, str] = {}
+    wrong: list[str] = []
+    for tool in tools:
+        rs = [r for r in results if r.scenario == sc.name and r.tool == tool]
+        good = [r for r in rs if r.ok]
+        if not rs:
+            continue
+        if len(good) < len(rs):
+            bad = next(r.problem for r in rs if not r.ok)
+            wrong.append(
+                f"{sc.name:<10} {tool:<10}   WRONG in {len(rs) - len(good)} of {len(rs)} rounds: {bad}"
+            )
+            continue
+        med[tool] = {
+            "mbps": statistics.median(r.mbps for r in good),
+            "objps": statistics.median(r.objps for r in good),
+            "cpu": statistics.median(r.cpu_per_gib for r in good),
+            "rss": max(r.rss_mib for r in good),
+            "env": statistics.median(r.env_cpu_per_gib for r in good),
+        }
+        spread[tool] = "/".join(f"{r.mbps:.0f}" for r in good)
+    return med, spread, wrong
+
+
 def summary(results: list[Result], scenarios: list[Scenario], tools: list[str]) -> str:
     lines = [
         "Median over rounds; the spread of MB/s per round is the machine's noise.",
         "emu CPU: CPU s/GiB the emulators and proxies spent serving the tool (same 2 cores).",
         HEAD + f" {'MB/s x':>8} {'obj/s x':>8} {'CPU x':>7}  per round MB/s",
     ]
+    per_scenario = {}
     for sc in scenarios:
-        med: dict[str, dict[str, float]] = {}
-        spread: dict[str, str] = {}
-        for tool in tools:
-            rs = [r for r in results if r.scenario == sc.name and r.tool == tool]
-            good = [r for r in rs if r.ok]
-            if not rs:
-                continue
-            if len(good) < len(rs):
-                bad = next(r.problem for r in rs if not r.ok)
-                lines.append(
-                    f"{sc.name:<10} {tool:<10}   WRONG in {len(rs) - len(good)} of {len(rs)} rounds: {bad}"
-                )
-                continue
-            med[tool] = {
-                "mbps": statistics.median(r.mbps for r in good),
-                "objps": statistics.median(r.objps for r in good),
-                "cpu": statistics.median(r.cpu_per_gib for r in good),
-                "rss": max(r.rss_mib for r in good),
-                "env": statistics.median(r.env_cpu_per_gib for r in good),
-            }
-            spread[tool] = "/".join(f"{r.mbps:.0f}" for r in good)
+        med, spread, wrong = medians(results, sc, tools)
+        per_scenario[sc.name] = med
+        lines += wrong
         base = med.get("rclone")
         for tool, m in med.items():
             ratio = ""
@@ -560,7 +582,80 @@ def summary(results: list[Result], scenarios: list[Scenario], tools: list[str]) 
                 f"{sc.name:<10} {tool:<10} {'med':>3} {m['mbps']:8.1f} {m['objps']:8.1f} "
                 f"{m['cpu']:10.2f} {m['rss']:8.0f} {m['env']:8.2f}{ratio}  {spread[tool]}"
             )
+    verdicts = targets(per_scenario)
+    if verdicts:
+        lines += [
+            "",
+            "Targets (issue 5): the daemon's medians against rclone's, same run.",
+            *verdicts,
+        ]
     return "\n".join(lines)
+
+
+# The issue's targets, for blobferry as deployed (the daemon) with default settings.
+SPEED_TARGETS = {"large": 1.0, "huge": 1.0, "many": 1.5, "wan-large": 3.0, "wan-many": 4.0}
+RSS_MAX_MIB = 256
+CPU_MAX_X = 1.5
+
+
+def targets(per_scenario: dict[str, dict[str, dict[str, float]]]) -> list[str]:
+    """One line per target the run measured: the figure, and met or missed by how much.
+    Where a bound row ran, a missed speed target also says what the bound allowed: the
+    least of the bound rows' ratios (no copier, however cheap, can beat any of them),
+    and whether that is under the target itself."""
+    lines = []
+    rss: list[tuple[float, str]] = []
+    cpu: list[tuple[float, str]] = []
+    for name, med in per_scenario.items():
+        bf, base = med.get("blobferry"), med.get("rclone")
+        if bf is None:
+            continue
+        rss.append((bf["rss"], name))
+        if base is None:
+            continue
+        cpu.append((bf["cpu"] / base["cpu"], name))
+        want = SPEED_TARGETS.get(name)
+        if want is None:
+            continue
+        metric = "objps" if name.endswith("many") else "mbps"
+        got = bf[metric] / base[metric]
+        line = f"  {name:<10} {'obj/s' if metric == 'objps' else 'MB/s':>5} x >= {want:<4} {got:5.2f}  "
+        if got >= want:
+            lines.append(line + "met")
+            continue
+        line += f"MISSED by {want - got:.2f}"
+        bounds = [(med[t][metric] / base[metric], t) for t in BOUNDS if t in med]
+        if bounds:
+            allowed, by = min(bounds)
+            line += f"; the bound here is {allowed:.2f} ({by})"
+            if allowed < want:
+                line += f": no copier could reach {want}"
+            else:
+                line += f"; blobferry reached {got / allowed:.0%} of it"
+        lines.append(line)
+    if rss:
+        worst, where = max(rss)
+        verdict = "met" if worst <= RSS_MAX_MIB else f"MISSED by {worst - RSS_MAX_MIB:.0f} MiB"
+        lines.append(
+            f"  peak RSS <= {RSS_MAX_MIB} MiB, every scenario: {worst:.0f} ({where})  {verdict}"
+        )
+    for x, where in sorted(cpu, reverse=True):
+        if x > CPU_MAX_X:
+            lines.append(
+                f"  CPU s/GiB x <= {CPU_MAX_X}: {x:.2f} in {where}  MISSED by {x - CPU_MAX_X:.2f}"
+            )
+    if cpu and max(cpu)[0] <= CPU_MAX_X:
+        x, where = max(cpu)
+        lines.append(f"  CPU s/GiB x <= {CPU_MAX_X}, every scenario: {x:.2f} ({where})  met")
+    return lines
+
+
+def resummarize(path: Path) -> str:
+    """The summary of a run saved in bench-results/, printed again (with today's targets)."""
+    results = [Result(**r) for r in json.loads(path.read_text())]
+    names = list(dict.fromkeys(r.scenario for r in results))
+    tools = list(dict.fromkeys(r.tool for r in results))
+    return summary(results, [SCENARIOS[n] for n in names], tools)
 
 
 if __name__ == "__main__":
