@@ -176,15 +176,27 @@ def choose_block_size(size: int, minimum: int) -> int:
 def plan_blocks(
     info: ObjectInfo, minimum: int, part_sizes: list[int] | None = None, flavour: str = "stream"
 ) -> Plan:
-    """Cut the object into blocks; inside a multipart object no block crosses a part
-    boundary, so each part's MD5 (and so S3's composite ETag) falls out of one pass."""
-    spans: list[tuple[int, int, int]] = []  # (start, length, part)
-    aligned = bool(part_sizes) and sum(part_sizes or ()) == info.size
-    if aligned:
-        assert part_sizes is not None
+    """Cut the object into blocks of at least ``minimum`` bytes, as few as Azure's
+    50,000 allow; inside a multipart object no block crosses a part boundary, so each
+    part's MD5 (and so S3's composite ETag) falls out of one pass."""
+    if part_sizes and sum(part_sizes) == info.size:
         bs = minimum
         while sum(-(-p // bs) for p in part_sizes) > MAX_BLOCKS:
             bs *= 2
+        plan = plan_layout(info, bs, part_sizes, flavour)
+        if len(plan.blocks) <= MAX_BLOCKS:
+            return plan
+    return plan_layout(info, choose_block_size(info.size, minimum), None, flavour)
+
+
+def plan_layout(
+    info: ObjectInfo, bs: int, part_sizes: list[int] | None, flavour: str = "stream"
+) -> Plan:
+    """The blocks of ``bs`` bytes, inside S3's parts when ``part_sizes`` is given. The
+    ID prefix names the object's version and this layout: a later run can tell from
+    Azure's list of staged blocks which layout they were cut in."""
+    spans: list[tuple[int, int, int]] = []  # (start, length, part)
+    if part_sizes:
         # A part up to 16 MiB (or 1.5 blocks) stays whole: one block per part, whose MD5
         # is the part's, so one pass proves the composite ETag, even after a resume.
         # Uploaders' parts are mostly 5-16 MiB (boto3 and the AWS CLI use 8).
@@ -196,17 +208,56 @@ def plan_blocks(
             for off in range(0, psize, step):
                 spans.append((pos + off, min(step, psize - off), part))
             pos += psize
-        if len(spans) > MAX_BLOCKS:
-            aligned = False
-    if not aligned:
-        bs = choose_block_size(info.size, minimum)
+    else:
         spans = [(s, min(bs, info.size - s), 0) for s in range(0, info.size, bs)]
-    identity = "\n".join(
-        (info.bucket, info.key, info.etag, info.version_id or "", str(info.size), str(bs))
-    ) + ("" if flavour == "stream" else "\n" + flavour)
-    prefix = hashlib.sha256(identity.encode()).hexdigest()[:24]
     blocks = tuple(Block(i, s, n, p) for i, (s, n, p) in enumerate(spans))
-    return Plan(bs, blocks, len(part_sizes or ()) if aligned else 0, prefix)
+    layout = "a" if part_sizes else "u"
+    prefix = f"{_object_identity(info, flavour)}{layout}{bs // MiB:04x}"
+    return Plan(bs, blocks, len(part_sizes) if part_sizes else 0, prefix)
+
+
+def _object_identity(info: ObjectInfo, flavour: str) -> str:
+    """19 hex digits tied to this version of the object and the way it is copied."""
+    identity = "\n".join((info.bucket, info.key, info.etag, info.version_id or "", str(info.size)))
+    if flavour != "stream":
+        identity += "\n" + flavour
+    return hashlib.sha256(identity.encode()).hexdigest()[:19]
+
+
+def earlier_plan(
+    prefix: str, plan: Plan, info: ObjectInfo, part_sizes: list[int] | None, flavour: str
+) -> Plan | None:
+    """The layout staged blocks whose IDs start with ``prefix`` were cut in, when it is
+    another layout of the object ``plan`` is for: block_size_mb changed between two runs
+    of one transfer; or ``plan``'s own layout under the prefix of an earlier blobferry,
+    whose IDs hashed the block size in (an upgrade between two runs). None for any other
+    prefix: another object's, another version's, another tool's."""
+    identity = _object_identity(info, flavour)
+    if prefix.startswith(identity) and prefix != plan.id_prefix:
+        layout, mib = prefix[19], prefix[20:]
+        if layout not in "au" or len(mib) != 4 or not all(c in "0123456789abcdef" for c in mib):
+            return None
+        bs = int(mib, 16) * MiB
+        aligned = layout == "a"
+        if not MiB <= bs <= MAX_BLOCK_SIZE:
+            return None
+        if aligned and not (part_sizes and sum(part_sizes) == info.size):
+            return None
+        other = plan_layout(info, bs, part_sizes if aligned else None, flavour)
+        return other if len(other.blocks) <= MAX_BLOCKS else None
+    legacy = "\n".join(
+        (
+            info.bucket,
+            info.key,
+            info.etag,
+            info.version_id or "",
+            str(info.size),
+            str(plan.block_size),
+        )
+    ) + ("" if flavour == "stream" else "\n" + flavour)
+    if prefix == hashlib.sha256(legacy.encode()).hexdigest()[:24]:
+        return dataclasses.replace(plan, id_prefix=prefix)
+    return None
 
 
 FINGERPRINT_KEY = "blobferry_fingerprint"
@@ -382,6 +433,16 @@ def verify(
         kinds = ", ".join(sorted(info.checksums))
         return f"size: the ETag cannot serve and S3's checksums ({kinds}) are composite"
     return "size: the ETag is not an MD5 and no part layout was available"
+
+
+def _held(plan: Plan, staged: dict[str, int]) -> dict[int, bytes]:
+    """{index: MD5} of the staged blocks (ID: size) that are ``plan``'s, at its sizes."""
+    found: dict[int, bytes] = {}
+    for block_id, size in staged.items():
+        parsed = plan.parse_id(block_id)
+        if parsed is not None and plan.blocks[parsed[0]].length == size:
+            found[parsed[0]] = parsed[1]
+    return found
 
 
 class Copier:
@@ -805,10 +866,12 @@ class Copier:
         """Put Block From URL for every block: Azure reads S3, this host reads nothing."""
         policy = self._settings.retry
         dst = spec.destination
-        plan = plan_blocks(info, self._settings.block_size, None, flavour="server-side")
+        cut = plan_blocks(info, self._settings.block_size, None, flavour="server-side")
+        plan, done, cleared = await self._staged(
+            cut, dst, lambda prefix: earlier_plan(prefix, cut, info, None, "server-side")
+        )
         # An object in one block whose ETag is its MD5: Azure checks what it fetched.
         md5 = info.md5 if len(plan.blocks) == 1 else None
-        done, cleared = await self._staged(plan, dst)
         lanes = asyncio.Semaphore(self._settings.block_concurrency)
 
         async def stage(block: Block) -> None:
@@ -860,10 +923,17 @@ class Copier:
             route="server-side",
         )
 
-    async def _staged(self, plan: Plan, dst: AzAddress) -> tuple[dict[int, bytes], str | None]:
-        """Blocks of this plan already on the destination, from Azure's own record:
-        {index: MD5 carried in the block ID}, for IDs of the right size only; and a note
-        when blocks another writer left had to be discarded first."""
+    async def _staged(
+        self, plan: Plan, dst: AzAddress, earlier: Callable[[str], Plan | None]
+    ) -> tuple[Plan, dict[int, bytes], str | None]:
+        """The plan to go on with and its blocks already on the destination, from
+        Azure's own record: {index: MD5 carried in the block ID}, for IDs of the right
+        size only; and a note when blocks another writer left had to be discarded first,
+        or when an earlier run's layout was taken up. ``plan`` is this run's layout;
+        ``earlier`` names the layout of another prefix of this object's (see
+        ``earlier_plan``): the one holding the most bytes is gone on with, so a change of
+        block_size_mb between two runs of a transfer of hundreds of GB does not start it
+        again from nothing."""
         policy = self._settings.retry
         try:
             staged = await retrying(lambda: self._azure.staged_blocks(dst), policy, f"blocks {dst}")
@@ -871,7 +941,7 @@ class Copier:
             # A write-only SAS (create and write: the least an upload needs) may not
             # list blocks. The transfer goes on, staging every block; it cannot resume.
             log.warning("no permission to list staged blocks: every block is sent")
-            return {}, None
+            return plan, {}, None
         # Azure takes block IDs of one length per blob: an upload another tool left
         # unfinished (its IDs of another length) refuses every block of ours as
         # InvalidBlobOrBlock for the 7 days its blocks live.
@@ -888,13 +958,31 @@ class Copier:
             await retrying(lambda: self._azure.discard_uncommitted(dst), policy, f"clear {dst}")
             log.warning("discarded uncommitted blocks another tool left", blocks=foreign)
             note = f"discarded {foreign} uncommitted block(s) another tool had left on the blob"
-            return {}, note
-        found: dict[int, bytes] = {}
-        for block_id, size in staged.items():
-            parsed = plan.parse_id(block_id)
-            if parsed is not None and plan.blocks[parsed[0]].length == size:
-                found[parsed[0]] = parsed[1]
-        return found, None
+            return plan, {}, note
+        plans = [plan]
+        for prefix in sorted({i[:24] for i in staged if len(i) == _ID_LENGTH} - {plan.id_prefix}):
+            other = earlier(prefix)
+            if other is not None:
+                plans.append(other)
+        held = [_held(p, staged) for p in plans]
+        # The most bytes held wins; on a tie (nothing held, say), this run's own layout.
+        k = max(range(len(plans)), key=lambda j: sum(plans[j].blocks[i].length for i in held[j]))
+        if k == 0:
+            return plan, held[0], None
+        chosen = plans[k]
+        log.info(
+            "resuming in an earlier run's layout",
+            block_mib=chosen.block_size // MiB,
+            blocks_held=len(held[k]),
+        )
+        if chosen.block_size == plan.block_size:
+            return chosen, held[k], None  # staged by an earlier blobferry, same layout
+        note = (
+            f"resumed in the {chosen.block_size // MiB} MiB blocks an earlier run staged "
+            f"({len(held[k])} held), not the {plan.block_size // MiB} MiB this run would "
+            "cut: block_size_mb changed in between"
+        )
+        return chosen, held[k], note
 
     async def _stream_blocks(
         self, info: ObjectInfo, spec: TransferSpec, fp: str, progress: Progress
@@ -906,8 +994,10 @@ class Copier:
             if info.parts
             else None
         )
-        plan = plan_blocks(info, self._settings.block_size, part_sizes)
-        staged, cleared = await self._staged(plan, dst)
+        cut = plan_blocks(info, self._settings.block_size, part_sizes)
+        plan, staged, cleared = await self._staged(
+            cut, dst, lambda prefix: earlier_plan(prefix, cut, info, part_sizes, "stream")
+        )
         md5s: list[bytes | None] = [staged.get(b.index) for b in plan.blocks]
         reused = sum(m is not None for m in md5s)
         todo = [b for b in plan.blocks if md5s[b.index] is None]

@@ -16,16 +16,28 @@ from azure.storage.blob import BlobServiceClient
 from daemon import app
 from daemon.azure import AzureWriter
 from daemon.budget import Budget
+from daemon.errors import Interrupted
 from daemon.jobs import S3Address, parse_job
-from daemon.s3 import S3Reader
+from daemon.s3 import ObjectInfo, S3Reader
 from daemon.settings import Settings
 from daemon.state import StateStore
 from daemon.supervisor import Supervisor
 from daemon.transfer import AZURE_CHECKED, Copier, _sent_length
 from tests.conftest import make_settings
-from tests.helpers import MiB, blob_bytes, blob_names, copy, gz, payload, random_bytes, s3_bytes
+from tests.helpers import (
+    MiB,
+    blob_bytes,
+    blob_names,
+    copy,
+    gz,
+    multipart_object,
+    payload,
+    random_bytes,
+    s3_bytes,
+)
 from tests.proxy import FaultProxy, Faults
 from tests.test_faults import through
+from tests.test_server_side import _azurite_url
 
 
 @pytest.mark.parametrize(
@@ -646,3 +658,73 @@ async def test_an_object_alone_takes_the_whole_memory_budget_and_block_concurren
             assert budget.peak == widest * MiB, (cap, budget.peak / MiB)
             assert budget.used == 0
             assert blob_bytes(blob_service, container, "wide.bin") == body
+
+
+@pytest.mark.parametrize("route", ["blocks", "server-side"])
+async def test_a_transfer_resumed_with_another_block_size_keeps_the_blocks_azure_holds(
+    route: str,
+    settings: Settings,
+    moto_endpoint: str,
+    s3_client: Any,
+    blob_service: BlobServiceClient,
+    bucket: str,
+    container: str,
+) -> None:
+    """A transfer of hundreds of GB is stopped, block_size_mb is changed (to tune it,
+    say), and it starts again. Block IDs used to hash the block size in, so the new run
+    found none of the staged blocks its own and read the whole object again; the IDs now
+    name their layout, and the run goes on in the layout Azure holds blocks of."""
+    parts = 20 * MiB  # over 16 MiB: cut into 1 MiB blocks in the first run, 4 in the next
+    if route == "blocks":
+        body = multipart_object(s3_client, bucket, "obj.bin", 2 * parts, parts)
+        source_urls = None
+    else:
+        body = payload(2 * parts, seed=72)
+        s3_client.put_object(Bucket=bucket, Key="obj.bin", Body=body)
+        url = _azurite_url(blob_service, container, "source.bin", body)
+
+        async def source_urls(_: ObjectInfo) -> str:
+            return url
+
+    [spec] = parse_job(
+        f'{{"source": "s3://{bucket}/obj.bin", "destination": "az://{container}/copy.bin", '
+        f'"overwrite": "always", "mode": "{"server-side" if route != "blocks" else "stream"}"}}'
+    )
+    stopping = asyncio.Event()
+    landed = 0
+
+    def progress(n: int, *, reused: bool = False) -> None:
+        nonlocal landed
+        landed += 1
+        if landed == 6:
+            stopping.set()  # a drain: the blocks in flight land, no new one starts
+
+    async with FaultProxy(moto_endpoint) as proxy:
+        first = through(settings, proxy, pipe_max_mb=0, block_size_mb=1, block_concurrency=2)
+        second = through(settings, proxy, pipe_max_mb=0)  # 4 MiB blocks
+        assert second.block_size == 4 * MiB
+        async with S3Reader(first) as s3, AzureWriter(first) as az:
+            copier = Copier(first, s3, az, Budget(first.memory_bytes), stopping, source_urls)
+            with pytest.raises(Interrupted):
+                await copier.copy(spec, progress=progress)
+        client = blob_service.get_blob_client(container, "copy.bin")
+        staged = client.get_block_list("uncommitted")[1]
+        assert 6 <= len(staged) < 40 and {b.size for b in staged} == {MiB}
+        read_before = proxy.bytes_down
+        async with S3Reader(second) as s3, AzureWriter(second) as az:
+            copier = Copier(second, s3, az, Budget(second.memory_bytes), None, source_urls)
+            outcome = await copier.copy(spec)
+        read_after = proxy.bytes_down - read_before
+    assert (outcome.status, outcome.route) == ("copied", route)
+    assert outcome.blocks_reused == len(staged)
+    assert outcome.note is not None
+    assert f"resumed in the 1 MiB blocks an earlier run staged ({len(staged)} held)" in (
+        outcome.note
+    )
+    assert blob_bytes(blob_service, container, "copy.bin") == body
+    committed = client.get_block_list("committed")[0]
+    assert len(committed) == 40 and {b.size for b in committed} == {MiB}
+    if route == "blocks":
+        # Only the blocks Azure did not hold were read again (with a HEAD, the part
+        # sizes and response headers besides).
+        assert read_after <= 2 * parts - len(staged) * MiB + 256 * 1024
