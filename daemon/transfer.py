@@ -212,16 +212,16 @@ def plan_layout(
         spans = [(s, min(bs, info.size - s), 0) for s in range(0, info.size, bs)]
     blocks = tuple(Block(i, s, n, p) for i, (s, n, p) in enumerate(spans))
     layout = "a" if part_sizes else "u"
-    prefix = f"{_object_identity(info, flavour)}{layout}{bs // MiB:04x}"
+    prefix = f"{_object_identity(info, flavour)[:19]}{layout}{bs // MiB:04x}"
     return Plan(bs, blocks, len(part_sizes) if part_sizes else 0, prefix)
 
 
-def _object_identity(info: ObjectInfo, flavour: str) -> str:
-    """19 hex digits tied to this version of the object and the way it is copied."""
-    identity = "\n".join((info.bucket, info.key, info.etag, info.version_id or "", str(info.size)))
-    if flavour != "stream":
-        identity += "\n" + flavour
-    return hashlib.sha256(identity.encode()).hexdigest()[:19]
+def _object_identity(info: ObjectInfo, flavour: str, *more: str) -> str:
+    """A hash tied to this version of the object and the way it is copied (and to
+    ``more``): 19 hex digits of it begin a block ID."""
+    fields = (info.bucket, info.key, info.etag, info.version_id or "", str(info.size), *more)
+    identity = "\n".join(fields) + ("" if flavour == "stream" else "\n" + flavour)
+    return hashlib.sha256(identity.encode()).hexdigest()
 
 
 def earlier_plan(
@@ -232,10 +232,13 @@ def earlier_plan(
     of one transfer; or ``plan``'s own layout under the prefix of an earlier blobferry,
     whose IDs hashed the block size in (an upgrade between two runs). None for any other
     prefix: another object's, another version's, another tool's."""
-    identity = _object_identity(info, flavour)
-    if prefix.startswith(identity) and prefix != plan.id_prefix:
+    if prefix.startswith(_object_identity(info, flavour)[:19]) and prefix != plan.id_prefix:
         layout, mib = prefix[19], prefix[20:]
-        if layout not in "au" or len(mib) != 4 or not all(c in "0123456789abcdef" for c in mib):
+        if (
+            layout not in ("a", "u")
+            or len(mib) != 4
+            or not all(c in "0123456789abcdef" for c in mib)
+        ):
             return None
         bs = int(mib, 16) * MiB
         aligned = layout == "a"
@@ -245,17 +248,7 @@ def earlier_plan(
             return None
         other = plan_layout(info, bs, part_sizes if aligned else None, flavour)
         return other if len(other.blocks) <= MAX_BLOCKS else None
-    legacy = "\n".join(
-        (
-            info.bucket,
-            info.key,
-            info.etag,
-            info.version_id or "",
-            str(info.size),
-            str(plan.block_size),
-        )
-    ) + ("" if flavour == "stream" else "\n" + flavour)
-    if prefix == hashlib.sha256(legacy.encode()).hexdigest()[:24]:
+    if prefix == _object_identity(info, flavour, str(plan.block_size))[:24]:
         return dataclasses.replace(plan, id_prefix=prefix)
     return None
 
