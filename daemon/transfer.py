@@ -179,7 +179,8 @@ def plan_blocks(
     """Cut the object into blocks of at least ``minimum`` bytes, as few as Azure's
     50,000 allow; inside a multipart object no block crosses a part boundary, so each
     part's MD5 (and so S3's composite ETag) falls out of one pass."""
-    if part_sizes and sum(part_sizes) == info.size:
+    if _parts_known(info, part_sizes):
+        assert part_sizes is not None
         bs = minimum
         while sum(-(-p // bs) for p in part_sizes) > MAX_BLOCKS:
             bs *= 2
@@ -187,6 +188,11 @@ def plan_blocks(
         if len(plan.blocks) <= MAX_BLOCKS:
             return plan
     return plan_layout(info, choose_block_size(info.size, minimum), None, flavour)
+
+
+def _parts_known(info: ObjectInfo, part_sizes: list[int] | None) -> bool:
+    """Whether blocks can be cut inside S3's parts: their sizes known, and the whole."""
+    return bool(part_sizes) and sum(part_sizes or ()) == info.size
 
 
 def plan_layout(
@@ -228,11 +234,12 @@ def earlier_plan(
     prefix: str, plan: Plan, info: ObjectInfo, part_sizes: list[int] | None, flavour: str
 ) -> Plan | None:
     """The layout staged blocks whose IDs start with ``prefix`` were cut in, when it is
-    another layout of the object ``plan`` is for: block_size_mb changed between two runs
+    another layout of the object ``plan`` (this run's, from ``plan_blocks``; its prefix
+    begins with the object's identity) is for: block_size_mb changed between two runs
     of one transfer; or ``plan``'s own layout under the prefix of an earlier blobferry,
     whose IDs hashed the block size in (an upgrade between two runs). None for any other
     prefix: another object's, another version's, another tool's."""
-    if prefix.startswith(_object_identity(info, flavour)[:19]) and prefix != plan.id_prefix:
+    if prefix.startswith(plan.id_prefix[:19]) and prefix != plan.id_prefix:  # this object's
         layout, mib = prefix[19], prefix[20:]
         if (
             layout not in ("a", "u")
@@ -244,7 +251,7 @@ def earlier_plan(
         aligned = layout == "a"
         if not MiB <= bs <= MAX_BLOCK_SIZE:
             return None
-        if aligned and not (part_sizes and sum(part_sizes) == info.size):
+        if aligned and not _parts_known(info, part_sizes):
             return None
         other = plan_layout(info, bs, part_sizes if aligned else None, flavour)
         return other if len(other.blocks) <= MAX_BLOCKS else None
