@@ -34,7 +34,7 @@ from datetime import UTC, datetime
 from email.utils import formatdate
 from urllib.parse import quote, urlsplit
 
-from daemon.sigv4 import UrlShape, presign_get, signing_key
+from daemon.sigv4 import UrlShape, presign_get, sent_host, signing_key
 
 WORKERS = 32
 _ENTRY = re.compile(rb"<Key>([^<]*)</Key>.*?<ETag>([^<]*)</ETag>.*?<Size>(\d+)</Size>", re.S)
@@ -73,7 +73,7 @@ def presign(shape: UrlShape, key: str) -> str:
         datetime.now(UTC),
         lambda day: signing_key(secret, day, shape.region, shape.service),
     )
-    return url.split(shape.host, 1)[1]  # the request target: path and query
+    return url.split(sent_host(shape.scheme, shape.host), 1)[1]  # the target, as signed
 
 
 @functools.cache
@@ -135,7 +135,7 @@ async def main(bucket: str, prefix: str, container: str, dest: str, only: str = 
             raise RuntimeError(f"LIST: {status} {body[:300]!r}")
         for key, etag, size in _ENTRY.findall(body):
             md5 = bytes.fromhex(html.unescape(etag.decode()).strip('"'))
-            objects.append((int(size), key.decode(), md5))
+            objects.append((int(size), html.unescape(key.decode()), md5))
         found = _TOKEN.search(body)
         if not found:
             break
@@ -149,7 +149,9 @@ async def main(bucket: str, prefix: str, container: str, dest: str, only: str = 
                 body, md5 = made(size)
             else:
                 target = presign(shape, key)
-                request = f"GET {target} HTTP/1.1\r\nHost: {s3.netloc}\r\n\r\n"
+                request = (
+                    f"GET {target} HTTP/1.1\r\nHost: {sent_host(s3.scheme, s3.netloc)}\r\n\r\n"
+                )
                 status, body = await _once(s3host, s3port, request.encode())
                 if status != 200 or len(body) != size:
                     raise RuntimeError(f"GET {key}: {status}, {len(body)} of {size} bytes")

@@ -30,6 +30,7 @@ from botocore.exceptions import (
     PartialCredentialsError,
 )
 from botocore.utils import parse_timestamp
+from yarl import URL
 
 from daemon.bandwidth import Bandwidth
 from daemon.clock import refused_for_time
@@ -202,15 +203,21 @@ class QuerySigner:
         self._known: dict[str, tuple[Any, UrlShape | None]] = {}  # what they taught
         self._keys: dict[tuple[str, str, str], bytes] = {}
 
-    async def url(self, bucket: str, key: str, now: datetime | None = None) -> str:
+    async def url(
+        self, bucket: str, key: str, now: datetime | None = None, version_id: str | None = None
+    ) -> str:
+        """A GET of the key (of that version, if one is named), presigned now. The URL
+        is encoded already: send it as it stands (see ``sigv4.presign_get``)."""
         client, shape = self._known.get(bucket) or await self._learning(bucket)
         if shape is None:
-            return await self._botocore(client, bucket, key)
+            return await self._botocore(client, bucket, key, version_id)
         credentials = client._get_credentials()
         if credentials is None:
             raise NoCredentialsError()
         creds = await credentials.get_frozen_credentials()
-        return self.sign(shape, key, creds.access_key, creds.secret_key, creds.token, now)
+        return self.sign(
+            shape, key, creds.access_key, creds.secret_key, creds.token, now, version_id
+        )
 
     async def _learning(self, bucket: str) -> tuple[Any, UrlShape | None]:
         """The first transfer from a bucket learns it; the others wait for that."""
@@ -220,9 +227,14 @@ class QuerySigner:
         self._known[bucket] = known = await asyncio.shield(learnt)
         return known
 
-    async def _botocore(self, client: Any, bucket: str, key: str) -> str:
+    async def _botocore(
+        self, client: Any, bucket: str, key: str, version_id: str | None = None
+    ) -> str:
+        params = {"Bucket": bucket, "Key": key}
+        if version_id is not None:
+            params["VersionId"] = version_id
         url: str = await client.generate_presigned_url(
-            "get_object", Params={"Bucket": bucket, "Key": key}, ExpiresIn=self._expires
+            "get_object", Params=params, ExpiresIn=self._expires
         )
         return url
 
@@ -272,6 +284,7 @@ class QuerySigner:
         secret_key: str,
         token: str | None,
         now: datetime | None = None,
+        version_id: str | None = None,
     ) -> str:
         return presign_get(
             shape,
@@ -281,6 +294,7 @@ class QuerySigner:
             self._expires,
             now or datetime.now(UTC),
             lambda day: self._signing_key(secret_key, day, shape),
+            version_id,
         )
 
     def _signing_key(self, secret: str, day: str, shape: UrlShape) -> bytes:
@@ -509,7 +523,15 @@ class S3Reader:
             return PermanentError(f"{address}: bucket {address.bucket!r} does not exist")
         if code in ("412", "PreconditionFailed"):
             return SourceChangedError(str(address))
-        if code in ("403", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
+        if code == "SignatureDoesNotMatch":
+            return _signature_refused(str(address))
+        if code == "403":  # a HEAD's answer has no body, so botocore has only the status
+            return PermanentError(
+                f"{address}: S3 refused a HEAD with 403, which names no reason: the AWS "
+                "credentials may not read this bucket, or their secret key is wrong, or "
+                "something between here and S3 altered the request after it was signed"
+            )
+        if code in ("AccessDenied", "InvalidAccessKeyId"):
             return PermanentError(
                 f"{address}: access denied by S3 ({code}); check the AWS credentials "
                 "and that they may read this bucket"
@@ -539,10 +561,13 @@ class S3Reader:
     # -- payload ----------------------------------------------------------------------
 
     async def presign(self, info: ObjectInfo | S3Address) -> str:
-        """A GET URL for the object, signed now: one per request, never reused."""
+        """A GET URL for the object, signed now: one per request, never reused. Given an
+        ObjectInfo of a versioned object, the URL reads that version only, whatever is
+        written over it since (server-side mode, where no If-Match can be sent)."""
         assert self._signer is not None
+        version = info.version_id if isinstance(info, ObjectInfo) else None
         try:
-            return await self._signer.url(info.bucket, info.key)
+            return await self._signer.url(info.bucket, info.key, version_id=version)
         except (NoCredentialsError, PartialCredentialsError):
             raise _no_credentials() from None
         except BotoCoreError as e:
@@ -562,8 +587,9 @@ class S3Reader:
         async with AsyncExitStack() as stack:
             try:
                 proxy = self._proxies.route(url)
+                # Sent as signed: a str would be re-encoded by yarl on the way.
                 resp = await stack.enter_async_context(
-                    self._http.get(url, headers=headers, proxy=proxy)
+                    self._http.get(URL(url, encoded=True), headers=headers, proxy=proxy)
                 )
                 if resp.status != status:
                     await self._raise_for(resp, address, what)
@@ -659,6 +685,8 @@ class S3Reader:
             raise PermanentError(f"{what}: {code or 'not found'}")
         if resp.status == 407:  # a plain-http request, refused by the proxy itself
             raise refused_by_proxy(407, what)
+        if code == "SignatureDoesNotMatch":
+            raise _signature_refused(what)
         if resp.status == 403:
             # S3's message names the cause a person can act on, e.g. a missing
             # kms:Decrypt permission on an SSE-KMS object; it holds no secret.
@@ -689,6 +717,17 @@ def _expired_credentials(what: str, code: str) -> RetryableError:
     return RetryableError(
         f"{what}: S3 refused the AWS credentials as expired ({code}); check that their "
         "source (instance role, container endpoint, profile) renews them"
+    )
+
+
+def _signature_refused(what: str) -> PermanentError:
+    # S3 says only that the signatures differ: a wrong secret and a request altered
+    # after signing (by a proxy, or a client re-encoding the URL) look the same to it.
+    return PermanentError(
+        f"{what}: S3 refused the request's signature (SignatureDoesNotMatch): either the "
+        "secret access key is not the one of the access key ID, or something between "
+        "here and S3 (a proxy, a load balancer) altered the request's URL or Host after "
+        "it was signed"
     )
 
 

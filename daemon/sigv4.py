@@ -27,6 +27,16 @@ class UrlShape:
     service: str
 
 
+_DEFAULT_PORTS = {"http": ":80", "https": ":443"}
+
+
+def sent_host(scheme: str, netloc: str) -> str:
+    """The Host header an HTTP client sends for ``netloc``: a default port spelled out
+    in the endpoint (``https://host:443``) is left off, by aiohttp as by botocore, and
+    S3 checks the signature over the header as it arrives."""
+    return netloc.removesuffix(_DEFAULT_PORTS.get(scheme, "\0"))
+
+
 def signing_key(secret_key: str, day: str, region: str, service: str) -> bytes:
     """The day's key, derived from the secret (AWS4-HMAC-SHA256)."""
     k = f"AWS4{secret_key}".encode()
@@ -43,9 +53,15 @@ def presign_get(
     expires: int,
     now: datetime,
     key_for_day: Callable[[str], bytes],
+    version_id: str | None = None,
 ) -> str:
     """A GET of ``key`` presigned at ``now`` for ``expires`` seconds; ``key_for_day``
-    gives the signing key of a day (``YYYYMMDD``), so the caller may keep it."""
+    gives the signing key of a day (``YYYYMMDD``), so the caller may keep it.
+
+    The URL is already encoded and must be sent exactly as it stands: S3 checks the
+    signature over the path as it arrives, without normalising it, so a client that
+    re-encodes it (aiohttp given a str: ``%3D`` decoded to ``=``, ``./`` resolved) is
+    refused with SignatureDoesNotMatch. Pass ``yarl.URL(url, encoded=True)``."""
     amz_date, day = now.strftime("%Y%m%dT%H%M%SZ"), now.strftime("%Y%m%d")
     scope = f"{day}/{shape.region}/{shape.service}/aws4_request"
     params = {
@@ -57,13 +73,16 @@ def presign_get(
     }
     if token is not None:
         params["X-Amz-Security-Token"] = token
+    if version_id is not None:
+        params["versionId"] = version_id
     encoded = [(quote(k, safe="-_.~"), quote(v, safe="-_.~")) for k, v in params.items()]
     query = "&".join(f"{k}={v}" for k, v in sorted(encoded))  # canonical: sorted
     in_url = "&".join(f"{k}={v}" for k, v in encoded)  # as botocore writes it
+    host = sent_host(shape.scheme, shape.host)
     path = shape.before + quote(key, safe="/~") + shape.after
-    canonical = f"GET\n{path}\n{query}\nhost:{shape.host}\n\nhost\nUNSIGNED-PAYLOAD"
+    canonical = f"GET\n{path}\n{query}\nhost:{host}\n\nhost\nUNSIGNED-PAYLOAD"
     to_sign = (
         f"AWS4-HMAC-SHA256\n{amz_date}\n{scope}\n" + hashlib.sha256(canonical.encode()).hexdigest()
     )
     signature = hmac.new(key_for_day(day), to_sign.encode(), hashlib.sha256).hexdigest()
-    return f"{shape.scheme}://{shape.host}{path}?{in_url}&X-Amz-Signature={signature}"
+    return f"{shape.scheme}://{host}{path}?{in_url}&X-Amz-Signature={signature}"

@@ -26,6 +26,7 @@ from daemon.reload import Reloader
 from daemon.settings import Settings, load_settings
 from daemon.sources.directory import report_name
 from tests.emulators import AZURITE_KEY, connection_string, emulator
+from tests.strict_s3 import StrictS3, strict_s3_in_thread
 
 __all__ = ["AZURITE_KEY", "connection_string", "make_settings", "running_daemon"]
 
@@ -42,9 +43,24 @@ os.environ.update(
 
 
 @pytest.fixture(scope="session")
-def moto_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def moto_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """moto itself: lenient about signatures. Tests reach it through ``moto_endpoint``."""
     with emulator("moto", tmp_path_factory.mktemp("moto") / "moto.log") as endpoint:
         yield endpoint
+
+
+@pytest.fixture(scope="session")
+def strict_s3(moto_server: str) -> Iterator[StrictS3]:
+    """moto behind a front that checks every signature as Amazon S3 does."""
+    secrets = {os.environ["AWS_ACCESS_KEY_ID"]: os.environ["AWS_SECRET_ACCESS_KEY"]}
+    with strict_s3_in_thread(moto_server, secrets) as front:
+        yield front
+
+
+@pytest.fixture(scope="session")
+def moto_endpoint(strict_s3: StrictS3) -> str:
+    """Where tests and the daemon reach S3: moto, signatures checked as S3 checks them."""
+    return strict_s3.endpoint
 
 
 @pytest.fixture(scope="session")
@@ -54,8 +70,9 @@ def azurite_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 
 @pytest.fixture(scope="session")
-def s3_client(moto_endpoint: str) -> Any:
-    return boto3.client("s3", endpoint_url=moto_endpoint, region_name="us-east-1")
+def s3_client(moto_server: str) -> Any:
+    """The tests' own hands on S3, to set up and inspect: straight to moto."""
+    return boto3.client("s3", endpoint_url=moto_server, region_name="us-east-1")
 
 
 @pytest.fixture(scope="session")
