@@ -113,6 +113,15 @@ class StateError(BlobferryError):
         # Not a database, a malformed image: SQLite raises exactly DatabaseError for
         # those; a full disk, a read-only file or a lock is an OperationalError.
         self.damaged = type(error) is sqlite3.DatabaseError
+        codes = (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
+        self.locked = getattr(error, "sqlite_errorcode", None) in codes
+        if self.locked:
+            super().__init__(
+                f"the state database {path} is locked by another process (a `blobferry "
+                "copy` or a second daemon with the same state_dir) that kept it past the "
+                "wait; its rows wait for the next write"
+            )
+            return
         if self.damaged:
             super().__init__(
                 f"the state database {path} is damaged ({error}); the daemon moves it "

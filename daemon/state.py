@@ -6,8 +6,14 @@ So writes are batched (committed on job events and by the supervisor's ticker) a
 nothing is lost that a restart could not rebuild. Transfer rows are also what a job's
 report is streamed from, so a job of 100,000 transfers never holds them all in memory.
 
-A write that fails (a full disk, most likely) raises StateError, and the daemon stops:
-without a record, no report could be trusted.
+Another process may share the file (`blobferry copy` beside the daemon, `status`
+reading it). So writes wait in memory and go in one short transaction at each flush:
+no write lock is held between flushes, however long a transfer stalls. A flush that
+finds the lock taken waits ``BUSY_WAIT_S``, then keeps its rows for the next flush: a
+lock is something another process releases, never a reason to stop.
+
+A write that fails otherwise (a full disk, most likely) raises StateError, and the
+daemon stops: without a record, no report could be trusted.
 """
 
 from __future__ import annotations
@@ -28,6 +34,16 @@ import structlog
 from daemon.errors import BlobferryError, StateError
 
 log = structlog.get_logger("blobferry.state")
+
+# How long a write waits for another process's transaction: theirs are as short as ours
+# (milliseconds), and this wait blocks the event loop, so it is kept short.
+BUSY_WAIT_S = 2.0
+_BUSY = (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
+
+
+def _busy(e: sqlite3.Error) -> bool:
+    return getattr(e, "sqlite_errorcode", None) in _BUSY
+
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -146,6 +162,11 @@ class StateStore:
         """``read_only``: for `blobferry status`, which may run as a user who can only
         read the database (one of the daemon's group), and never writes to it."""
         self._path = str(path)
+        # Writes not yet committed, in order; a transfer's progress keeps one entry,
+        # overwritten in place (so it stays before that transfer's end).
+        self._pending: dict[object, tuple[str, tuple[Any, ...]]] = {}
+        self._serial = 0
+        self._busy_since: float | None = None
         # Columns added since the first release: 0 where a database from before lacks
         # them (`blobferry status` reads, never alters, a database the daemon made).
         self._excluded = "j.excluded"
@@ -166,7 +187,8 @@ class StateStore:
         try:
             if isinstance(path, Path):
                 path.parent.mkdir(parents=True, exist_ok=True)
-            self._db = sqlite3.connect(self._path, isolation_level="DEFERRED")
+            # Autocommit: a transaction exists only inside _transaction(), never between.
+            self._db = sqlite3.connect(self._path, timeout=BUSY_WAIT_S, isolation_level=None)
         except (OSError, sqlite3.Error) as e:
             raise StateError(self._path, e) from None
         self._open()
@@ -175,10 +197,14 @@ class StateStore:
         return any(r[1] == column for r in self._db.execute(f"PRAGMA table_info({table})"))
 
     def _open(self) -> None:
-        with self._writing():
+        try:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")
-            self._db.executescript(_SCHEMA)
+        except sqlite3.Error as e:
+            raise StateError(self._path, e) from None
+        with self._transaction():
+            for statement in _SCHEMA.split(";"):
+                self._db.execute(statement)
             if not self._has("jobs", "excluded"):  # a database from before include/exclude
                 self._db.execute("ALTER TABLE jobs ADD COLUMN excluded INTEGER NOT NULL DEFAULT 0")
             if not self._has("transfers", "bytes_reused"):  # from before it was told apart
@@ -190,17 +216,28 @@ class StateStore:
             self._db.execute(
                 "INSERT OR REPLACE INTO opened (one, at) VALUES (1, ?)", (time.time(),)
             )
-            self._db.commit()
 
     @contextlib.contextmanager
-    def _writing(self) -> Iterator[None]:
-        """A write: on failure what was pending is rolled back and StateError raised."""
+    def _transaction(self) -> Iterator[None]:
+        """Statements run inside are one transaction, begun (unless already) and
+        committed here; on failure it is rolled back and StateError raised."""
         try:
+            if not self._db.in_transaction:
+                self._db.execute("BEGIN IMMEDIATE")
             yield
+            self._db.execute("COMMIT")
         except sqlite3.Error as e:
-            with contextlib.suppress(sqlite3.Error):
-                self._db.rollback()
+            if self._db.in_transaction:
+                with contextlib.suppress(sqlite3.Error):
+                    self._db.execute("ROLLBACK")
             raise StateError(self._path, e) from None
+
+    def _write(self, sql: str, args: tuple[Any, ...], key: object = None) -> None:
+        """Queue a write for the next flush."""
+        if key is None:
+            self._serial += 1
+            key = self._serial
+        self._pending[key] = (sql, args)
 
     @classmethod
     def in_dir(cls, state_dir: Path) -> StateStore:
@@ -229,56 +266,77 @@ class StateStore:
         return cls(path)
 
     def close(self) -> None:
-        with contextlib.suppress(sqlite3.Error):  # after a StateError this fails again
-            self._db.commit()
+        with contextlib.suppress(StateError):  # after a StateError this fails again
+            self.flush()
         self._db.close()
 
-    def flush(self) -> None:
-        with self._writing():
-            self._db.commit()
+    def flush(self) -> bool:
+        """Commit the writes waiting, in one short transaction. False when another
+        process held the lock past BUSY_WAIT_S: they stay for the next flush."""
+        if not self._pending:
+            return True
+        writes = list(self._pending.values())
+        try:
+            with self._transaction():
+                for sql, args in writes:
+                    self._db.execute(sql, args)
+        except StateError as e:
+            if not e.locked:
+                raise
+            now = time.monotonic()
+            if self._busy_since is None:
+                self._busy_since = now
+            log.warning(
+                "state database locked by another process; its rows wait for the next flush",
+                path=self._path,
+                waiting_s=round(now - self._busy_since, 1),
+                rows=len(writes),
+            )
+            return False
+        if self._busy_since is not None:
+            log.info("state database writable again", path=self._path)
+            self._busy_since = None
+        self._pending.clear()
+        return True
 
     # -- writes ---------------------------------------------------------------------
 
     def job_started(self, job: str) -> None:
-        with self._writing():
-            # A job name seen before (a crash, or a resubmission) starts a fresh record.
-            self._db.execute("DELETE FROM transfers WHERE job = ?", (job,))
-            self._db.execute(
-                "INSERT OR REPLACE INTO jobs (job, status, started_at) VALUES (?, 'running', ?)",
-                (job, time.time()),
-            )
-            self._db.commit()
+        # A job name seen before (a crash, or a resubmission) starts a fresh record.
+        self._write("DELETE FROM transfers WHERE job = ?", (job,))
+        self._write(
+            "INSERT OR REPLACE INTO jobs (job, status, started_at) VALUES (?, 'running', ?)",
+            (job, time.time()),
+        )
+        self.flush()
 
     def job_finished(
         self, job: str, status: str, error: str | None = None, excluded: int = 0
     ) -> None:
-        with self._writing():
-            self._db.execute(
-                "UPDATE jobs SET status = ?, finished_at = ?, error = ?, excluded = ? "
-                "WHERE job = ?",
-                (status, time.time(), error, excluded, job),
-            )
-            self._db.commit()
+        self._write(
+            "UPDATE jobs SET status = ?, finished_at = ?, error = ?, excluded = ? WHERE job = ?",
+            (status, time.time(), error, excluded, job),
+        )
+        self.flush()
 
     def transfer_started(self, job: str, seq: int, source: str, destination: str) -> None:
-        with self._writing():
-            now = time.time()
-            self._db.execute(
-                "INSERT OR REPLACE INTO transfers (job, seq, source, destination, status, "
-                "started_at, updated_at) VALUES (?, ?, ?, ?, 'running', ?, ?)",
-                (job, seq, source, destination, now, now),
-            )
+        now = time.time()
+        self._write(
+            "INSERT OR REPLACE INTO transfers (job, seq, source, destination, status, "
+            "started_at, updated_at) VALUES (?, ?, ?, ?, 'running', ?, ?)",
+            (job, seq, source, destination, now, now),
+        )
 
     def transfer_progress(
         self, job: str, seq: int, done: int, total: int | None, reused: int = 0
     ) -> None:
         """``done`` bytes of ``total``, ``reused`` of them staged by an earlier run."""
-        with self._writing():
-            self._db.execute(
-                "UPDATE transfers SET bytes_done = ?, bytes_total = ?, bytes_reused = ?, "
-                "updated_at = ? WHERE job = ? AND seq = ?",
-                (done, total, reused, time.time(), job, seq),
-            )
+        self._write(
+            "UPDATE transfers SET bytes_done = ?, bytes_total = ?, bytes_reused = ?, "
+            "updated_at = ? WHERE job = ? AND seq = ?",
+            (done, total, reused, time.time(), job, seq),
+            key=("progress", job, seq),
+        )
 
     def transfer_finished(
         self,
@@ -289,13 +347,12 @@ class StateStore:
         error: str | None = None,
         detail: dict[str, Any] | None = None,
     ) -> None:
-        with self._writing():
-            now = time.time()
-            self._db.execute(
-                "UPDATE transfers SET status = ?, bytes_done = ?, updated_at = ?, finished_at = ?, "
-                "error = ?, detail = ? WHERE job = ? AND seq = ?",
-                (status, done, now, now, error, json.dumps(detail or {}), job, seq),
-            )
+        now = time.time()
+        self._write(
+            "UPDATE transfers SET status = ?, bytes_done = ?, updated_at = ?, finished_at = ?, "
+            "error = ?, detail = ? WHERE job = ? AND seq = ?",
+            (status, done, now, now, error, json.dumps(detail or {}), job, seq),
+        )
 
     def prune(self, before: float) -> int:
         """Forget the jobs that finished before ``before`` (epoch s), with their
@@ -305,12 +362,12 @@ class StateStore:
         done/ and failed/: this only stops a daemon of months growing its database
         without end."""
         old = "status != 'running' AND finished_at < ?"
-        with self._writing():
+        self.flush()
+        with self._transaction():
             self._db.execute(
                 f"DELETE FROM transfers WHERE job IN (SELECT job FROM jobs WHERE {old})", (before,)
             )
-            gone = self._db.execute(f"DELETE FROM jobs WHERE {old}", (before,)).rowcount
-            self._db.commit()
+            gone: int = self._db.execute(f"DELETE FROM jobs WHERE {old}", (before,)).rowcount
         return gone
 
     # -- reads ----------------------------------------------------------------------
