@@ -13,7 +13,7 @@ import fcntl
 import gc
 import os
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from functools import partial
@@ -226,7 +226,7 @@ async def _announce_stop(stop: asyncio.Event, notifier: Notifier, sup: Superviso
 async def copy_once(
     settings: Settings,
     name: str,
-    specs: list[TransferSpec],
+    specs: Sequence[TransferSpec],
     stop: asyncio.Event,
     on_progress: Progress | None = None,
 ) -> tuple[str, StateStore]:

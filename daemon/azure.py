@@ -32,8 +32,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.utils import formatdate
 from types import TracebackType
-from typing import Any, cast
-from urllib.parse import parse_qs, quote
+from typing import Any, NamedTuple, cast
+from urllib.parse import parse_qs, quote, urlsplit
 
 import aiohttp
 import structlog
@@ -56,7 +56,7 @@ from azure.storage.blob.aio import BlobClient, BlobServiceClient
 
 from daemon.clock import refused_for_time
 from daemon.errors import CorruptBlockError, PermanentError, RetryableError, connection_failed
-from daemon.jobs import AzAddress
+from daemon.jobs import AzAddress, account_name
 from daemon.latency import RoundTrips
 from daemon.proxies import Proxies, refused_by_proxy
 from daemon.s3 import Chunks
@@ -123,6 +123,14 @@ class BlobHeaders:
 
 
 _DEFAULT_TYPE = "application/octet-stream"
+
+
+class BlobId(NamedTuple):
+    """One blob, whichever address spelled it."""
+
+    account: str
+    container: str
+    blob: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -300,7 +308,7 @@ class AzureWriter:
             self._route_sdk(a.account_url, kwargs)
             credential: Any
             if a.account_key is not None:
-                name = _account_name(a.account_url)
+                name = account_name(a.account_url)
                 credential = {"account_name": name, "account_key": a.account_key.get_secret_value()}
             elif a.sas_token is not None:
                 credential = a.sas_token.get_secret_value()
@@ -331,10 +339,24 @@ class AzureWriter:
         if proxy is not None:
             kwargs["proxies"] = {account_url.partition("://")[0]: str(proxy)}
 
+    def identify(self, dst: AzAddress) -> BlobId:
+        """The blob ``dst`` names, however it is spelled: ``az://c/b`` and the
+        configured account's ``https://`` URL of it are one blob, with one writer."""
+        self._check_account(dst)
+        assert self._service is not None
+        return BlobId(str(self._service.account_name), dst.container, dst.blob)
+
     def _check_account(self, dst: AzAddress) -> None:
         assert self._service is not None
-        if dst.account_url is not None and dst.account_url.rstrip("/") != self._service.url.rstrip(
-            "/"
+        if dst.account_url is None:
+            return
+        # Compared by host and account name: the service's URL carries a SAS query
+        # when the credential is one, and a trailing slash or not.
+        mine = urlsplit(self._service.url)
+        theirs = urlsplit(dst.account_url)
+        if (theirs.netloc.lower(), dst.account) != (
+            mine.netloc.lower(),
+            self._service.account_name,
         ):
             raise PermanentError(
                 f"{dst}: the destination account is not the configured one "
@@ -768,14 +790,6 @@ def _sas_expiry(sas: str) -> datetime | None:
     except ValueError:
         return None
     return when if when is None or when.tzinfo else when.replace(tzinfo=UTC)
-
-
-def _account_name(account_url: str) -> str:
-    from urllib.parse import urlsplit
-
-    parts = urlsplit(account_url)
-    path = parts.path.strip("/")
-    return path.split("/")[0] if path else parts.netloc.split(".")[0]
 
 
 def _code(e: AzureError) -> str:

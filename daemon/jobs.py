@@ -7,12 +7,12 @@ silently falls back to a default is the kind of mistake that costs a day.
 
 from __future__ import annotations
 
-import json
+import itertools
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, overload
 from urllib.parse import unquote, urlsplit
 
 from pydantic import (
@@ -25,6 +25,7 @@ from pydantic import (
 )
 
 from daemon.errors import AddressError, JobFileError
+from daemon.jsonscan import LazyArray, scan_object
 
 # Hosts that carry the account name as their first label (public and sovereign clouds).
 _AZURE_HOST_SUFFIXES = (
@@ -75,10 +76,23 @@ class AzAddress:
     def child(self, blob: str) -> AzAddress:
         return AzAddress(self.container, blob, self.account_url)
 
+    @property
+    def account(self) -> str | None:
+        """The account the address names (None: the configured one), as Azure knows
+        it: ``https://NAME.blob.core.windows.net`` or path-style ``http://host/NAME``."""
+        return None if self.account_url is None else account_name(self.account_url)
+
     def __str__(self) -> str:
         if self.account_url:
             return f"{self.account_url}/{self.container}/{self.blob}"
         return f"az://{self.container}/{self.blob}"
+
+
+def account_name(account_url: str) -> str:
+    """The account of an account URL (a SAS query, if any, is no part of it)."""
+    parts = urlsplit(account_url)
+    path = parts.path.strip("/")
+    return path.split("/")[0] if path else parts.netloc.split(".")[0]
 
 
 def parse_s3(address: str) -> S3Address:
@@ -375,16 +389,22 @@ def make_spec(source: str, destination: str, options: Options | None = None) -> 
     return TransferSpec(src, dst, options or Options())
 
 
-def parse_job(raw: bytes | str) -> list[TransferSpec]:
-    """Parse a job file's text into transfer specs, or raise JobFileError saying why."""
+def parse_job(raw: bytes | str) -> Sequence[TransferSpec]:
+    """Parse a job file's text into transfer specs, or raise JobFileError saying why.
+
+    Every transfer is checked here, before any runs; the specs of a transfers list are
+    then made one at a time as they are walked (see JobTransfers), so a job of 300,000
+    transfers costs about its text in memory, not a tree of dicts and specs."""
     try:
-        data: Any = json.loads(raw)
+        data, items = scan_object(raw, "transfers")
     except RecursionError:
         raise JobFileError("job file is not valid JSON: nested too deeply") from None
     except (ValueError, UnicodeDecodeError) as e:
         raise JobFileError(f"job file is not valid JSON: {e}") from None
     if not isinstance(data, dict):
         raise JobFileError("job file must hold a JSON object")
+    if items is not None:  # a stand-in of the same emptiness, for the model's checks
+        data["transfers"] = [None] if len(items) else []
     try:
         job = _JobIn.model_validate(data)
     except ValidationError as e:
@@ -395,32 +415,75 @@ def parse_job(raw: bytes | str) -> list[TransferSpec]:
         spec = make_spec(job.source, job.destination, defaults)
         _filters_a_prefix(spec, "job file")
         return [spec]
-    items, job.transfers = job.transfers, None
-    del data
-    specs = []
-    for i, item in enumerate(items):
+    assert items is not None  # "transfers" was given, and the model took it as a list
+    transfers = JobTransfers(items, defaults)
+    transfers.check()
+    return transfers
+
+
+class JobTransfers(Sequence[TransferSpec]):
+    """A job file's transfers, each spec made from its item when it is wanted."""
+
+    def __init__(self, items: LazyArray, defaults: Options) -> None:
+        self._items = items
+        self._defaults = defaults
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    @overload
+    def __getitem__(self, i: int) -> TransferSpec: ...
+    @overload
+    def __getitem__(self, i: slice) -> Sequence[TransferSpec]: ...
+    def __getitem__(self, i: int | slice) -> TransferSpec | Sequence[TransferSpec]:
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        return self._spec(i, self._items[i])
+
+    def __iter__(self) -> Iterator[TransferSpec]:
+        for i, item in enumerate(self._items):
+            yield self._spec(i, item)
+
+    def _spec(self, i: int, item: Any) -> TransferSpec:
         try:
             t = _TransferIn.model_validate(item)
             own = t.model_fields_set - {"source", "destination"}
-            spec = make_spec(t.source, t.destination, t.over(defaults) if own else defaults)
-            if t.include is not None or t.exclude is not None:
-                _filters_a_prefix(spec, f"job file: transfers.{i}")
-            specs.append(spec)
+            spec = make_spec(
+                t.source, t.destination, t.over(self._defaults) if own else self._defaults
+            )
         except ValidationError as e:
             raise JobFileError(f"job file: transfers.{i}.{_first_problem(e)}") from None
         except AddressError as e:
             raise JobFileError(f"job file: transfers.{i}: {e}") from None
-    writers: dict[str, int] = {}
-    for i, spec in enumerate(specs):
-        if spec.source.is_prefix:
-            continue
-        first = writers.setdefault(str(spec.destination), i)
-        if first != i:
-            raise JobFileError(
-                f"job file: transfers.{first} and transfers.{i} both write "
-                f"{spec.destination}; a blob holds one object"
-            )
-    return specs
+        if t.include is not None or t.exclude is not None:
+            _filters_a_prefix(spec, f"job file: transfers.{i}")
+        return spec
+
+    def check(self) -> None:
+        """Every transfer valid, and no blob written by two: JobFileError otherwise.
+
+        A daemon writes one account, so a container and a blob name are one blob
+        however the address spells the account (az://, or its https:// URL). Seen
+        blobs are kept as hashes; a hash seen twice is checked by name."""
+        seen: set[int] = set()
+        for i, spec in enumerate(self):
+            if spec.source.is_prefix:
+                continue
+            dst = spec.destination
+            h = hash((dst.container, dst.blob))
+            if h not in seen:
+                seen.add(h)
+                continue
+            for j, earlier in enumerate(itertools.islice(self, i)):
+                d = earlier.destination
+                if not earlier.source.is_prefix and (d.container, d.blob) == (
+                    dst.container,
+                    dst.blob,
+                ):
+                    raise JobFileError(
+                        f"job file: transfers.{j} and transfers.{i} both write "
+                        f"{spec.destination}; a blob holds one object"
+                    )
 
 
 def _filters_a_prefix(spec: TransferSpec, where: str) -> None:

@@ -21,13 +21,14 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass, field
 from functools import partial
 
 import structlog
 
+from daemon.azure import BlobId
 from daemon.budget import Budget
 from daemon.errors import Interrupted, JobFileError, StateError, TransferError, redact
 from daemon.holdings import Holdings, Known
@@ -163,7 +164,8 @@ class Supervisor:
         self._slots = Budget(settings.max_transfers)  # one unit per transfer in flight
         self._last_flush = time.monotonic()
         self._jobs: dict[str, _Job] = {}  # claimed from the source, not yet filed
-        self._writing: dict[str, _Writers] = {}  # destination -> its transfers
+        self._writing: dict[BlobId, _Writers] = {}  # a blob -> its transfers
+        self._parsing = asyncio.Lock()  # one job file read and parsed at a time
         # Set when the state database cannot be written: the daemon drains and stops.
         self.state_lost: StateError | None = None
         self.metrics = Metrics()
@@ -355,8 +357,10 @@ class Supervisor:
 
     async def _run_file(self, source: JobSource, job: ClaimedJob) -> str:
         try:
-            # A large job file takes seconds to parse: not on the loop serving sockets.
-            specs = await asyncio.to_thread(parse_job, await source.read(job))
+            # A large job file takes seconds to parse: not on the loop serving sockets,
+            # and one at a time, so a burst of large files costs one parse's memory.
+            async with self._parsing:
+                specs = await asyncio.to_thread(parse_job, await source.read(job))
         except JobFileError as e:
             self.state.job_finished(job.name, "failed", str(e))
             log.error("job failed", error=str(e))
@@ -387,7 +391,7 @@ class Supervisor:
 
     # -- one job (the daemon's and `blobferry copy`'s) --------------------------------
 
-    async def run_job(self, name: str, specs: list[TransferSpec]) -> str:
+    async def run_job(self, name: str, specs: Sequence[TransferSpec]) -> str:
         """Run every transfer of a job whose start the caller has recorded
         (``state.job_started``); returns "done", "failed" or "interrupted"."""
         structlog.contextvars.bind_contextvars(job=name)
@@ -524,7 +528,7 @@ class Supervisor:
         )
 
     @asynccontextmanager
-    async def _sole_writer(self, dst: str) -> AsyncIterator[None]:
+    async def _sole_writer(self, dst: BlobId) -> AsyncIterator[None]:
         """One transfer at a time per blob, across jobs: a commit drops every block of
         the blob it does not list, so two at once would fail one of them (Azure's
         InvalidBlockList). A later one waits its turn; the last to commit wins."""
@@ -557,7 +561,7 @@ class Supervisor:
         tracker = _Tracker(self, job, seq, listed.size if listed else None)
         log.info("transfer started", bytes=tracker.total)
         try:
-            async with self._sole_writer(dst):
+            async with self._sole_writer(self._copier.identify(spec.destination)):
                 outcome = await self._copier.copy(spec, listed, tracker.advance, known)
         except Interrupted:
             tally.interrupted += 1

@@ -33,6 +33,7 @@ from awscrt import checksums as awscrt_checksums
 from daemon.azure import (
     AzureWriter,
     BlobHeaders,
+    BlobId,
     ContainerMissingError,
     DestinationExistsError,
     ExistingBlob,
@@ -470,6 +471,10 @@ class Copier:
         self._stopping = stopping or asyncio.Event()
         # Buckets Azure could not fetch from in server-side mode: (when, its answer).
         self._unreachable: dict[str, tuple[float, str]] = {}
+
+    def identify(self, dst: AzAddress) -> BlobId:
+        """The blob a destination names, however it is spelled (one writer per blob)."""
+        return self._azure.identify(dst)
 
     async def holdings(self, spec: TransferSpec) -> Holdings | None:
         """For a prefix whose copies would each ask whether their blob exists: the

@@ -13,6 +13,10 @@ modified in the last ``settle_s`` that does not yet hold complete JSON (a writer
 does not rename). New files are
 noticed through watchfiles (inotify); a scan every ``poll_interval_s`` backs it up.
 A file in cancel/ is a request, taken (removed) when it is noticed the same way.
+
+The inbox is shared, so anything may land in it: a job file is opened without
+following links and without blocking (a FIFO's open() waits for a writer for ever),
+and whatever is not a regular file is claimed and filed to failed/ with the reason.
 """
 
 from __future__ import annotations
@@ -42,6 +46,35 @@ def is_job_name(name: str) -> bool:
 
 
 _NAME_MAX = 255  # bytes in a file name, on every Linux file system a jobs folder is on
+# A young file up to this size is parsed to see if it is whole; a larger one waits
+# settle_s instead, so the claim check never costs a large parse beside the job's own.
+_QUICK_CHECK_BYTES = 64 * 1024
+_OPEN_FLAGS = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | getattr(os, "O_NOFOLLOW", 0)
+
+
+def open_job_file(path: Path) -> tuple[int, os.stat_result]:
+    """A descriptor of the regular file at ``path`` and its stat, or JobFileError
+    saying what else is there (a link, a FIFO, a socket, a folder). Never blocks."""
+    try:
+        fd = os.open(path, _OPEN_FLAGS)
+    except OSError as e:
+        if os.path.islink(path):
+            raise JobFileError(
+                "job file is a symbolic link; blobferry reads only regular files in the inbox"
+            ) from None
+        raise JobFileError(f"job file cannot be opened: {e.strerror}") from None
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        kind = (
+            "a FIFO"
+            if stat.S_ISFIFO(st.st_mode)
+            else "a folder"
+            if stat.S_ISDIR(st.st_mode)
+            else "not a regular file"
+        )
+        raise JobFileError(f"job file is {kind}; blobferry reads only regular files in the inbox")
+    return fd, st
 
 
 def report_name(job: str) -> str:
@@ -234,13 +267,16 @@ class DirectorySource:
         return ClaimedJob(name, self.processing / name, recovered=recovered)
 
     def _complete(self, name: str) -> bool:
+        """Whether a young file can be taken now: it holds complete JSON, or it is no
+        job file at all (read() files it with the reason)."""
         try:
-            with open(self.inbox / name, "rb") as f:
-                data = f.read(self._max_bytes + 1)
-        except OSError:
-            return False
-        if len(data) > self._max_bytes:
-            return True  # too large whatever happens next: take it and say so
+            fd, st = open_job_file(self.inbox / name)
+        except JobFileError:
+            return os.path.lexists(self.inbox / name)
+        with os.fdopen(fd, "rb") as f:
+            if st.st_size > _QUICK_CHECK_BYTES:
+                return False
+            data = f.read(_QUICK_CHECK_BYTES + 1)
         try:
             json.loads(data)
         except (ValueError, RecursionError):
@@ -253,19 +289,12 @@ class DirectorySource:
         return await asyncio.to_thread(self._read, path)
 
     def _read(self, path: Path) -> bytes:
-        if path.is_symlink():
-            raise JobFileError(
-                "job file is a symbolic link; blobferry reads only regular files in the inbox"
-            )
-        try:
-            fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
-        except OSError as e:
-            raise JobFileError(f"job file cannot be opened: {e.strerror}") from None
+        fd, st = open_job_file(path)
         with os.fdopen(fd, "rb") as f:
-            if not stat.S_ISREG(os.fstat(fd).st_mode):
-                raise JobFileError("job file is not a regular file")
-            data = f.read(self._max_bytes + 1)
-        if len(data) > self._max_bytes:
+            # Refused by its size before a byte is read, and by what it holds should it
+            # have grown since.
+            data = b"" if st.st_size > self._max_bytes else f.read(self._max_bytes + 1)
+        if st.st_size > self._max_bytes or len(data) > self._max_bytes:
             raise JobFileError(
                 f"job file is larger than {self._max_bytes >> 20} MiB (max_job_file_mb); "
                 "split it into several jobs"
