@@ -914,6 +914,11 @@ class Copier:
             raise _first_error(eg) from None
         if interrupted:
             raise Interrupted()  # the blocks in flight have landed; the rest go next start
+        if md5 is None and info.version_id is None:
+            # Each block was fetched from whatever version S3 held then (no If-Match can
+            # go with Azure's GETs; a versioned object's URLs name its version): an
+            # object written over at the same size would commit as a mix of both.
+            await self._still_the_same(info)
         ids = [plan.block_id(b.index, SERVER_SIDE_MD5) for b in plan.blocks]
         landing = await self._commit(info, spec, fp, ids, md5)
         return Outcome(
@@ -927,6 +932,13 @@ class Copier:
             blocks_reused=len(done),
             route="server-side",
         )
+
+    async def _still_the_same(self, info: ObjectInfo) -> None:
+        """SourceChangedError unless S3 still holds the version ``info`` describes."""
+        src = info.address
+        now = await retrying(lambda: self._s3.head(src), self._settings.retry, f"HEAD {src}")
+        if (now.etag, now.size) != (info.etag, info.size):
+            raise SourceChangedError(str(info.address))
 
     async def _staged(
         self, plan: Plan, dst: AzAddress, earlier: Callable[[str], Plan | None]

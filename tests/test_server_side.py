@@ -13,13 +13,16 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
+import aiohttp
 import pytest
 from azure.storage.blob import BlobSasPermissions, BlobServiceClient, generate_blob_sas
+from azure.storage.blob._blob_client_helpers import _encode_source_url
+from yarl import URL
 
 from daemon.azure import AzureWriter
 from daemon.budget import Budget
-from daemon.errors import Interrupted, RetriesExhaustedError
-from daemon.jobs import parse_job
+from daemon.errors import Interrupted, RetriesExhaustedError, SourceChangedError
+from daemon.jobs import S3Address, parse_job
 from daemon.s3 import ObjectInfo, S3Reader
 from daemon.settings import Settings
 from daemon.transfer import SERVER_SIDE_CHECKED, Copier
@@ -234,3 +237,62 @@ async def test_a_server_side_copy_stopped_halfway_resumes_from_the_blocks_azure_
     assert len(reused) == 1 and sum(n for n, _ in done) == len(body)
     assert reused[0] == sum(b.size for b in uncommitted)
     assert blob_bytes(blob_service, container, "copy.bin") == body
+
+
+async def test_an_object_written_over_at_the_same_size_mid_copy_is_never_committed_as_a_mix(
+    settings: Settings,
+    s3_client: Any,
+    blob_service: BlobServiceClient,
+    bucket: str,
+    container: str,
+) -> None:
+    """Azure fetches each block with a URL of its own, and no If-Match can go with its
+    GETs. Half-way, the object is written over at the same size (in S3, and in the
+    Azurite blob standing in for S3's bytes): the blocks after come from the new
+    version. Its ETag, asked again before the commit, is not the one the copy began
+    with: nothing is committed, and the reason says the source changed."""
+    old, new = payload(12 * MiB, seed=41), payload(12 * MiB, seed=42)
+    s3_client.put_object(Bucket=bucket, Key="obj.bin", Body=old)
+    source = blob_service.get_blob_client(container, "source.bin")
+    url = _azurite_url(blob_service, container, "source.bin", old)
+    asked = 0
+
+    async def urls(info: ObjectInfo) -> str:
+        nonlocal asked
+        asked += 1
+        if asked == 2:  # after the first block: a writer replaces the object
+            s3_client.put_object(Bucket=bucket, Key="obj.bin", Body=new)
+            source.upload_blob(new, overwrite=True)
+        return url
+
+    one_lane = settings.model_copy(update={"block_concurrency": 1})
+    [spec] = parse_job(
+        f'{{"source": "s3://{bucket}/obj.bin", "destination": "az://{container}/copy.bin", "mode": "server-side"}}'
+    )
+    async with S3Reader(one_lane) as s3, AzureWriter(one_lane) as az:
+        copier = Copier(one_lane, s3, az, Budget(one_lane.memory_bytes), source_urls=urls)
+        with pytest.raises(SourceChangedError, match="changed while it was being copied"):
+            await copier.copy(spec)
+    assert asked == 3
+    assert "copy.bin" not in blob_names(blob_service, container)
+
+
+async def test_a_versioned_objects_urls_read_its_version_whatever_is_written_over_it(
+    settings: Settings, moto_endpoint: str, s3_client: Any, bucket: str
+) -> None:
+    """Where the bucket keeps versions, each URL Azure is given names the version the
+    copy began with (versionId, signed): a later write changes nothing it reads, and
+    so no HEAD is needed before the commit. Checked against the strict S3 front, as
+    Azure would fetch it."""
+    s3_client.put_bucket_versioning(Bucket=bucket, VersioningConfiguration={"Status": "Enabled"})
+    s3_client.put_object(Bucket=bucket, Key="v.bin", Body=b"first version")
+    async with S3Reader(settings) as s3:
+        info = await s3.head(S3Address(bucket, "v.bin"))
+        assert info.version_id
+        s3_client.put_object(Bucket=bucket, Key="v.bin", Body=b"later version")
+        url = await s3.presign(info)
+    assert f"versionId={info.version_id}" in url
+    assert _encode_source_url(url) == url  # what the SDK hands Azure is what was signed
+    async with aiohttp.ClientSession() as http, http.get(URL(url, encoded=True)) as resp:
+        assert resp.status == 200, await resp.text()
+        assert await resp.read() == b"first version"

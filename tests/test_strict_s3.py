@@ -16,6 +16,7 @@ import aiohttp
 import boto3
 import pytest
 from azure.storage.blob import BlobServiceClient
+from azure.storage.blob._blob_client_helpers import _encode_source_url
 from yarl import URL
 
 from daemon.jobs import S3Address
@@ -141,12 +142,15 @@ async def test_server_side_urls_are_accepted_as_they_stand(
 ) -> None:
     """What Azure is handed in server-side mode is fetched by it as it stands: each URL,
     sent without a byte changed, passes the front and reads the object."""
-    for key in [*HOSTILE[:5], *DOT_SEGMENTS]:
+    for key in [*HOSTILE, *DOT_SEGMENTS]:
         s3_client.put_object(Bucket=bucket, Key=key, Body=key.encode())
     refused = len(strict_s3.tally.refused)
     async with S3Reader(settings) as s3, aiohttp.ClientSession() as http:
-        for key in [*HOSTILE[:5], *DOT_SEGMENTS]:
+        for key in [*HOSTILE, *DOT_SEGMENTS]:
             url = await s3.presign(S3Address(bucket, key))
+            # The SDK re-encodes a source URL (unquote, then quote): it must come out
+            # as signed, or Azure's GET is refused by S3.
+            assert _encode_source_url(url) == url
             async with http.get(URL(url, encoded=True)) as resp:
                 assert resp.status == 200, (key, await resp.text())
                 assert await resp.read() == key.encode()
