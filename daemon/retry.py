@@ -1,8 +1,11 @@
-"""Retries in one place: exponential backoff with full jitter, a bounded number of tries.
+"""Retries in one place: exponential backoff with "equal" jitter, a bounded number of tries.
 
-Only RetryableError is retried; anything else propagates at once. The caller passes
-a function that performs the whole step again (for a block: presign, read, stage), so
-a retry never reuses a URL or a connection that has already failed.
+This is the only retry layer: botocore's own retries and the Azure SDK's are turned
+off (``total_max_attempts: 1``, ``retry_total: 0``), so a request is tried at most
+``retry.attempts`` times in all. Only RetryableError is retried; anything else
+propagates at once. The caller passes a function that performs the whole step again
+(for a block: presign, read, stage), so a retry never reuses a URL or a connection
+that has already failed.
 """
 
 from __future__ import annotations
@@ -27,7 +30,9 @@ RETRIES: Counter[str] = Counter()
 
 
 def backoff(policy: RetrySettings, attempt: int) -> float:
-    """Seconds to wait before try ``attempt + 1``: full jitter under a doubling cap."""
+    """Seconds to wait before try ``attempt + 1``: "equal" jitter, uniform between half
+    the cap and the cap, the cap doubling from backoff_s up to backoff_max_s. Never
+    less than half: tries that failed together do not all come back at once."""
     cap = min(policy.backoff_max_s, policy.backoff_s * 2 ** (attempt - 1))
     return random.uniform(cap / 2, cap)
 

@@ -368,7 +368,10 @@ class S3Reader:
             signature_version="s3v4",
             region_name=s.region,
             s3={"addressing_style": s.addressing_style},
-            retries={"max_attempts": 4, "mode": "standard"},
+            # One retry layer, blobferry's (retry.py): botocore's own under it made one
+            # HEAD up to 5 x retry.attempts requests. (botocore's max_attempts counts
+            # retries after the first; total_max_attempts counts them all.)
+            retries={"total_max_attempts": 1, "mode": "standard"},
             connect_timeout=self._settings.retry.connect_timeout_s,
             read_timeout=self._settings.retry.stall_timeout_s,
             max_pool_connections=16,

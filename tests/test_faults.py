@@ -614,9 +614,9 @@ async def test_a_listing_outlasting_botocores_retries_is_retried(
     bucket: str,
     container: str,
 ) -> None:
-    """botocore tries a LIST 4 times within a second or two. S3 answering SlowDown
-    longer than that (the first 5 LISTs here) must not end a prefix job's listing: pages
-    are retried with the same patience as every other request."""
+    """S3 answering SlowDown to the first 5 LISTs must not end a prefix job's listing:
+    pages are retried with the same patience as every other request (botocore's own
+    retries, which gave up within a second or two, are off)."""
     for i in range(3):
         s3_client.put_object(Bucket=bucket, Key=f"l/{i}", Body=payload(100 + i, seed=i))
     faults = Faults(
@@ -630,6 +630,26 @@ async def test_a_listing_outlasting_botocores_retries_is_retried(
     assert proxy.errors == 5
     for i in range(3):
         assert blob_bytes(blob_service, container, str(i)) == payload(100 + i, seed=i)
+
+
+async def test_one_head_is_tried_retry_attempts_times_in_all(
+    settings: Settings,
+    moto_endpoint: str,
+    s3_client: Any,
+    blob_service: BlobServiceClient,
+    bucket: str,
+    container: str,
+) -> None:
+    """One retry layer: a HEAD that S3 keeps answering with 503 reaches S3
+    retry.attempts times, not botocore's 5 under each of ours (it was 5 x 3 here)."""
+    s3_client.put_object(Bucket=bucket, Key="k.bin", Body=payload(5 * MiB))
+    faults = Faults(error_every=1, error_status=503, error_match=f"HEAD /{bucket}/k.bin".encode())
+    async with FaultProxy(moto_endpoint, faults) as proxy:
+        tuned = through(settings, proxy)
+        tuned = tuned.model_copy(update={"retry": tuned.retry.model_copy(update={"attempts": 3})})
+        status, [row] = await copy(tuned, f"s3://{bucket}/k.bin", f"az://{container}/k.bin")
+    assert status == "failed" and row.error is not None and "gave up after 3 attempts" in row.error
+    assert proxy.errors == 3, proxy.requests
 
 
 async def test_a_permanent_error_fails_at_once_without_retrying(
