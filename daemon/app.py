@@ -28,6 +28,7 @@ from daemon.budget import Budget
 from daemon.errors import ConfigError, StateError
 from daemon.jobs import TransferSpec
 from daemon.logs import set_level
+from daemon.outcome import Progress
 from daemon.reload import Reloader
 from daemon.s3 import S3Reader
 from daemon.settings import Settings, require_azure
@@ -35,7 +36,7 @@ from daemon.sources.directory import DirectorySource
 from daemon.state import StateStore
 from daemon.supervisor import Supervisor, state_failure
 from daemon.systemd import Notifier
-from daemon.transfer import Copier, Progress
+from daemon.transfer import Copier
 
 log = structlog.get_logger("blobferry")
 

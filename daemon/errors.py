@@ -102,6 +102,39 @@ class RetriesExhaustedError(PermanentError):
         self.last = last
 
 
+class SourceUnreachableError(PermanentError):
+    """Azure could not fetch the source URL itself (Put Block From URL)."""
+
+    def __init__(self, dst: object, code: str) -> None:
+        super().__init__(f"{dst}: Azure could not read the source URL ({code})")
+        self.code = code
+
+
+class NotPermittedError(PermanentError):
+    """The credentials are good but lack a permission (a write-only SAS reading, say)."""
+
+    def __init__(self, dst: object, what: str) -> None:
+        super().__init__(
+            f"{dst}: {what}: the credentials are not permitted to do this "
+            "(AuthorizationPermissionMismatch); grant it on the container"
+        )
+
+
+class ContainerMissingError(PermanentError):
+    """The destination's container does not exist (and was not to be created)."""
+
+    def __init__(self, where: str, container: str) -> None:
+        super().__init__(
+            f"{where}: container {container!r} does not exist; create it, or set "
+            "azure.create_containers = true"
+        )
+
+
+class DestinationExistsError(PermanentError):
+    def __init__(self, destination: object) -> None:
+        super().__init__(f"{destination} already exists and overwrite is 'never'")
+
+
 class StateError(BlobferryError):
     """The state database cannot be written: most likely its disk is full.
 

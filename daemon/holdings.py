@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 import structlog
 
-from daemon.azure import ExistingBlob
+from daemon.seams import ExistingBlob
 
 log = structlog.get_logger("blobferry")
 

@@ -61,6 +61,11 @@ class S3Settings(BaseModel):
         "so this only needs to cover one request.",
     )
     max_connections: int = Field(default=64, ge=1)
+    local_signing: bool = Field(
+        default=True,
+        description="Sign each range GET here (s3_signing.py), in microseconds; false: "
+        "botocore presigns every one (about a millisecond of CPU each).",
+    )
 
 
 class AzureSettings(BaseModel):
@@ -78,6 +83,13 @@ class AzureSettings(BaseModel):
         default_factory=dict,
         description='S3 storage class -> access tier, e.g. {STANDARD_IA = "Cool"}; '
         "a job's own tier wins; unmapped classes get the account's default tier.",
+    )
+    direct: bool = Field(
+        default=True,
+        description="Put Blob, Put Block and Get Blob Properties go straight to aiohttp "
+        "(azure_direct.py), not through the SDK's pipeline (about 2 ms of CPU a request); "
+        "false: through the SDK, and objects are never piped (the SDK would hold the "
+        "body whole).",
     )
     create_containers: bool = Field(
         default=False,

@@ -28,17 +28,19 @@ from functools import partial
 
 import structlog
 
-from daemon.azure import BlobId
 from daemon.budget import Budget
 from daemon.errors import Interrupted, JobFileError, StateError, TransferError, redact
 from daemon.holdings import Holdings, Known
 from daemon.jobs import TransferSpec, parse_job
 from daemon.metrics import Metrics
-from daemon.s3 import Listed, S3Reader
+from daemon.objects import Listed
+from daemon.outcome import Progress, Status
+from daemon.s3 import S3Reader
+from daemon.seams import BlobId
 from daemon.settings import Settings
 from daemon.sources.base import ClaimedJob, JobSource
 from daemon.state import StateStore
-from daemon.transfer import Copier, Progress, Status
+from daemon.transfer import Copier
 
 log = structlog.get_logger("blobferry")
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 from azure.storage.blob.aio import BlobServiceClient
 
-from daemon.azure import _Direct
+from daemon.azure_direct import Direct
 from daemon.jobs import AzAddress
 from tests.emulators import connection_string
 
@@ -31,7 +31,7 @@ async def test_direct_urls_are_the_sdks(credential: str) -> None:
             "https://acct.blob.core.windows.net", credential="sv=2024-11-04&sig=a%2Bb%3D"
         )
     async with service:
-        direct = _Direct(service, None, None)
+        direct = Direct(service, None, None)
         for name in NAMES:
             sdk = service.get_blob_client("my-container", name).url
             assert direct.url(AzAddress("my-container", name), {}) == sdk

@@ -18,11 +18,14 @@ from daemon.azure import AzureWriter
 from daemon.budget import Budget
 from daemon.errors import Interrupted
 from daemon.jobs import S3Address, parse_job
-from daemon.s3 import ObjectInfo, S3Reader
+from daemon.layout import sent_length
+from daemon.objects import ObjectInfo
+from daemon.s3 import S3Reader
 from daemon.settings import Settings
 from daemon.state import StateStore
 from daemon.supervisor import Supervisor
-from daemon.transfer import AZURE_CHECKED, Copier, _sent_length
+from daemon.transfer import Copier
+from daemon.verify import AZURE_CHECKED
 from tests.conftest import make_settings
 from tests.helpers import (
     MiB,
@@ -495,10 +498,10 @@ async def test_blocks_another_tool_left_are_discarded_or_named(
 
 def test_block_id_lengths_are_compared_as_azure_holds_them() -> None:
     ours = "a" * 62
-    assert _sent_length(ours) == 84  # what every block ID of blobferry's is
-    assert _sent_length("rclone-0000") == len(base64.b64encode(b"rclone-0000"))
+    assert sent_length(ours) == 84  # what every block ID of blobferry's is
+    assert sent_length("rclone-0000") == len(base64.b64encode(b"rclone-0000"))
     binary = base64.b64encode(b"\xff\xfe\x00\x01\x02\x03").decode()  # not text: as sent
-    assert _sent_length(binary) == len(binary)
+    assert sent_length(binary) == len(binary)
 
 
 async def test_account_url_with_key_or_sas_token(

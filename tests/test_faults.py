@@ -23,7 +23,8 @@ from pydantic import SecretStr
 
 from daemon.errors import RetryableError
 from daemon.jobs import S3Address
-from daemon.s3 import Listed, S3Reader
+from daemon.objects import Listed
+from daemon.s3 import S3Reader
 from daemon.settings import Settings
 from daemon.systemd import Notifier
 from tests.conftest import connection_string, make_settings

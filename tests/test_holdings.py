@@ -9,8 +9,8 @@ from typing import Any
 import pytest
 from azure.storage.blob import BlobServiceClient
 
-from daemon.azure import ExistingBlob
 from daemon.holdings import Holdings, Known
+from daemon.seams import ExistingBlob
 from daemon.settings import Settings
 from tests.helpers import MiB, azure_through, blob_bytes, blob_names, copy, payload
 from tests.proxy import FaultProxy, azure_answers

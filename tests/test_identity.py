@@ -34,7 +34,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from daemon.azure import _Direct
+from daemon.azure_direct import Direct
 from daemon.jobs import AzAddress
 from tests.emulators import connection_string, emulator
 from tests.helpers import MiB, blob_bytes, multipart_object, payload
@@ -411,7 +411,7 @@ async def test_a_refused_token_is_dropped_once() -> None:
     async with aio.BlobServiceClient(
         "https://acct.blob.core.windows.net", credential=Tokens("A", "B")
     ) as service:
-        direct = _Direct(service, None, service._credential_policy)
+        direct = Direct(service, None, service._credential_policy)
         _, first = await direct.prepare("PUT", dst, {}, {})
         _, second = await direct.prepare("PUT", dst, {}, {})
         assert first["Authorization"] == second["Authorization"] == "Bearer A"
@@ -422,7 +422,7 @@ async def test_a_refused_token_is_dropped_once() -> None:
     async with aio.BlobServiceClient(
         "https://acct.blob.core.windows.net", credential=Tokens("A")
     ) as service:
-        direct = _Direct(service, None, service._credential_policy)
+        direct = Direct(service, None, service._credential_policy)
         _, first = await direct.prepare("PUT", dst, {}, {})
         assert direct.drop_token(first)
         _, again = await direct.prepare("PUT", dst, {}, {})
@@ -430,6 +430,6 @@ async def test_a_refused_token_is_dropped_once() -> None:
     async with aio.BlobServiceClient.from_connection_string(
         connection_string("http://127.0.0.1:1")
     ) as service:
-        direct = _Direct(service, None, service._credential_policy)
+        direct = Direct(service, None, service._credential_policy)
         _, keyed = await direct.prepare("PUT", dst, {}, {})
         assert not direct.drop_token(keyed)  # a shared key's 401 is simply refused

@@ -7,15 +7,8 @@ import hashlib
 
 import pytest
 
-from daemon.s3 import ObjectInfo
-from daemon.transfer import (
-    MAX_BLOCKS,
-    Plan,
-    _held,
-    earlier_plan,
-    plan_blocks,
-    plan_layout,
-)
+from daemon.layout import MAX_BLOCKS, Plan, _held, earlier_plan, plan_blocks, plan_layout
+from daemon.objects import ObjectInfo
 from tests.helpers import MiB
 
 SINGLE = ObjectInfo("b", "k.bin", 100 * MiB + 5, '"' + "ab" * 16 + '"')

@@ -6,7 +6,7 @@ from typing import Any
 
 from azure.storage.blob import BlobServiceClient
 
-from daemon.azure import ascii_disposition
+from daemon.properties import ascii_disposition
 from daemon.settings import Settings
 from tests.helpers import MiB, blob_bytes, blob_names, copy, payload
 from tests.proxy import FaultProxy

@@ -23,9 +23,11 @@ from daemon.azure import AzureWriter
 from daemon.budget import Budget
 from daemon.errors import Interrupted, RetriesExhaustedError, SourceChangedError
 from daemon.jobs import S3Address, parse_job
-from daemon.s3 import ObjectInfo, S3Reader
+from daemon.objects import ObjectInfo
+from daemon.s3 import S3Reader
 from daemon.settings import Settings
-from daemon.transfer import SERVER_SIDE_CHECKED, Copier
+from daemon.transfer import Copier
+from daemon.verify import SERVER_SIDE_CHECKED
 from tests.emulators import AZURITE_KEY
 from tests.helpers import MiB, azure_through, blob_bytes, blob_names, copy, payload
 from tests.proxy import FaultProxy

@@ -20,7 +20,8 @@ from aiobotocore.session import get_session
 from botocore.config import Config
 
 from daemon.jobs import S3Address
-from daemon.s3 import QuerySigner, S3Reader
+from daemon.s3 import S3Reader
+from daemon.s3_signing import QuerySigner
 from daemon.settings import Settings
 
 KEYS = [

@@ -10,7 +10,7 @@ import pytest
 from azure.storage.blob import BlobServiceClient
 
 from daemon.settings import Settings
-from daemon.transfer import AZURE_CHECKED
+from daemon.verify import AZURE_CHECKED
 from tests.helpers import MiB, blob_bytes, blob_names, copy, multipart_object, payload
 from tests.proxy import FaultProxy, Faults
 from tests.test_faults import through
@@ -223,9 +223,10 @@ async def test_s3_checksum_proves_the_copy_when_the_etag_cannot(
 
 
 def test_a_checksum_mismatch_is_caught() -> None:
+    from daemon.chunks import Chunks
     from daemon.errors import VerificationError
-    from daemon.s3 import Chunks, ObjectInfo
-    from daemon.transfer import Checksum, verify
+    from daemon.objects import ObjectInfo
+    from daemon.verify import Checksum, verify
 
     info = ObjectInfo(
         bucket="bkt",

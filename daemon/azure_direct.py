@@ -1,0 +1,292 @@
+"""The Azure side's detour around the SDK, for the three requests made once per object
+or per block: Put Blob, Put Block and Get Blob Properties.
+
+Why: the SDK's client objects and policy pipeline cost about 2 ms of CPU per request,
+half the daemon's work on small objects (measured with py-spy on the benchmark's many
+scenario). These go straight to aiohttp, authorized by the SDK's own credential policy,
+so what Azure sees is what the SDK would send: the shared-key signature byte for byte,
+the SAS token, or an Azure AD bearer token from the SDK's token policy, which caches it
+and asks the credential for a new one five minutes before it expires (so a transfer of
+days outlives any one token). Everything else goes through the SDK.
+
+It leans on private parts of azure-storage-blob (the service's ``_query_str`` and the
+bearer policy's ``_token``); tests/test_azure_direct.py fails when an upgrade changes
+them or the URLs the SDK writes. ``azure.direct = false`` sends these requests through
+the SDK instead (azure.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import time
+import warnings
+from collections.abc import AsyncIterable, AsyncIterator, Mapping
+from email.utils import formatdate
+from typing import Any
+from urllib.parse import quote
+
+import aiohttp
+from azure.core.exceptions import AzureError
+from azure.core.pipeline import PipelineContext, PipelineRequest
+from azure.core.pipeline.policies import AsyncBearerTokenCredentialPolicy
+from azure.core.pipeline.transport import AioHttpTransport, HttpRequest
+from azure.storage.blob._shared.authentication import SharedKeyCredentialPolicy
+from azure.storage.blob.aio import BlobServiceClient
+
+from daemon.azure_errors import failure, sas_expiry, translate
+from daemon.chunks import Chunks
+from daemon.errors import RetryableError, connection_failed
+from daemon.jobs import AzAddress
+from daemon.latency import RoundTrips
+from daemon.properties import BlobHeaders
+from daemon.proxies import Proxies, refused_by_proxy
+from daemon.seams import ExistingBlob
+
+# aiohttp warns about any raw-bytes body over 1 MiB: the SDK's Put Block List of tens of
+# thousands of blocks is one (its XML, a few MiB). The direct path's bodies over 256 KiB
+# go as the chunks they arrived in instead.
+warnings.filterwarnings("ignore", "Sending a large body directly", ResourceWarning)
+_PIECE = 256 * 1024
+
+
+class Direct:
+    """URLs and authorization for the direct path, built as the SDK builds them."""
+
+    def __init__(
+        self,
+        service: BlobServiceClient,
+        transport: AioHttpTransport | None,
+        policy: SharedKeyCredentialPolicy | AsyncBearerTokenCredentialPolicy[Any, Any] | None,
+    ) -> None:
+        self._base = service.primary_endpoint.split("?")[0].rstrip("/")
+        # The SAS token, when that is the credential (the SDK keeps it as a query string).
+        self._sas = str(getattr(service, "_query_str", "")).lstrip("?")
+        self.sas_expiry = sas_expiry(self._sas)
+        self._version = service.api_version
+        self._policy = policy
+        self._context = PipelineContext(transport)
+        self._date = ("", 0)
+        self._dropped: set[str] = set()  # digests of bearer tokens Azure refused
+
+    def url(self, dst: AzAddress, query: Mapping[str, str]) -> str:
+        """The blob's URL exactly as BlobClient.url writes it, plus ``query``."""
+        url = f"{self._base}/{quote(dst.container.encode())}/{quote(dst.blob, safe='~/')}"
+        params = [f"{k}={quote(v, safe='')}" for k, v in query.items()]
+        if self._sas:
+            params.append(self._sas)
+        return f"{url}?{'&'.join(params)}" if params else url
+
+    async def prepare(
+        self, method: str, dst: AzAddress, query: Mapping[str, str], headers: dict[str, str]
+    ) -> tuple[str, dict[str, str]]:
+        url = self.url(dst, query)
+        headers["x-ms-version"] = self._version
+        headers["x-ms-date"] = self._now()
+        if self._policy is not None:
+            request = HttpRequest(method, url, headers=headers)
+            signing = PipelineRequest(request, self._context)
+            if isinstance(self._policy, AsyncBearerTokenCredentialPolicy):
+                await self._policy.on_request(signing)  # a cached token, or a new one
+            else:
+                self._policy.on_request(signing)  # type: ignore[no-untyped-call]
+            headers = dict(request.headers)
+        return url, headers
+
+    def _digest(self, sent: Mapping[str, str]) -> str:
+        return hashlib.sha256(sent.get("Authorization", "").encode()).hexdigest()
+
+    def refused_before(self, sent: Mapping[str, str]) -> bool:
+        """Whether ``sent`` carries a bearer token dropped after a 401 and handed back."""
+        return bool(self._dropped) and self._digest(sent) in self._dropped
+
+    def drop_token(self, sent: Mapping[str, str]) -> bool:
+        """After a 401: forget the bearer token ``sent`` carried, so that the next
+        request asks the credential for one. False when no bearer token is in use."""
+        if not isinstance(self._policy, AsyncBearerTokenCredentialPolicy):
+            return False
+        self._dropped.add(self._digest(sent))
+        current = self._policy._token  # the SDK's cache; its own pipeline clears it on 401
+        if current is not None and f"Bearer {current.token}" == sent.get("Authorization"):
+            self._policy._token = None
+        return True
+
+    def _now(self) -> str:
+        """x-ms-date, formatted once per wall-clock second."""
+        now = time.time()
+        if self._date[1] != int(now):
+            self._date = (formatdate(now, usegmt=True), int(now))
+        return self._date[0]
+
+
+class DirectPath:
+    """Put Blob, Put Block and Get Blob Properties, sent by aiohttp as the SDK would."""
+
+    def __init__(
+        self,
+        direct: Direct,
+        session: aiohttp.ClientSession,
+        proxies: Proxies,
+        stall_s: float,
+        timeout: aiohttp.ClientTimeout,
+        round_trips: RoundTrips,
+    ) -> None:
+        self._direct = direct
+        self._session = session
+        self._proxies = proxies
+        self._stall_s = stall_s
+        self._timeout = timeout
+        self.round_trips = round_trips
+
+    @property
+    def sas_expiry(self) -> Any:
+        return self._direct.sas_expiry
+
+    async def existing(self, dst: AzAddress) -> ExistingBlob | None:
+        h = await self._send("HEAD", dst, "read properties", ok=(200,), missing_ok=True)
+        if h is None:
+            return None
+        metadata = {k[10:]: v for k, v in h.items() if k.lower().startswith("x-ms-meta-")}
+        return ExistingBlob(size=int(h.get("Content-Length", 0)), metadata=metadata)
+
+    async def put(
+        self, dst: AzAddress, body: Chunks | AsyncIterable[bytes], headers: dict[str, str]
+    ) -> None:
+        sent = _body(body) if isinstance(body, Chunks) else body
+        await self._send("PUT", dst, "put blob", headers=headers, body=sent)
+
+    async def stage(self, dst: AzAddress, block_id: str, data: Chunks, md5: bytes) -> None:
+        await self._send(
+            "PUT",
+            dst,
+            f"stage block {block_id}",
+            # The SDK base64-encodes block IDs on the way out and decodes them on the way
+            # back (get_block_list): the same here.
+            query={"comp": "block", "blockid": base64.b64encode(block_id.encode()).decode()},
+            headers={
+                "Content-Length": str(data.size),
+                "Content-MD5": base64.b64encode(md5).decode(),
+            },
+            body=_body(data),
+        )
+
+    async def _send(
+        self,
+        method: str,
+        dst: AzAddress,
+        what: str,
+        query: dict[str, str] | None = None,
+        headers: dict[str, str] | None = None,
+        body: Any = None,
+        ok: tuple[int, ...] = (201,),
+        missing_ok: bool = False,
+    ) -> Mapping[str, str] | None:
+        """One request on the direct path: the response headers, or (``missing_ok``)
+        None when the blob does not exist but its container does."""
+        try:
+            url, headers = await self._direct.prepare(method, dst, query or {}, headers or {})
+        except AzureError as e:  # the identity gave no token
+            raise translate(e, dst, what, self.sas_expiry) from None
+        again = self._direct.refused_before(headers)
+        stall = self._stall_s
+        try:
+            # aiohttp has no write timeout: a peer that stops reading a block's body
+            # would hold the request for ever. The deadline moves on with every piece
+            # of the body handed to the socket, so it fires only after ``stall``
+            # seconds without progress (the response itself is under sock_read).
+            async with asyncio.timeout(stall) as deadline:
+                if isinstance(body, Chunks):
+                    body = _pieces(body)
+                if isinstance(body, AsyncIterable):
+                    body = _paced(body, deadline, stall)
+                t0 = time.monotonic()
+                async with self._session.request(
+                    method,
+                    url,
+                    headers=headers,
+                    proxy=self._proxies.route(url),
+                    data=body,
+                    timeout=self._timeout,
+                    skip_auto_headers=("Content-Type",),  # it is signed: nothing may add one
+                ) as r:
+                    deadline.reschedule(None)
+                    if method == "HEAD":
+                        self.round_trips.record(time.monotonic() - t0)
+                    if r.status in ok:
+                        return r.headers
+                    await r.read()
+                    code = r.headers.get("x-ms-error-code", "")
+        except TimeoutError:
+            raise RetryableError(f"{dst}: {what}: no progress for {stall:g} s") from None
+        except aiohttp.ClientHttpProxyError as e:
+            raise refused_by_proxy(e.status, f"{dst}: {what}") from None
+        except aiohttp.ClientError as e:
+            raise RetryableError(f"{dst}: {what}: {connection_failed(e)}") from None
+        if missing_ok and r.status == 404 and code in ("BlobNotFound", ""):
+            return None  # a HEAD's 404 has no body; Azure still names the code in a header
+        if r.status == 401 and not again and self._direct.drop_token(headers):
+            # A bearer token refused (expired early, revoked): try again with a new one.
+            # The same token handed back and refused again is the failure below.
+            raise RetryableError(f"{dst}: {what}: Azure refused the token ({code or 401})")
+        raise failure(r.status, code, dst, what, self.sas_expiry, r.headers.get("Date"))
+
+
+def put_headers(
+    size: int,
+    md5: bytes,
+    headers: BlobHeaders,
+    metadata: dict[str, str],
+    overwrite: bool,
+    tier: str | None,
+) -> dict[str, str]:
+    """Put Blob's headers. The MD5 goes twice: Content-MD5 has Azure check the bytes
+    on arrival, x-ms-blob-content-md5 is stored as the blob's Content-MD5."""
+    out = {
+        "x-ms-blob-type": "BlockBlob",
+        "Content-Length": str(size),
+        "Content-MD5": base64.b64encode(md5).decode(),
+        **headers.headers(md5),
+        **{f"x-ms-meta-{k}": v for k, v in metadata.items()},
+    }
+    if tier is not None:
+        out["x-ms-access-tier"] = tier
+    if not overwrite:
+        out["If-None-Match"] = "*"
+    return out
+
+
+def _body(data: Chunks) -> bytes | Chunks:
+    """A small body in one piece, a large one as the chunks it arrived in (no copy),
+    which ``_send`` paces."""
+    if data.size <= _PIECE:
+        return data[0] if len(data) == 1 else data.join()
+    return data
+
+
+async def _pieces(data: Chunks) -> AsyncIterator[memoryview]:
+    """A block's chunks in pieces of at most 256 KiB (views, not copies): aiohttp asks
+    for the next one only when the socket took the last, so each piece is progress."""
+    for chunk in data:
+        view = memoryview(chunk)
+        for at in range(0, len(view), _PIECE):
+            yield view[at : at + _PIECE]
+
+
+async def _paced(
+    body: AsyncIterable[bytes | memoryview], deadline: asyncio.Timeout, stall: float
+) -> AsyncIterator[bytes | memoryview]:
+    """``body``, each piece moving the deadline ``stall`` seconds on. The wait for the
+    next piece is not Azure's: a pipe's body is S3, whose reads have their own stall
+    timer and may wait on the bandwidth cap, so the deadline is off meanwhile."""
+    loop = asyncio.get_running_loop()
+    pieces = aiter(body)
+    while True:
+        deadline.reschedule(None)
+        try:
+            piece = await anext(pieces)
+        except StopAsyncIteration:
+            break
+        deadline.reschedule(loop.time() + stall)
+        yield piece
+    deadline.reschedule(loop.time() + stall)

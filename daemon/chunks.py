@@ -1,0 +1,17 @@
+"""A block's bytes as they arrived: the chunks aiohttp allocated, kept as they are.
+
+Hashing and uploading walk the list, so no payload byte is copied into another buffer
+on its way from S3's socket to Azure's. Neither side owns it: the S3 reader fills one,
+the Azure writer sends it, verification hashes it.
+"""
+
+from __future__ import annotations
+
+
+class Chunks(list[bytes]):
+    """A block's bytes as received: a list of chunks, and their total size."""
+
+    size: int = 0
+
+    def join(self) -> bytes:
+        return b"".join(self)

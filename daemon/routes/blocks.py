@@ -1,0 +1,189 @@
+"""The blocks route: the object cut into blocks (layout.py), each read with a ranged
+GET, staged with Put Block and checked by Azure against its MD5, many at once; then one
+Put Block List commits them in order.
+
+A block's bytes live in one buffer, from the ranged GET that fills it until Azure has
+acknowledged it; its size is reserved in the shared Budget first, and at most
+block_concurrency blocks of one object are in flight. Blocks an earlier run staged are
+found in Azure's block list and not read again (resume). The object is proven against
+S3's ETag or checksum in one in-order pass over the bytes (verify.py); a block that
+arrived damaged from S3 is read and staged again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from functools import partial
+
+import structlog
+
+from daemon.errors import Interrupted, VerificationError
+from daemon.jobs import AzAddress, TransferSpec
+from daemon.layout import Block, Plan, earlier_plan, plan_blocks
+from daemon.objects import ObjectInfo
+from daemon.outcome import Outcome, Progress, Status, unwatched
+from daemon.retry import retrying
+from daemon.routes.base import Route, first_error
+from daemon.verify import Checksum, InOrderDigest, md5_off_loop, proof
+
+log = structlog.get_logger("blobferry.transfer")
+
+
+class Blocks(Route):
+    name = "blocks"
+
+    async def copy(
+        self, info: ObjectInfo, spec: TransferSpec, fp: str, progress: Progress
+    ) -> Outcome:
+        policy = self._settings.retry
+        dst = spec.destination
+        part_sizes = (
+            await retrying(
+                lambda: self._source.part_sizes(info), policy, f"part sizes {info.address}"
+            )
+            if info.parts
+            else None
+        )
+        cut = plan_blocks(info, self._settings.block_size, part_sizes)
+        plan, staged, cleared = await self.staged(
+            cut, dst, lambda prefix: earlier_plan(prefix, cut, info, part_sizes, "stream")
+        )
+        md5s: list[bytes | None] = [staged.get(b.index) for b in plan.blocks]
+        reused = sum(m is not None for m in md5s)
+        todo = [b for b in plan.blocks if md5s[b.index] is None]
+        if reused:
+            progress(sum(b.length for b in plan.blocks) - sum(b.length for b in todo), reused=True)
+        checksum = Checksum.for_object(info)
+        # The in-order pass over the bytes gives the whole object's MD5 (the blob's
+        # Content-MD5, and the proof of a single-part object), the MD5 of a part cut into
+        # several blocks, and S3's checksum. Where each part is one block (the common
+        # multipart case) the block MD5s Azure checks are the part MD5s: they prove the
+        # copy alone, so without content_md5 each byte is hashed once and no block waits
+        # for another. A full in-order pass is only possible when every block passes
+        # through here.
+        one_pass = plan.parts == len(plan.blocks) and checksum is None
+        wanted = self._settings.content_md5 or not one_pass
+        digest = (
+            InOrderDigest(plan, checksum)
+            if not reused and self._settings.verify and wanted
+            else None
+        )
+        await self._stage_all(info, dst, plan, todo, md5s, digest, progress)
+        note = None
+        try:
+            verified, md5 = proof(info, plan, md5s, digest, reused)
+        except VerificationError as e:
+            if reused and not one_pass:
+                raise  # the object's MD5 cannot be had without every block
+            # Something was damaged between S3 and us (Azure checked the rest). Read the
+            # whole object once more; only blocks whose bytes differ are staged again.
+            log.warning("verification failed, reading again", error=str(e))
+            first = list(md5s)
+            if digest is not None:  # a fresh one: a checksum's state cannot be rewound
+                digest = InOrderDigest(plan, Checksum.for_object(info))
+            await self._stage_all(
+                info, dst, plan, list(plan.blocks), md5s, digest, unwatched, first
+            )
+            damaged = sum(a != b for a, b in zip(first, md5s, strict=True))
+            verified, md5 = proof(info, plan, md5s, digest, reused)
+            note = f"{damaged} block(s) arrived damaged from S3 and were read again"
+        note = "; ".join(n for n in (cleared, note) if n) or None
+        ids = [plan.block_id(b.index, m) for b, m in zip(plan.blocks, md5s, strict=True)]
+        landing = await self.commit(info, spec, fp, ids, md5)
+        return Outcome(
+            Status.COPIED,
+            info.size,
+            verified,
+            note,
+            landing=landing,
+            blocks_reused=reused,
+            route=self.name,
+        )
+
+    async def _stage_all(
+        self,
+        info: ObjectInfo,
+        dst: AzAddress,
+        plan: Plan,
+        todo: list[Block],
+        md5s: list[bytes | None],
+        digest: InOrderDigest | None,
+        progress: Progress,
+        known: list[bytes | None] | None = None,
+    ) -> None:
+        """Read, stage and digest ``todo``, filling ``md5s``. With ``known`` (a repair
+        pass), a block whose MD5 matches the one already staged is not sent again."""
+        lanes = asyncio.Semaphore(self._settings.block_concurrency)
+        interrupted = False
+        try:
+            async with asyncio.TaskGroup() as tg:
+                for block in todo:
+                    # Back-pressure here, before a task exists: a huge object never has
+                    # more than block_concurrency tasks or its budget share in flight.
+                    await lanes.acquire()
+                    try:
+                        await self._budget.acquire(block.length)
+                    except BaseException:
+                        lanes.release()
+                        raise
+                    if self._stopping.is_set():
+                        self._block_done(block.length, lanes)
+                        interrupted = True
+                        break
+                    task = tg.create_task(
+                        self._one_block(
+                            info,
+                            dst,
+                            plan,
+                            block,
+                            md5s,
+                            digest,
+                            progress,
+                            known[block.index] if known else None,
+                        )
+                    )
+                    # Given back when the task ends however it ends: a task cancelled
+                    # before its first step (a job cancelled) never runs a finally.
+                    task.add_done_callback(partial(self._block_done, block.length, lanes))
+        except BaseExceptionGroup as eg:
+            raise first_error(eg) from None
+        if interrupted:
+            # The blocks in flight have landed; the rest are read on the next start.
+            raise Interrupted()
+
+    async def _one_block(
+        self,
+        info: ObjectInfo,
+        dst: AzAddress,
+        plan: Plan,
+        block: Block,
+        md5s: list[bytes | None],
+        digest: InOrderDigest | None,
+        progress: Progress,
+        known: bytes | None,
+    ) -> None:
+        data = await retrying(
+            lambda: self._source.read_range(info, block.start, block.length),
+            self._settings.retry,
+            f"read {info.address} block {block.index}",
+        )
+        md5 = await md5_off_loop(data)
+        block_id = plan.block_id(block.index, md5)
+        async with asyncio.TaskGroup() as both:
+            if md5 != known:
+                both.create_task(
+                    retrying(
+                        lambda: self._sink.stage(dst, block_id, data, md5),
+                        self._settings.retry,
+                        f"stage {dst} block {block.index}",
+                    )
+                )
+            if digest is not None:
+                both.create_task(digest.feed(block, data, md5))
+        md5s[block.index] = md5
+        progress(block.length)
+
+    def _block_done(self, n: int, lanes: asyncio.Semaphore, _: object = None) -> None:
+        """A block's budget share and lane, given back (its task's done callback)."""
+        self._budget.release(n)
+        lanes.release()

@@ -1,0 +1,138 @@
+"""The pipe route: on a near link, one GET streamed into one Put Blob as it arrives.
+
+Only for a single-part object whose ETag is its MD5: Azure checks every byte of the
+stream against it and keeps nothing otherwise, so nothing is hashed here. Farther
+away, parallel blocks are faster; and a block can resume, where a pipe starts again.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+from daemon.errors import CorruptBlockError, NotPermittedError, TransferError
+from daemon.jobs import Overwrite, TransferSpec
+from daemon.latency import FAR_AFTER, RoundTrips
+from daemon.objects import ObjectInfo
+from daemon.outcome import Outcome, Progress, Status
+from daemon.properties import Landing
+from daemon.routes.base import Route
+from daemon.settings import MiB
+from daemon.verify import AZURE_CHECKED
+
+PIPE_BUFFER = MiB  # the stream's own buffers (aiohttp's, a few hundred KiB), budgeted
+
+
+async def near(trips: RoundTrips, probe: Callable[[], Awaitable[object]], within: float) -> bool:
+    """Whether a service answers within ``within`` s, asking ``probe`` (a HEAD) until
+    its round trips tell: one late answer may be a busy moment, not a far link."""
+    for _ in range(FAR_AFTER):
+        verdict = trips.near(within)
+        if verdict is not None:
+            return verdict
+        try:
+            await probe()
+        except NotPermittedError:
+            pass  # refused, but answered: the round trip is timed all the same
+        except TransferError:
+            return False  # the block path reports the problem properly
+    return trips.near(within) is True
+
+
+class _Attempts:
+    """One GET piped into one Put Blob per call; counts the times Azure found the
+    bytes damaged. A failed attempt takes its bytes back from the progress."""
+
+    def __init__(
+        self,
+        route: Pipe,
+        info: ObjectInfo,
+        spec: TransferSpec,
+        landing: Landing,
+        progress: Progress,
+    ) -> None:
+        self._route = route
+        self._info = info
+        self._spec = spec
+        self._landing = landing
+        self._progress = progress
+        self.damaged = 0
+
+    async def __call__(self) -> bool:
+        info, landing, progress = self._info, self._landing, self._progress
+        assert info.md5 is not None, "Pipe.wanted chose this route for an MD5 ETag only"
+        sent = 0
+        # What went wrong on the S3 side while Azure was reading the body: aiohttp
+        # reports it as a failed upload, this says what it was.
+        source_error: list[Exception] = []
+
+        async def body(chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+            nonlocal sent
+            try:
+                async for chunk in chunks:
+                    sent += len(chunk)
+                    progress(len(chunk))
+                    yield chunk
+            except Exception as e:
+                source_error.append(e)
+                raise
+
+        try:
+            async with self._route.source.open_object(info) as chunks:
+                await self._route.sink.put_stream(
+                    self._spec.destination,
+                    body(chunks),
+                    info.size,
+                    info.md5,
+                    landing.headers,
+                    landing.metadata,
+                    self._spec.overwrite is not Overwrite.NEVER,
+                    landing.tier,
+                )
+            return True
+        except BaseException as e:
+            progress(-sent)  # nothing landed: a next try starts from the first byte
+            if not isinstance(e, TransferError):
+                raise  # cancelled (a drain that ran out of time), or a bug
+            if isinstance(e, CorruptBlockError):
+                self.damaged += 1
+            raise (source_error[0] if source_error else e) from None
+
+
+class Pipe(Route):
+    name = "pipe"
+
+    async def wanted(self, info: ObjectInfo, spec: TransferSpec) -> bool:
+        """Whether ``info`` goes by this route: a single-part object whose ETag is its
+        MD5, larger than a block and within pipe_max, and both services near enough
+        that one stream runs at full speed."""
+        s = self._settings
+        if not (
+            s.block_size < info.size <= s.pipe_max
+            and info.md5 is not None
+            and (spec.options.mode or s.mode) == "stream"
+            and self._sink.streams
+        ):
+            return False
+        within = s.pipe_rtt_ms / 1000
+        # The HEAD just made is among S3's round trips; Azure's are timed on HEADs of the
+        # destination, once a minute at most while objects keep coming.
+        source, sink = self._source, self._sink
+        return await near(
+            source.round_trips, lambda: source.head(info.address), within
+        ) and await near(sink.round_trips, lambda: sink.existing(spec.destination), within)
+
+    async def copy(
+        self, info: ObjectInfo, spec: TransferSpec, fp: str, progress: Progress
+    ) -> Outcome:
+        landing = self.landing(info, spec, fp)
+        dst = spec.destination
+        attempts = _Attempts(self, info, spec, landing, progress)
+        async with self._budget.hold(PIPE_BUFFER):
+            what = f"pipe {info.address} to {dst}"
+            if await self.write(attempts, what, dst, fp, info.size) is None:
+                progress(info.size)  # an earlier attempt landed it; only its answer was lost
+        damaged = attempts.damaged
+        note = f"Azure found the bytes damaged {damaged} time(s); sent again" if damaged else None
+        return Outcome(
+            Status.COPIED, info.size, AZURE_CHECKED, note, landing=landing, route=self.name
+        )

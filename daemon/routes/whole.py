@@ -1,0 +1,122 @@
+"""The whole route: an object of a block or less, held here between one GET and one
+Put Blob, the two retried together so that bytes that arrive damaged are read again.
+
+When S3's ETag is the object's MD5 it is the Put Blob's Content-MD5, and Azure checks
+the bytes against it: nothing is hashed here. Otherwise the MD5 is computed here for
+Azure's check, and the bytes are proven against S3's ETag or checksum first: a small
+object is always verified.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Awaitable, Callable
+
+from daemon.chunks import Chunks
+from daemon.errors import CorruptBlockError, SourceChangedError, VerificationError
+from daemon.jobs import Overwrite, S3Address, TransferSpec
+from daemon.objects import Listed, ObjectInfo
+from daemon.outcome import Outcome, Progress, Status
+from daemon.properties import Landing
+from daemon.routes.base import Route
+from daemon.verify import AZURE_CHECKED, Checksum, md5_off_loop, verify
+
+Read = Callable[[], Awaitable[tuple[ObjectInfo, Chunks]]]
+Sent = tuple[ObjectInfo, str, Landing]  # the version sent, how it is proven, its landing
+
+
+class _Attempts:
+    """One GET and one Put Blob per call; remembers what the last call sent and how
+    many times the bytes arrived damaged."""
+
+    def __init__(self, route: Whole, read: Read, spec: TransferSpec, fp: str) -> None:
+        self._route = route
+        self._read = read
+        self._spec = spec
+        self._fp = fp
+        self.sent: Sent | None = None
+        self.damaged = 0
+
+    async def __call__(self) -> Sent:
+        info, data = await self._read()
+        try:
+            if info.md5 is not None:
+                md5, verified = info.md5, AZURE_CHECKED
+            else:
+                md5 = await md5_off_loop(data)
+                checksum = Checksum.for_object(info)
+                if checksum is not None:
+                    checksum.update(data)
+                try:
+                    verified = verify(info, md5, [md5] if info.parts == 1 else None, checksum)
+                except VerificationError as e:
+                    raise CorruptBlockError(str(e)) from None
+            spec = self._spec
+            landing = self._route.landing(info, spec, self._fp)
+            overwrite = spec.overwrite is not Overwrite.NEVER
+            self.sent = (info, verified, landing)
+            await self._route.put(spec, data, md5, landing, overwrite)
+        except CorruptBlockError:
+            self.damaged += 1
+            raise
+        return info, verified, landing
+
+
+class Whole(Route):
+    name = "whole"
+
+    async def copy(
+        self, size: int, read: Read, spec: TransferSpec, fp: str, progress: Progress
+    ) -> Outcome:
+        """Copy the object ``read`` returns (``size`` bytes, reserved in the budget)."""
+        dst = spec.destination
+        attempts = _Attempts(self, read, spec, fp)
+        async with self._budget.hold(size):
+            done = await self.write(attempts, f"copy {spec.source}", dst, fp, size)
+        if done is None:  # an earlier attempt landed it; only its answer was lost
+            assert attempts.sent is not None, "only a put is refused as existing"
+            done = attempts.sent
+        info, verified, landing = done
+        progress(info.size)
+        damaged = attempts.damaged
+        note = (
+            f"the bytes arrived damaged {damaged} time(s); read and sent again" if damaged else None
+        )
+        return Outcome(Status.COPIED, info.size, verified, note, landing=landing, route=self.name)
+
+    async def put(
+        self, spec: TransferSpec, data: Chunks, md5: bytes, landing: Landing, overwrite: bool
+    ) -> None:
+        await self._sink.put(
+            spec.destination, data, md5, landing.headers, landing.metadata, overwrite, landing.tier
+        )
+
+    def of_info(self, info: ObjectInfo) -> Read:
+        """The read of an object a HEAD described: one ranged GET (none when empty)."""
+
+        async def read() -> tuple[ObjectInfo, Chunks]:
+            if not info.size:
+                return info, Chunks()
+            return info, await self._source.read_range(info, 0, info.size)
+
+        return read
+
+    def of_listed(self, listed: Listed, src: S3Address) -> Read:
+        """The read of a small listed object: one GET whose headers stand in for a HEAD.
+        A listing says nothing of encryption; the GET's headers do, and when they show
+        an ETag that cannot prove the bytes (SSE-KMS, SSE-C), S3's checksums are asked
+        for with one HEAD, as ``Route.head`` does for a key."""
+
+        async def read() -> tuple[ObjectInfo, Chunks]:
+            info, data = await self._source.read_object(listed, src)
+            if info.etag_is_md5 or not self._settings.verify:
+                return info, data
+            more = await self._source.head(src, True)
+            if more.etag != info.etag:
+                raise SourceChangedError(str(src))
+            info = dataclasses.replace(
+                info, checksums=more.checksums, checksum_type=more.checksum_type
+            )
+            return info, data
+
+        return read

@@ -1,0 +1,195 @@
+"""Where a copy is verified: checksums, the in-order digest, and the proof against the
+ETag.
+
+Every byte passes Azure's own check on the way in (a Content-MD5 on each Put Block and
+Put Blob, which Azure compares with what arrived). What is proven here is that the
+bytes are the source's: against S3's MD5 ETag, its multipart composite ETag (the MD5
+of the parts' MD5s, rebuilt in one in-order pass or from the block IDs), or one of S3's
+additional full-object checksums. Where none can serve, the report says so ("size: ...").
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import zlib
+from collections.abc import Callable
+from typing import ClassVar
+
+from awscrt import checksums as awscrt_checksums
+
+from daemon.chunks import Chunks
+from daemon.errors import VerificationError
+from daemon.layout import Block, Plan
+from daemon.objects import ObjectInfo
+
+AZURE_CHECKED = "etag: Azure checked the bytes against S3's MD5 as they arrived"
+SERVER_SIDE_CHECKED = "etag: Azure checked the bytes it fetched from S3 against S3's MD5"
+
+
+def _md5(data: Chunks) -> bytes:
+    h = hashlib.md5()
+    for chunk in data:
+        h.update(chunk)
+    return h.digest()
+
+
+async def md5_off_loop(data: Chunks) -> bytes:
+    # hashlib releases the GIL on large buffers: a thread keeps the loop serving sockets.
+    if data.size < 256 * 1024:
+        return _md5(data)
+    return await asyncio.to_thread(_md5, data)
+
+
+class Checksum:
+    """One of S3's additional full-object checksums, computed here in object order."""
+
+    # Cheapest first. CRC32 from zlib; CRC32C and CRC64NVME from awscrt (hardware
+    # accelerated); SHA-1 and SHA-256 from hashlib.
+    ALGORITHMS = ("crc64nvme", "crc32c", "crc32", "sha1", "sha256")
+    _CRCS: ClassVar[dict[str, tuple[Callable[[bytes, int], int], int]]] = {
+        "crc32": (zlib.crc32, 4),
+        "crc32c": (awscrt_checksums.crc32c, 4),
+        "crc64nvme": (awscrt_checksums.crc64nvme, 8),
+    }
+
+    def __init__(self, algorithm: str) -> None:
+        self.algorithm = algorithm
+        self._crc = 0
+        self._hash = None if algorithm in self._CRCS else hashlib.new(algorithm)
+
+    @classmethod
+    def for_object(cls, info: ObjectInfo) -> Checksum | None:
+        if info.etag_is_md5 or info.checksum_type == "COMPOSITE":
+            return None
+        for algorithm in cls.ALGORITHMS:
+            if algorithm in info.checksums:
+                return cls(algorithm)
+        return None
+
+    def update(self, data: Chunks) -> None:
+        if self._hash is not None:
+            for chunk in data:
+                self._hash.update(chunk)
+            return
+        crc = self._CRCS[self.algorithm][0]
+        for chunk in data:
+            self._crc = crc(chunk, self._crc)
+
+    def value(self) -> str:
+        if self._hash is not None:
+            raw = self._hash.digest()
+        else:
+            raw = self._crc.to_bytes(self._CRCS[self.algorithm][1], "big")
+        return base64.b64encode(raw).decode()
+
+
+class InOrderDigest:
+    """The whole object's MD5 and each part's MD5, fed in object order whatever order
+    the blocks arrive in. A block waits for its turn holding its buffer, which its
+    budget reservation already accounts for."""
+
+    def __init__(self, plan: Plan, checksum: Checksum | None = None) -> None:
+        self._plan = plan
+        self.checksum = checksum
+        self.whole = hashlib.md5()
+        self.part_digests: list[bytes] = []
+        self._part: hashlib._Hash | None = None
+        self._next = 0
+        self._turn = asyncio.Condition()
+
+    async def feed(self, block: Block, data: Chunks, block_md5: bytes) -> None:
+        async with self._turn:
+            await self._turn.wait_for(lambda: self._next == block.index)
+        await asyncio.to_thread(self._update, block, data, block_md5)
+        async with self._turn:
+            self._next += 1
+            self._turn.notify_all()
+
+    def _update(self, block: Block, data: Chunks, block_md5: bytes) -> None:
+        for chunk in data:
+            self.whole.update(chunk)
+        if self.checksum is not None:
+            self.checksum.update(data)
+        if not self._plan.parts:
+            return
+        blocks = self._plan.blocks
+        first = block.index == 0 or blocks[block.index - 1].part != block.part
+        last = block.index == len(blocks) - 1 or blocks[block.index + 1].part != block.part
+        if first and last:
+            self.part_digests.append(block_md5)
+            return
+        if first:
+            self._part = hashlib.md5()
+        assert self._part is not None
+        for chunk in data:
+            self._part.update(chunk)
+        if last:
+            self.part_digests.append(self._part.digest())
+            self._part = None
+
+
+def verify(
+    info: ObjectInfo,
+    whole_md5: bytes | None,
+    part_digests: list[bytes] | None,
+    checksum: Checksum | None = None,
+) -> str:
+    """How the copy was proven equal to the source; raises VerificationError on a mismatch."""
+    etag = info.etag.strip('"')
+    if checksum is not None:
+        want = info.checksums[checksum.algorithm]
+        if checksum.value() != want:
+            raise VerificationError(
+                f"{info.address}: {checksum.algorithm.upper()} of the bytes read is "
+                f"{checksum.value()}, S3's checksum is {want}"
+            )
+        return f"checksum-{checksum.algorithm}"
+    if info.encrypted_etag:
+        kinds = ", ".join(sorted(info.checksums)) or "none"
+        return f"size: the ETag of an SSE-KMS or SSE-C object is not an MD5 (checksums: {kinds})"
+    if info.md5 is not None:
+        if whole_md5 is None:
+            return "size: the object's MD5 could not be computed in this run"
+        if whole_md5 != info.md5:
+            raise VerificationError(
+                f"{info.address}: MD5 of the bytes read is {whole_md5.hex()}, S3's ETag is {etag}"
+            )
+        return "etag"
+    if info.parts and part_digests is not None and len(part_digests) == info.parts:
+        composite = hashlib.md5(b"".join(part_digests)).hexdigest() + f"-{info.parts}"
+        if composite != etag:
+            raise VerificationError(
+                f"{info.address}: composite MD5 of the parts read is {composite}, "
+                f"S3's ETag is {etag}"
+            )
+        return "multipart-etag"
+    if info.checksums:
+        kinds = ", ".join(sorted(info.checksums))
+        return f"size: the ETag cannot serve and S3's checksums ({kinds}) are composite"
+    return "size: the ETag is not an MD5 and no part layout was available"
+
+
+def proof(
+    info: ObjectInfo,
+    plan: Plan,
+    md5s: list[bytes | None],
+    digest: InOrderDigest | None,
+    reused: int,
+) -> tuple[str, bytes | None]:
+    """How the staged blocks prove the copy, and the blob's Content-MD5 if known."""
+    if digest is not None:
+        whole = digest.whole.digest()
+        return verify(info, whole, digest.part_digests, digest.checksum), whole
+    if plan.parts and plan.parts == len(plan.blocks):
+        # One block per part: the part MD5s are the block MD5s, from the block IDs.
+        return verify(info, None, [m for m in md5s if m is not None]), None
+    if reused:
+        why = (
+            f"{reused} blocks were staged by an earlier run, so the object's MD5 "
+            "could not be computed in this one"
+        )
+    else:
+        why = "verification is off (verify = false)"
+    return f"size: {why}", None
