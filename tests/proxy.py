@@ -31,6 +31,9 @@ class Faults:
     stall_after: int = 0  # ... after this many bytes back
     flip_at: int | None = None  # flip the byte at this offset of one response stream
     flip_period: int | None = None  # flip a byte at every multiple of this, in every stream
+    # Flip the byte at this offset of the first request stream (client to server) that
+    # gets that far: bytes damaged on their way to the server.
+    upload_flip_at: int | None = None
     # Stop reading what the client sends on this connection (1 = the first) after this
     # many bytes: an upload that stalls, which no read timeout on the client can see.
     # -1: on the first connection whose upload gets that far, whichever it is.
@@ -237,6 +240,12 @@ class FaultProxy(LoopbackServer):
                 if chosen and sent + len(chunk) > f.upload_stall_after:
                     self.upload_stalls += 1
                     await asyncio.sleep(3600)  # never read again: the client's send blocks
+                at = f.upload_flip_at
+                if at is not None and self.flips == 0 and sent <= at < sent + len(chunk):
+                    flipped_up = bytearray(chunk)
+                    flipped_up[at - sent] ^= 0x01
+                    chunk = bytes(flipped_up)
+                    self.flips += 1
                 sent += len(chunk)
             if down:  # server to client: most faults live here
                 if number in self._losing:  # the server answered: it did the work
