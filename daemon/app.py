@@ -26,6 +26,7 @@ from daemon import metrics
 from daemon.azure import AzureWriter
 from daemon.budget import Budget
 from daemon.errors import ConfigError, StateError
+from daemon.jobrun import state_failure
 from daemon.jobs import TransferSpec
 from daemon.logs import set_level
 from daemon.outcome import Progress
@@ -34,7 +35,7 @@ from daemon.s3 import S3Reader
 from daemon.settings import Settings, require_azure
 from daemon.sources.directory import DirectorySource
 from daemon.state import StateStore
-from daemon.supervisor import Supervisor, state_failure
+from daemon.supervisor import Supervisor
 from daemon.systemd import Notifier
 from daemon.transfer import Copier
 

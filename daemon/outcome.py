@@ -63,3 +63,25 @@ class Outcome:
     # streamed into one Put Blob), "blocks" (ranges staged in parallel) or "server-side".
     route: str | None = None
     would_copy: int | None = None  # a dry run's: the bytes a copy would move
+
+    def detail(self) -> dict[str, object]:
+        """The report's fields beyond status and bytes: only those that say something."""
+        out: dict[str, object] = {}
+        if self.route:
+            out["route"] = self.route
+        if self.verified:
+            out["verified"] = self.verified
+        if self.note:
+            out["note"] = self.note
+        if self.would_copy is not None:
+            out["would_copy"] = self.would_copy
+        landing = self.landing
+        if landing is not None and landing.renamed:
+            out["renamed_metadata"] = landing.renamed
+        if landing is not None and landing.rewritten:
+            out["rewritten"] = landing.rewritten
+        if landing is not None and landing.dropped:
+            out["dropped"] = landing.dropped
+        if self.blocks_reused:
+            out["blocks_reused"] = self.blocks_reused
+        return out

@@ -20,44 +20,26 @@ start. Past the grace period, or when ``force`` is set, what is left is cancelle
 from __future__ import annotations
 
 import asyncio
-import time
-from collections.abc import AsyncIterator, Sequence
-from contextlib import aclosing, asynccontextmanager
+from collections.abc import Sequence
+from contextlib import aclosing
 from dataclasses import dataclass, field
 from functools import partial
 
 import structlog
 
 from daemon.budget import Budget
-from daemon.errors import Interrupted, JobFileError, StateError, TransferError, redact
-from daemon.holdings import Holdings, Known
+from daemon.errors import JobFileError, StateError
+from daemon.jobrun import JobRunner, internal_error, state_failure
 from daemon.jobs import TransferSpec, parse_job
 from daemon.metrics import Metrics
-from daemon.objects import Listed
-from daemon.outcome import Progress, Status
+from daemon.outcome import Progress
 from daemon.s3 import S3Reader
-from daemon.seams import BlobId
 from daemon.settings import Settings
 from daemon.sources.base import ClaimedJob, JobSource
 from daemon.state import StateStore
 from daemon.transfer import Copier
 
 log = structlog.get_logger("blobferry")
-
-
-@dataclass(slots=True)
-class Tally:
-    copied: int = 0
-    skipped: int = 0
-    failed: int = 0
-    interrupted: int = 0
-    excluded: int = 0  # objects under a prefix its include/exclude left out
-
-    @property
-    def status(self) -> str:
-        if self.interrupted:
-            return "interrupted"
-        return "failed" if self.failed else "done"
 
 
 CANCELLED = (
@@ -77,69 +59,6 @@ class _Job:
     # uses: the supervisor claims the next job only once this one has its slot.
     slot: bool = False
     has_slot: asyncio.Event = field(default_factory=asyncio.Event)  # or has ended
-
-
-@dataclass(slots=True)
-class _Writers:
-    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
-    count: int = 0  # transfers holding or waiting for the lock
-
-
-def state_failure(e: BaseException) -> StateError | None:
-    """The StateError in ``e`` (itself, or inside TaskGroups' exception groups), if any."""
-    if isinstance(e, StateError):
-        return e
-    if isinstance(e, BaseExceptionGroup):
-        for inner in e.exceptions:
-            found = state_failure(inner)
-            if found is not None:
-                return found
-    return None
-
-
-def _internal_error(e: BaseException) -> str:
-    """What a bug says in a report: the first real exception, not a TaskGroup's wrapper."""
-    while isinstance(e, BaseExceptionGroup) and e.exceptions:
-        e = e.exceptions[0]
-    return redact(f"internal error: {type(e).__name__}: {e}")
-
-
-class _Tracker:
-    """One transfer's progress: a log line and a state update every few seconds."""
-
-    def __init__(self, sup: Supervisor, job: str, seq: int, total: int | None) -> None:
-        self._sup = sup
-        self._job, self._seq = job, seq
-        self.total = total
-        self.done = 0
-        self.reused = 0  # of done: staged by an earlier run, not moved by this one
-        self.t0 = time.monotonic()
-        self._last = self.t0
-
-    def advance(self, n: int, *, reused: bool = False) -> None:
-        self.done += n
-        now = time.monotonic()
-        if reused:
-            # Done, but not moved: kept out of the throughput (the metric's rate(), the
-            # transfer's rate and what `blobferry status` estimates from it), and
-            # recorded at once, so the estimate is right from its first reading.
-            self.reused += n
-        else:
-            self._sup.metrics.streamed(n)
-        if self._sup.on_progress is not None:
-            self._sup.on_progress(n, reused=reused)
-        if reused or now - self._last >= self._sup.settings.progress_interval_s:
-            self._last = now
-            self._sup.state.transfer_progress(
-                self._job, self._seq, self.done, self.total, self.reused
-            )
-            self._sup.flush_soon()
-            log.info("progress", bytes=self.done, total=self.total, rate=self.rate())
-
-    def rate(self) -> float:
-        """Bytes moved a second (reused ones left out)."""
-        seconds = time.monotonic() - self.t0
-        return round((self.done - self.reused) / seconds, 1) if seconds > 0 else 0.0
 
 
 class Supervisor:
@@ -164,13 +83,23 @@ class Supervisor:
         self._force = force or asyncio.Event()
         self._grace_s = grace_s
         self._slots = Budget(settings.max_transfers)  # one unit per transfer in flight
-        self._last_flush = time.monotonic()
         self._jobs: dict[str, _Job] = {}  # claimed from the source, not yet filed
-        self._writing: dict[BlobId, _Writers] = {}  # a blob -> its transfers
         self._parsing = asyncio.Lock()  # one job file read and parsed at a time
         # Set when the state database cannot be written: the daemon drains and stops.
         self.state_lost: StateError | None = None
         self.metrics = Metrics()
+        self._runner = JobRunner(
+            settings,
+            s3,
+            copier,
+            state,
+            stop,
+            self._slots,
+            self.metrics,
+            on_progress=on_progress,
+            own_slot=self._hand_over_slot,
+            cancel_requested=lambda job: job in self._jobs and self._jobs[job].cancel_requested,
+        )
 
     @property
     def claimed_jobs(self) -> int:
@@ -192,14 +121,17 @@ class Supervisor:
 
     def resize(self, settings: Settings) -> None:
         """A reload's new ``max_transfers``, for the next transfer admitted."""
-        self.settings = settings
+        self.settings = self._runner.settings = settings
         self._slots.resize(settings.max_transfers)
 
-    def flush_soon(self) -> None:
-        now = time.monotonic()
-        if now - self._last_flush >= 1.0:
-            self._last_flush = now
-            self.state.flush()
+    def _hand_over_slot(self, job: str) -> bool:
+        """Whether ``job`` still holds the slot it took as it began; if so, it is now
+        its first transfer's."""
+        entry = self._jobs.get(job)
+        if entry is None or not entry.slot:
+            return False
+        entry.slot = False
+        return True
 
     # -- the daemon -----------------------------------------------------------------
 
@@ -286,7 +218,7 @@ class Supervisor:
                     if lost is not None:
                         self._lose_state(lost)
                         return
-                    error = str(e) if isinstance(e, OSError) else _internal_error(e)
+                    error = str(e) if isinstance(e, OSError) else internal_error(e)
                     log.exception("cancel failed", job=name, error=error)
 
     async def _cancel(self, source: JobSource, name: str) -> None:
@@ -372,7 +304,7 @@ class Supervisor:
         except Exception as e:  # a bug must cost one job, never the daemon
             if state_failure(e) is not None:
                 raise
-            error = _internal_error(e)
+            error = internal_error(e)
             self.state.job_finished(job.name, "failed", error)
             log.exception("job failed", error=error)
             return "failed"
@@ -387,239 +319,11 @@ class Supervisor:
             log.error(
                 "job not filed, it stays in processing/ until the next start",
                 status=status,
-                error=str(e) if isinstance(e, OSError) else _internal_error(e),
+                error=str(e) if isinstance(e, OSError) else internal_error(e),
                 exc_info=not isinstance(e, OSError),
             )
-
-    # -- one job (the daemon's and `blobferry copy`'s) --------------------------------
 
     async def run_job(self, name: str, specs: Sequence[TransferSpec]) -> str:
         """Run every transfer of a job whose start the caller has recorded
         (``state.job_started``); returns "done", "failed" or "interrupted"."""
-        structlog.contextvars.bind_contextvars(job=name)
-        tally = Tally()
-        t0 = time.monotonic()
-        seq = 0
-        async with asyncio.TaskGroup() as tg:
-            for spec in specs:
-                if spec.source.is_prefix:
-                    seq = await self._admit_prefix(tg, name, seq, spec, tally)
-                else:
-                    await self._admit(tg, name, seq, spec, None, tally)
-                    seq += 1
-        status = tally.status
-        if status != "interrupted":
-            self.state.job_finished(name, status, excluded=tally.excluded)
-        else:
-            self.state.flush()
-        log.info(
-            "job " + status,
-            copied=tally.copied,
-            skipped=tally.skipped,
-            failed=tally.failed,
-            **({"excluded": tally.excluded} if tally.excluded else {}),
-            seconds=round(time.monotonic() - t0, 3),
-        )
-        return status
-
-    async def _admit_prefix(
-        self, tg: asyncio.TaskGroup, job: str, seq: int, spec: TransferSpec, tally: Tally
-    ) -> int:
-        """Admit every object under ``spec``'s prefix, numbered from ``seq`` in key
-        order; returns the next number. The first page fills every slot at once; later
-        pages arrive while earlier ones are copied."""
-        start = seq
-        keys = spec.options.keys
-        skip = len(spec.source.key)
-        excluded_before = tally.excluded
-        holdings: Holdings | None = None
-        try:
-            holdings = await self._copier.holdings(spec)
-            first = self.settings.max_transfers
-            async with aclosing(self._s3.pages(spec.source, first)) as pages:
-                async for page in pages:
-                    if self._stop.is_set():
-                        # Stopping: the rest is listed again on the next start.
-                        tally.interrupted += 1
-                        return seq
-                    if keys is not None:
-                        n = len(page)
-                        page = [o for o in page if keys.admits(o.key[skip:])]
-                        tally.excluded += n - len(page)
-                    # A transfer's number (its place in the report) follows key order,
-                    # but a page's largest objects start first, so a job never ends on
-                    # one large object copying alone.
-                    numbered = sorted(enumerate(page, seq), key=lambda n: -n[1].size)
-                    seq += len(page)
-                    specs = {o.key: spec.for_key(o.key) for o in page}
-                    known = {}
-                    if holdings is not None:
-                        known = await holdings.known(s.destination.blob for s in specs.values())
-                    for n, listed in numbered:
-                        one = specs[listed.key]
-                        await self._admit(
-                            tg, job, n, one, listed, tally, known.get(one.destination.blob)
-                        )
-        except TransferError as e:
-            self._record_failure(job, seq, spec, tally, str(e))
-            return seq + 1
-        finally:
-            if holdings is not None:
-                await holdings.aclose()
-        if seq == start:
-            error = f"no objects under {spec.source}; check the prefix"
-            if excluded := tally.excluded - excluded_before:
-                error = (
-                    f"none of the {excluded} objects under {spec.source} is chosen by "
-                    "the job's include and exclude; check the patterns"
-                )
-            self._record_failure(job, seq, spec, tally, error)
-            return seq + 1
-        return seq
-
-    async def _admit(
-        self,
-        tg: asyncio.TaskGroup,
-        job: str,
-        seq: int,
-        spec: TransferSpec,
-        listed: Listed | None,
-        tally: Tally,
-        known: Known | None = None,
-    ) -> None:
-        if self._stop.is_set():
-            tally.interrupted += 1
-            return
-        entry = self._jobs.get(job)
-        if entry is not None and entry.slot:
-            entry.slot = False  # the one the job took as it began: now this transfer's
-        else:
-            await self._slots.acquire(1)
-        self.metrics.transfers_running += 1
-        task = tg.create_task(self._transfer(job, seq, spec, listed, tally, known))
-        task.add_done_callback(self._transfer_done)
-
-    def _transfer_done(self, _: asyncio.Task[None]) -> None:
-        self.metrics.transfers_running -= 1
-        self._slots.release(1)
-
-    def _ended(
-        self,
-        job: str,
-        seq: int,
-        status: str,
-        done: int,
-        error: str | None = None,
-        detail: dict[str, object] | None = None,
-    ) -> None:
-        """A transfer's end, recorded and counted."""
-        self.state.transfer_finished(job, seq, status, done, error, detail)
-        self.metrics.transfers[str(status)] += 1
-
-    def _record_failure(
-        self, job: str, seq: int, spec: TransferSpec, tally: Tally, error: str
-    ) -> None:
-        self.state.transfer_started(job, seq, str(spec.source), str(spec.destination))
-        self._ended(job, seq, Status.FAILED, 0, redact(error))
-        tally.failed += 1
-        log.error(
-            "failed",
-            source=str(spec.source),
-            destination=str(spec.destination),
-            error=redact(error),
-        )
-
-    @asynccontextmanager
-    async def _sole_writer(self, dst: BlobId) -> AsyncIterator[None]:
-        """One transfer at a time per blob, across jobs: a commit drops every block of
-        the blob it does not list, so two at once would fail one of them (Azure's
-        InvalidBlockList). A later one waits its turn; the last to commit wins."""
-        w = self._writing.get(dst)
-        if w is None:
-            w = self._writing[dst] = _Writers()
-        w.count += 1
-        try:
-            if w.lock.locked():
-                log.info("waiting: another transfer is writing this blob")
-            async with w.lock:
-                yield
-        finally:
-            w.count -= 1
-            if not w.count:
-                del self._writing[dst]
-
-    async def _transfer(
-        self,
-        job: str,
-        seq: int,
-        spec: TransferSpec,
-        listed: Listed | None,
-        tally: Tally,
-        known: Known | None = None,
-    ) -> None:
-        src, dst = str(spec.source), str(spec.destination)
-        structlog.contextvars.bind_contextvars(source=src, destination=dst)
-        self.state.transfer_started(job, seq, src, dst)
-        tracker = _Tracker(self, job, seq, listed.size if listed else None)
-        log.info("transfer started", bytes=tracker.total)
-        try:
-            async with self._sole_writer(self._copier.identify(spec.destination)):
-                outcome = await self._copier.copy(spec, listed, tracker.advance, known)
-        except Interrupted:
-            tally.interrupted += 1
-            self._ended(job, seq, "interrupted", tracker.done)
-            log.info("interrupted", bytes=tracker.done)
-            return
-        except asyncio.CancelledError:
-            entry = self._jobs.get(job)
-            if entry is not None and entry.cancel_requested:
-                self._ended(job, seq, "cancelled", tracker.done)
-                log.info("cancelled", bytes=tracker.done)
-            raise
-        except TransferError as e:
-            tally.failed += 1
-            error = redact(str(e))
-            self._ended(job, seq, Status.FAILED, tracker.done, error)
-            log.error("failed", error=error, bytes=tracker.done)
-            return
-        except StateError:
-            raise  # not this transfer's failure: nothing can be recorded any more
-        except Exception as e:  # a bug must cost one transfer, never the daemon
-            tally.failed += 1
-            error = _internal_error(e)
-            self._ended(job, seq, Status.FAILED, tracker.done, error)
-            log.exception("failed", error=error)
-            return
-        detail: dict[str, object] = {}
-        if outcome.route:
-            detail["route"] = outcome.route
-        if outcome.verified:
-            detail["verified"] = outcome.verified
-        if outcome.note:
-            detail["note"] = outcome.note
-        if outcome.would_copy is not None:
-            detail["would_copy"] = outcome.would_copy
-        landing = outcome.landing
-        if landing is not None and landing.renamed:
-            detail["renamed_metadata"] = landing.renamed
-        if landing is not None and landing.rewritten:
-            detail["rewritten"] = landing.rewritten
-        if landing is not None and landing.dropped:
-            detail["dropped"] = landing.dropped
-            log.warning("properties left off the blob", dropped=sorted(landing.dropped))
-        if outcome.blocks_reused:
-            detail["blocks_reused"] = outcome.blocks_reused
-        if outcome.status is Status.SKIPPED:
-            tally.skipped += 1
-        else:
-            tally.copied += 1
-            self.metrics.bytes_copied += outcome.bytes
-        self._ended(job, seq, outcome.status, outcome.bytes, None, detail)
-        self.flush_soon()
-        log.info(
-            str(outcome.status),
-            bytes=outcome.bytes,
-            seconds=round(time.monotonic() - tracker.t0, 3),
-            rate=tracker.rate(),
-            **detail,
-        )
+        return await self._runner.run_job(name, specs)
