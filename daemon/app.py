@@ -96,94 +96,122 @@ async def serve(
 ) -> None:
     """The daemon: watch ``jobs_dir`` and run what arrives until ``stop`` is set; with
     ``reloader``, apply what can change live each time it is asked."""
-    state_lock = _lock(settings.state_dir, "state_dir")
-    jobs_lock = None
-    if settings.jobs_dir != settings.state_dir:  # one folder for both: its lock is taken
-        try:
-            jobs_lock = _lock(settings.jobs_dir, "jobs_dir")
-        except ConfigError:
-            state_lock.close()
-            raise
-    notifier = Notifier()
-    state: StateStore | None = None
+    daemon = Daemon(settings, stop, force, reloader)
     try:
-        state = StateStore.in_dir(settings.state_dir)
-        _prune(state, settings)
-        in_force = settings  # a reload replaces the settings that change live
+        source = daemon.start()
+        await daemon.serve(source, on_ready)  # drains when stop is set
+    finally:
+        daemon.close()
+    log.info("stopped")
+
+
+class Daemon:
+    """The daemon's life in named phases: start, serve (which drains once ``stop`` is
+    set: the supervisor's two-phase shutdown), close."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        stop: asyncio.Event,
+        force: asyncio.Event | None,
+        reloader: Reloader | None,
+    ) -> None:
+        self._settings = self._in_force = settings  # a reload replaces the latter
+        self._stop = stop
+        self._force = force
+        self._reloader = reloader
+        self._notifier = Notifier()
+        self._locks: list[IO[bytes]] = []
+        self._state: StateStore | None = None
+
+    def start(self) -> DirectorySource:
+        """One daemon per folder; the state database opened; the jobs folder made."""
+        s = self._settings
+        self._locks.append(_lock(s.state_dir, "state_dir"))
+        if s.jobs_dir != s.state_dir:  # one folder for both: its lock is taken
+            self._locks.append(_lock(s.jobs_dir, "jobs_dir"))
+        self._state = StateStore.in_dir(s.state_dir)
+        _prune(self._state, s)
         source = DirectorySource(
-            settings.jobs_dir,
-            settings.poll_interval_s,
-            settings.max_job_file_mb << 20,
-            watch=settings.watch,
+            s.jobs_dir, s.poll_interval_s, s.max_job_file_mb << 20, watch=s.watch
         )
         try:
             source.prepare()
         except OSError as error:
-            raise _unusable("jobs_dir", settings.jobs_dir, error) from None
-        async with engine(settings, stop) as e:
+            raise _unusable("jobs_dir", s.jobs_dir, error) from None
+        return source
+
+    async def serve(self, source: DirectorySource, on_ready: Callable[[], None] | None) -> None:
+        """Both sides opened, metrics served, ready told; jobs run until ``stop``, then
+        drained. A state that could no longer be written is raised at the end: the
+        process exits non-zero with the reason, and systemd starts it again."""
+        s, state = self._settings, self._state
+        assert state is not None, "start() first"
+        async with engine(s, self._stop) as e:
             sup = Supervisor(
-                settings,
-                e.s3,
-                e.copier,
-                state,
-                stop,
-                grace_s=settings.grace_period_s,
-                force=force,
+                s, e.s3, e.copier, state, self._stop, grace_s=s.grace_period_s, force=self._force
             )
             async with contextlib.AsyncExitStack() as stack:
-                if settings.metrics_address is not None:
+                if s.metrics_address is not None:
+                    gauges = partial(_gauges, sup, source, e)
                     await stack.enter_async_context(
-                        metrics.serving(
-                            settings.metrics_address,
-                            sup.metrics,
-                            partial(_gauges, sup, source, e),
-                        )
+                        metrics.serving(s.metrics_address, sup.metrics, gauges)
                     )
-                log.info(
-                    "ready",
-                    pid=os.getpid(),
-                    jobs_dir=str(settings.jobs_dir),
-                    max_transfers=settings.max_transfers,
-                    memory_mb=settings.memory_mb,
-                    bandwidth_mb_s=settings.bandwidth.describe(),
-                    metrics=settings.metrics_address,
-                )
-                notifier.ready(sup.summary())
-                if on_ready is not None:
-                    on_ready()
+                self._ready(sup, on_ready)
+                await self._run(sup, source, e)
+        if sup.state_lost is not None:
+            raise sup.state_lost
 
-                def apply(live: Settings) -> None:
-                    nonlocal in_force
-                    in_force = live
-                    e.s3.bandwidth.set(live.bandwidth)
-                    e.budget.resize(live.memory_bytes)
-                    sup.resize(live)
-                    set_level(live.log_level)
-                    _prune(state, live)
+    def _ready(self, sup: Supervisor, on_ready: Callable[[], None] | None) -> None:
+        s = self._settings
+        log.info(
+            "ready",
+            pid=os.getpid(),
+            jobs_dir=str(s.jobs_dir),
+            max_transfers=s.max_transfers,
+            memory_mb=s.memory_mb,
+            bandwidth_mb_s=s.bandwidth.describe(),
+            metrics=s.metrics_address,
+        )
+        self._notifier.ready(sup.summary())
+        if on_ready is not None:
+            on_ready()
 
-                async with asyncio.TaskGroup() as tg:
-                    chores = [
-                        tg.create_task(notifier.keepalive(sup.summary)),
-                        tg.create_task(_prune_daily(state, lambda: in_force)),
-                    ]
-                    if reloader is not None:
-                        chores.append(
-                            tg.create_task(reloader.serve(settings, apply, notifier, sup.summary))
-                        )
-                    tg.create_task(_announce_stop(stop, notifier, sup))
-                    await sup.serve(source)
-                    for chore in chores:
-                        chore.cancel()
-            if sup.state_lost is not None:
-                raise sup.state_lost  # exits non-zero with the reason: systemd restarts
-    finally:
-        if state is not None:
-            state.close()
-        if jobs_lock is not None:
-            jobs_lock.close()
-        state_lock.close()
-        notifier.close()
-    log.info("stopped")
+    async def _run(self, sup: Supervisor, source: DirectorySource, e: Engine) -> None:
+        """The supervisor, and the chores beside it until it returns."""
+        state, notifier = self._state, self._notifier
+        assert state is not None
+        async with asyncio.TaskGroup() as tg:
+            chores = [
+                tg.create_task(notifier.keepalive(sup.summary)),
+                tg.create_task(_prune_daily(state, lambda: self._in_force)),
+            ]
+            if self._reloader is not None:
+                apply = partial(self._apply, e, sup)
+                serving = self._reloader.serve(self._settings, apply, notifier, sup.summary)
+                chores.append(tg.create_task(serving))
+            tg.create_task(_announce_stop(self._stop, notifier, sup))
+            await sup.serve(source)
+            for chore in chores:
+                chore.cancel()
+
+    def _apply(self, e: Engine, sup: Supervisor, live: Settings) -> None:
+        """A reload: what changes live takes effect now."""
+        assert self._state is not None
+        self._in_force = live
+        e.s3.bandwidth.set(live.bandwidth)
+        e.budget.resize(live.memory_bytes)
+        sup.resize(live)
+        set_level(live.log_level)
+        _prune(self._state, live)
+
+    def close(self) -> None:
+        """The state database closed, the folders' locks let go."""
+        if self._state is not None:
+            self._state.close()
+        for lock in reversed(self._locks):
+            lock.close()
+        self._notifier.close()
 
 
 def _prune(state: StateStore, settings: Settings) -> None:

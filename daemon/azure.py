@@ -10,7 +10,7 @@ pipeline (azure_direct.py, which says why), unless ``azure.direct = false``.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterable, AsyncIterator
+from collections.abc import AsyncIterable, AsyncIterator, Callable
 from contextlib import AsyncExitStack
 from datetime import datetime
 from types import TracebackType
@@ -26,21 +26,20 @@ from azure.core.exceptions import (
     ResourceExistsError,
     ResourceNotFoundError,
 )
-from azure.core.pipeline.policies import AsyncBearerTokenCredentialPolicy
 from azure.core.pipeline.transport import AioHttpTransport
 from azure.storage.blob import BlobBlock, StandardBlobTier
-from azure.storage.blob._shared.authentication import SharedKeyCredentialPolicy
 from azure.storage.blob.aio import BlobClient, BlobServiceClient
 
+from daemon.addresses import AzAddress
+from daemon.azure_auth import open_service
 from daemon.azure_direct import Direct, DirectPath, put_headers
-from daemon.azure_errors import TokenError, error_code, translate
+from daemon.azure_errors import error_code, translate
 from daemon.chunks import Chunks
 from daemon.errors import (
     DestinationExistsError,
     PermanentError,
     SourceUnreachableError,
 )
-from daemon.jobs import AzAddress, account_name
 from daemon.latency import RoundTrips
 from daemon.properties import BlobHeaders
 from daemon.proxies import Proxies
@@ -94,39 +93,11 @@ class AzureWriter:
                 auto_decompress=False,
             )
         )
-        kwargs: dict[str, Any] = {
-            "transport": AioHttpTransport(session=session, session_owner=False),
-            "retry_total": 0,
-            "connection_timeout": self._settings.retry.connect_timeout_s,
-            "read_timeout": self._settings.retry.stall_timeout_s,
-            "max_single_put_size": 4000 * 1024 * 1024,
-        }
-        if a.connection_string is not None:
-            cs = a.connection_string.get_secret_value()
-            # A client that sends nothing, only to read the endpoint the string names.
-            self._route_sdk(BlobServiceClient.from_connection_string(cs).url, kwargs)
-            self._service = BlobServiceClient.from_connection_string(cs, **kwargs)
-        elif a.account_url is not None:
-            self._route_sdk(a.account_url, kwargs)
-            credential: Any
-            if a.account_key is not None:
-                name = account_name(a.account_url)
-                credential = {"account_name": name, "account_key": a.account_key.get_secret_value()}
-            elif a.sas_token is not None:
-                credential = a.sas_token.get_secret_value()
-            else:
-                credential = await self._stack.enter_async_context(_Identity())
-            self._service = BlobServiceClient(a.account_url, credential=credential, **kwargs)
-        else:
-            raise PermanentError("no Azure account configured")
-        await self._stack.enter_async_context(self._service)
-        policy = self._service._credential_policy
-        if not (
-            policy is None
-            or isinstance(policy, (SharedKeyCredentialPolicy, AsyncBearerTokenCredentialPolicy))
-        ):
-            raise PermanentError(f"unsupported Azure credential ({type(policy).__name__})")
-        direct = Direct(self._service, kwargs["transport"], policy)
+        transport = AioHttpTransport(session=session, session_owner=False)
+        self._service, policy = await open_service(
+            self._settings, transport, self._proxies, self._stack
+        )
+        direct = Direct(self._service, transport, policy)
         self._sas_expiry = direct.sas_expiry
         if a.direct:
             stall = self._settings.retry.stall_timeout_s
@@ -139,12 +110,6 @@ class AzureWriter:
         self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
     ) -> None:
         await self._stack.aclose()
-
-    def _route_sdk(self, account_url: str, kwargs: dict[str, Any]) -> None:
-        """The SDK's requests take the proxy (if any) the direct path takes."""
-        proxy = self._proxies.route(account_url)
-        if proxy is not None:
-            kwargs["proxies"] = {account_url.partition("://")[0]: str(proxy)}
 
     def identify(self, dst: AzAddress) -> BlobId:
         """The blob ``dst`` names, however it is spelled: ``az://c/b`` and the
@@ -210,16 +175,9 @@ class AzureWriter:
         if self._path is not None:
             return await self._path.existing(dst)
         t0 = asyncio.get_running_loop().time()
-        try:
-            props = await self._blob(dst).get_blob_properties()
-        except ResourceNotFoundError as e:
-            if error_code(e) == "ContainerNotFound":
-                raise self._error(e, dst, "read properties") from None
-            return None
-        except AzureError as e:
-            raise self._error(e, dst, "read properties") from None
+        found = await _SdkPath(self._blob(dst), self._error).existing(dst)
         self.round_trips.record(asyncio.get_running_loop().time() - t0)
-        return ExistingBlob(size=props.size, metadata=dict(props.metadata or {}))
+        return found
 
     async def put(
         self,
@@ -233,28 +191,12 @@ class AzureWriter:
     ) -> None:
         """The whole blob in one Put Blob, checked by Azure against ``md5``."""
         self._check_account(dst)
-        if self._path is not None:
-            sent = put_headers(data.size, md5, headers, metadata, overwrite, tier)
-            await self._path.put(dst, data, sent)
+        if self._path is None:
+            sdk = _SdkPath(self._blob(dst), self._error)
+            await sdk.put(dst, data, md5, headers, metadata, overwrite, tier)
             return
-        conditions: dict[str, Any] = (
-            {} if overwrite else {"match_condition": MatchConditions.IfMissing}
-        )
-        try:
-            await self._blob(dst).upload_blob(
-                data.join(),
-                length=data.size,
-                overwrite=overwrite,
-                content_settings=headers.settings(md5),
-                metadata=metadata,
-                standard_blob_tier=StandardBlobTier(tier) if tier else None,
-                transactional_content_md5=bytearray(md5),  # Azure checks the bytes on arrival
-                **conditions,
-            )
-        except ResourceExistsError:
-            raise DestinationExistsError(dst) from None
-        except AzureError as e:
-            raise self._error(e, dst, "put blob") from None
+        sent = put_headers(data.size, md5, headers, metadata, overwrite, tier)
+        await self._path.put(dst, data, sent)
 
     async def put_stream(
         self,
@@ -277,15 +219,10 @@ class AzureWriter:
 
     async def stage(self, dst: AzAddress, block_id: str, data: Chunks, md5: bytes) -> None:
         self._check_account(dst)
-        if self._path is not None:
-            await self._path.stage(dst, block_id, data, md5)
+        if self._path is None:
+            await _SdkPath(self._blob(dst), self._error).stage(dst, block_id, data, md5)
             return
-        try:
-            await self._blob(dst).stage_block(
-                block_id, data.join(), data.size, transactional_content_md5=bytearray(md5)
-            )
-        except AzureError as e:
-            raise self._error(e, dst, f"stage block {block_id}") from None
+        await self._path.stage(dst, block_id, data, md5)
 
     async def stage_from_url(
         self,
@@ -377,37 +314,59 @@ class AzureWriter:
             raise self._error(e, dst, "commit block list") from None
 
 
-class _Identity:
-    """azure-identity's DefaultAzureCredential, its failures raised as TokenError.
+class _SdkPath:
+    """Get Blob Properties, Put Blob and Put Block through the SDK (azure.direct =
+    false). Azure still checks each body against its MD5 (transactional_content_md5);
+    the body is joined into one buffer first, which the direct path never does."""
 
-    Without this, a token endpoint that was down for a moment when a token was due
-    (hourly, on a copy of days) failed the transfer as "Azure refused the credentials".
-    Once a source has given a token, azure-identity asks it alone, and its errors keep
-    the endpoint's HTTP status; the first time, the chain's error does not."""
+    def __init__(self, blob: BlobClient, error: Callable[[AzureError, AzAddress, str], Exception]):
+        self._blob = blob
+        self._error = error
 
-    def __init__(self) -> None:
-        from azure.identity.aio import DefaultAzureCredential
-
-        self._inner = DefaultAzureCredential()
-
-    async def get_token(self, *scopes: str, **kwargs: Any) -> Any:
+    async def existing(self, dst: AzAddress) -> ExistingBlob | None:
         try:
-            return await self._inner.get_token(*scopes, **kwargs)
+            props = await self._blob.get_blob_properties()
+        except ResourceNotFoundError as e:
+            if error_code(e) == "ContainerNotFound":
+                raise self._error(e, dst, "read properties") from None
+            return None
         except AzureError as e:
-            raise TokenError(e) from None
+            raise self._error(e, dst, "read properties") from None
+        return ExistingBlob(size=props.size, metadata=dict(props.metadata or {}))
 
-    async def get_token_info(self, *scopes: str, options: Any = None) -> Any:
+    async def put(
+        self,
+        dst: AzAddress,
+        data: Chunks,
+        md5: bytes,
+        headers: BlobHeaders,
+        metadata: dict[str, str],
+        overwrite: bool,
+        tier: str | None,
+    ) -> None:
+        conditions: dict[str, Any] = (
+            {} if overwrite else {"match_condition": MatchConditions.IfMissing}
+        )
         try:
-            return await self._inner.get_token_info(*scopes, options=options)
+            await self._blob.upload_blob(
+                data.join(),
+                length=data.size,
+                overwrite=overwrite,
+                content_settings=headers.settings(md5),
+                metadata=metadata,
+                standard_blob_tier=StandardBlobTier(tier) if tier else None,
+                transactional_content_md5=bytearray(md5),  # Azure checks the bytes on arrival
+                **conditions,
+            )
+        except ResourceExistsError:
+            raise DestinationExistsError(dst) from None
         except AzureError as e:
-            raise TokenError(e) from None
+            raise self._error(e, dst, "put blob") from None
 
-    async def close(self) -> None:
-        await self._inner.close()
-
-    async def __aenter__(self) -> _Identity:
-        await self._inner.__aenter__()
-        return self
-
-    async def __aexit__(self, *exc: Any) -> None:
-        await self._inner.__aexit__(*exc)
+    async def stage(self, dst: AzAddress, block_id: str, data: Chunks, md5: bytes) -> None:
+        try:
+            await self._blob.stage_block(
+                block_id, data.join(), data.size, transactional_content_md5=bytearray(md5)
+            )
+        except AzureError as e:
+            raise self._error(e, dst, f"stage block {block_id}") from None

@@ -35,10 +35,10 @@ from azure.core.pipeline.transport import AioHttpTransport, HttpRequest
 from azure.storage.blob._shared.authentication import SharedKeyCredentialPolicy
 from azure.storage.blob.aio import BlobServiceClient
 
+from daemon.addresses import AzAddress
 from daemon.azure_errors import failure, sas_expiry, translate
 from daemon.chunks import Chunks
 from daemon.errors import RetryableError, connection_failed
-from daemon.jobs import AzAddress
 from daemon.latency import RoundTrips
 from daemon.properties import BlobHeaders
 from daemon.proxies import Proxies, refused_by_proxy

@@ -15,6 +15,7 @@ from azure.core.exceptions import (
     ServiceResponseError,
 )
 
+from daemon.addresses import AzAddress
 from daemon.clock import refused_for_time
 from daemon.errors import (
     ContainerMissingError,
@@ -25,7 +26,6 @@ from daemon.errors import (
     RetryableError,
     connection_failed,
 )
-from daemon.jobs import AzAddress
 from daemon.proxies import refused_by_proxy
 
 _RETRYABLE_CODES = {"ServerBusy", "InternalError", "OperationTimedOut", "ServiceUnavailable"}

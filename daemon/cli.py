@@ -26,10 +26,11 @@ from daemon import __version__, app
 from daemon.errors import BlobferryError, ConfigError, JobFileError
 from daemon.jobs import TIERS, parse_job
 from daemon.logs import configure
+from daemon.records import TransferRow, iso
 from daemon.reload import Reloader
 from daemon.settings import Settings, load_settings
 from daemon.sources.directory import report_name
-from daemon.state import StateStore, TransferRow, iso
+from daemon.state import StateStore
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 T = TypeVar("T")

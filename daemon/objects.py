@@ -9,8 +9,8 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from daemon.addresses import S3Address
 from daemon.errors import PermanentError
-from daemon.jobs import S3Address
 
 # Storage classes whose objects cannot be read until someone restores them.
 ARCHIVE_CLASSES = ("GLACIER", "DEEP_ARCHIVE")

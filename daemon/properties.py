@@ -24,7 +24,8 @@ from urllib.parse import quote
 
 from azure.storage.blob import ContentSettings
 
-from daemon.jobs import S3Address, TransferSpec, header_safe
+from daemon.addresses import S3Address, header_safe
+from daemon.jobs import TransferSpec
 from daemon.objects import ObjectInfo
 
 FINGERPRINT_KEY = "blobferry_fingerprint"

@@ -28,6 +28,7 @@ from botocore.exceptions import (
 from botocore.utils import parse_timestamp
 from yarl import URL
 
+from daemon.addresses import S3Address
 from daemon.bandwidth import Bandwidth
 from daemon.chunks import Chunks
 from daemon.errors import (
@@ -36,7 +37,6 @@ from daemon.errors import (
     StallError,
     connection_failed,
 )
-from daemon.jobs import S3Address
 from daemon.latency import RoundTrips
 from daemon.objects import CONTENT_RANGE, Listed, ObjectInfo, info_from_headers
 from daemon.proxies import Proxies, refused_by_proxy
@@ -76,57 +76,18 @@ class S3Reader:
             raise
 
     async def _enter(self) -> S3Reader:
-        s = self._settings.s3
-        session = get_session()
-        # botocore parses every timestamp with dateutil: 5% of the event loop on a
-        # listing of 400 objects. ISO 8601 (listings, STS) takes the fast path.
-        session.get_component("response_parser_factory").set_parser_defaults(
-            timestamp_parser=_timestamp
-        )
-        if s.profile:
-            session.set_config_variable("profile", s.profile)
-        config = AioConfig(
-            signature_version="s3v4",
-            region_name=s.region,
-            s3={"addressing_style": s.addressing_style},
-            # One retry layer, blobferry's (retry.py): botocore's own under it made one
-            # HEAD up to 5 x retry.attempts requests. (botocore's max_attempts counts
-            # retries after the first; total_max_attempts counts them all.)
-            retries={"total_max_attempts": 1, "mode": "standard"},
-            connect_timeout=self._settings.retry.connect_timeout_s,
-            read_timeout=self._settings.retry.stall_timeout_s,
-            max_pool_connections=16,
-        )
-        self._client = await self._stack.enter_async_context(
-            session.create_client("s3", endpoint_url=s.endpoint_url, config=config)
-        )
-        regional: dict[str, Any] = {}
-        creating = asyncio.Lock()
-
-        async def client_in(region: str) -> Any:
-            """A client like the first, for buckets that live in ``region``."""
-            async with creating:
-                if region not in regional:
-                    regional[region] = await self._stack.enter_async_context(
-                        session.create_client(
-                            "s3",
-                            endpoint_url=s.endpoint_url,
-                            config=config.merge(AioConfig(region_name=region)),
-                        )
-                    )
-            return regional[region]
-
-        self._signer = QuerySigner(self._client, s.presign_expires_s, client_in, s.local_signing)
+        s = self._settings
+        self._client, self._signer = await _clients(s, self._stack)
         timeout = aiohttp.ClientTimeout(
             total=None,  # a block may take long on a slow link; stalls are caught below
-            connect=self._settings.retry.connect_timeout_s,
-            sock_read=self._settings.retry.stall_timeout_s,
+            connect=s.retry.connect_timeout_s,
+            sock_read=s.retry.stall_timeout_s,
         )
         self._http = await self._stack.enter_async_context(
             aiohttp.ClientSession(
                 timeout=timeout,
                 auto_decompress=False,  # gzip-encoded objects must arrive byte for byte
-                connector=aiohttp.TCPConnector(limit=s.max_connections, limit_per_host=0),
+                connector=aiohttp.TCPConnector(limit=s.s3.max_connections, limit_per_host=0),
                 skip_auto_headers=("Accept-Encoding",),
             )
         )
@@ -341,3 +302,49 @@ class S3Reader:
             chunks.append(chunk)
         chunks.size = length
         return chunks
+
+
+async def _clients(settings: Settings, stack: AsyncExitStack) -> tuple[Any, QuerySigner]:
+    """botocore's client for control calls (HEAD, LIST), opened on ``stack``, and the
+    signer of payload GETs, which makes clients like it for buckets in other regions."""
+    s = settings.s3
+    session = get_session()
+    # botocore parses every timestamp with dateutil: 5% of the event loop on a
+    # listing of 400 objects. ISO 8601 (listings, STS) takes the fast path.
+    session.get_component("response_parser_factory").set_parser_defaults(
+        timestamp_parser=_timestamp
+    )
+    if s.profile:
+        session.set_config_variable("profile", s.profile)
+    config = AioConfig(
+        signature_version="s3v4",
+        region_name=s.region,
+        s3={"addressing_style": s.addressing_style},
+        # One retry layer, blobferry's (retry.py): botocore's own under it made one
+        # HEAD up to 5 x retry.attempts requests. (botocore's max_attempts counts
+        # retries after the first; total_max_attempts counts them all.)
+        retries={"total_max_attempts": 1, "mode": "standard"},
+        connect_timeout=settings.retry.connect_timeout_s,
+        read_timeout=settings.retry.stall_timeout_s,
+        max_pool_connections=16,
+    )
+    client = await stack.enter_async_context(
+        session.create_client("s3", endpoint_url=s.endpoint_url, config=config)
+    )
+    regional: dict[str, Any] = {}
+    creating = asyncio.Lock()
+
+    async def client_in(region: str) -> Any:
+        """A client like the first, for buckets that live in ``region``."""
+        async with creating:
+            if region not in regional:
+                regional[region] = await stack.enter_async_context(
+                    session.create_client(
+                        "s3",
+                        endpoint_url=s.endpoint_url,
+                        config=config.merge(AioConfig(region_name=region)),
+                    )
+                )
+        return regional[region]
+
+    return client, QuerySigner(client, s.presign_expires_s, client_in, s.local_signing)

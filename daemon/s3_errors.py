@@ -11,9 +11,9 @@ from xml.etree import ElementTree
 import aiohttp
 from botocore.exceptions import ClientError
 
+from daemon.addresses import S3Address
 from daemon.clock import refused_for_time
 from daemon.errors import PermanentError, RetryableError, SourceChangedError
-from daemon.jobs import S3Address
 from daemon.objects import ArchivedObjectError
 from daemon.proxies import refused_by_proxy
 

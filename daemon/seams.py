@@ -12,8 +12,8 @@ from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import NamedTuple, Protocol
 
+from daemon.addresses import AzAddress, S3Address
 from daemon.chunks import Chunks
-from daemon.jobs import AzAddress, S3Address
 from daemon.latency import RoundTrips
 from daemon.objects import Listed, ObjectInfo
 from daemon.properties import BlobHeaders

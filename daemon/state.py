@@ -24,7 +24,6 @@ import os
 import sqlite3
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any
@@ -32,6 +31,7 @@ from typing import IO, Any
 import structlog
 
 from daemon.errors import BlobferryError, StateError
+from daemon.records import JobRow, TransferRow, write_report
 
 log = structlog.get_logger("blobferry.state")
 
@@ -79,82 +79,6 @@ CREATE TABLE IF NOT EXISTS transfers (
 
 # A dry run's outcome for an object a copy would copy: its bytes, in the detail.
 _WOULD_COPY = "json_extract(t.detail, '$.would_copy')"
-
-
-def iso(ts: float | None) -> str | None:
-    return (
-        None if ts is None else datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds")
-    )
-
-
-@dataclass(frozen=True, slots=True)
-class JobRow:
-    job: str
-    status: str
-    started_at: float
-    finished_at: float | None
-    error: str | None
-    transfers: int
-    copied: int
-    skipped: int
-    failed: int
-    bytes_done: int
-    excluded: int = 0  # objects under a prefix its include/exclude left out
-    would_copy: int = 0  # a dry run's skipped objects that a copy would copy ...
-    would_copy_bytes: int = 0  # ... and their bytes
-
-
-@dataclass(frozen=True, slots=True)
-class TransferRow:
-    seq: int
-    source: str
-    destination: str
-    status: str
-    bytes_total: int | None
-    bytes_done: int
-    started_at: float
-    updated_at: float
-    finished_at: float | None
-    error: str | None
-    detail: dict[str, Any]
-    bytes_reused: int = 0  # of bytes_done: staged by an earlier run, not moved by this one
-
-    @property
-    def seconds(self) -> float:
-        return round((self.finished_at or self.updated_at) - self.started_at, 3)
-
-    @property
-    def rate(self) -> float:
-        """Bytes moved a second: reused ones took no time and are left out."""
-        moved = self.bytes_done - self.bytes_reused
-        return moved / self.seconds if self.seconds > 0 else 0.0
-
-    @property
-    def seconds_left(self) -> float | None:
-        """For a running transfer of known size: how long it has to go at its rate so
-        far; None when nothing can be said yet."""
-        if self.status != "running" or not self.bytes_total or self.rate <= 0:
-            return None
-        return (self.bytes_total - self.bytes_done) / self.rate
-
-    def report(self) -> dict[str, Any]:
-        out: dict[str, Any] = {
-            "source": self.source,
-            "destination": self.destination,
-            "status": self.status,
-            "bytes": self.bytes_done,
-            "seconds": self.seconds,
-        }
-        if self.status == "running" and self.bytes_total:  # `blobferry status JOB --json`
-            out["bytes_total"] = self.bytes_total
-            if (left := self.seconds_left) is not None:
-                out["seconds_left"] = round(left)
-        if self.bytes_reused:
-            out["bytes_reused"] = self.bytes_reused
-        if self.error:
-            out["error"] = self.error
-        out.update(self.detail)
-        return out
 
 
 class StateStore:
@@ -424,37 +348,6 @@ class StateStore:
         connection of its own, so the event loop's connection is never shared."""
         db = sqlite3.connect(self._path)
         try:
-            return self._write_report(job, fp, db)
+            return write_report(job, fp, lambda j: self.job(j, db), lambda j: self.transfers(j, db))
         finally:
             db.close()
-
-    def _write_report(self, job: str, fp: IO[str], db: sqlite3.Connection) -> str:
-        row = self.job(job, db)
-        assert row is not None, job
-        head: dict[str, Any] = {
-            "job": job,
-            "status": row.status,
-            "started_at": iso(row.started_at),
-            "finished_at": iso(row.finished_at),
-            "summary": {
-                "transfers": row.transfers,
-                "copied": row.copied,
-                "skipped": row.skipped,
-                "failed": row.failed,
-                "excluded": row.excluded,
-                "bytes": row.bytes_done,
-            },
-        }
-        if row.would_copy:  # a dry run: what it is run for, without adding it up by hand
-            head["summary"]["would_copy"] = {
-                "objects": row.would_copy,
-                "bytes": row.would_copy_bytes,
-            }
-        if row.error:
-            head["error"] = row.error
-        text = json.dumps(head, indent=2, ensure_ascii=False)
-        fp.write(text[:-2] + ',\n  "transfers": [')
-        for i, t in enumerate(self.transfers(job, db)):
-            fp.write(("," if i else "") + "\n    " + json.dumps(t.report(), ensure_ascii=False))
-        fp.write("\n  ]\n}\n")
-        return row.status

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 
+from daemon.addresses import AzAddress, S3Address, blob_name_problem
 from daemon.budget import Budget
 from daemon.errors import (
     ContainerMissingError,
@@ -20,7 +21,7 @@ from daemon.errors import (
     PermanentError,
 )
 from daemon.holdings import Holdings, Known
-from daemon.jobs import AzAddress, Overwrite, S3Address, TransferSpec, blob_name_problem
+from daemon.jobs import Overwrite, TransferSpec
 from daemon.objects import ARCHIVE_CLASSES, ArchivedObjectError, Listed, ObjectInfo
 from daemon.outcome import DRY_RUN, Outcome, Progress, Status, unwatched
 from daemon.properties import FINGERPRINT_KEY, fingerprint

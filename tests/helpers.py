@@ -12,8 +12,8 @@ from pydantic import SecretStr
 
 from daemon import app
 from daemon.jobs import parse_job
+from daemon.records import TransferRow
 from daemon.settings import Settings
-from daemon.state import TransferRow
 from tests.emulators import connection_string
 
 MiB = 1024 * 1024

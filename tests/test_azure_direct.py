@@ -7,8 +7,8 @@ from __future__ import annotations
 import pytest
 from azure.storage.blob.aio import BlobServiceClient
 
+from daemon.addresses import AzAddress
 from daemon.azure_direct import Direct
-from daemon.jobs import AzAddress
 from tests.emulators import connection_string
 
 NAMES = [

@@ -14,10 +14,11 @@ import pytest
 from azure.storage.blob import BlobServiceClient
 
 from daemon import app
+from daemon.addresses import S3Address
 from daemon.azure import AzureWriter
 from daemon.budget import Budget
 from daemon.errors import Interrupted
-from daemon.jobs import S3Address, parse_job
+from daemon.jobs import parse_job
 from daemon.layout import sent_length
 from daemon.objects import ObjectInfo
 from daemon.s3 import S3Reader

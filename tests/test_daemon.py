@@ -16,8 +16,9 @@ from azure.storage.blob import BlobServiceClient
 from structlog.testing import capture_logs
 
 from daemon import app
+from daemon.addresses import S3Address
 from daemon.errors import ConfigError
-from daemon.jobs import S3Address, TransferSpec
+from daemon.jobs import TransferSpec
 from daemon.s3 import S3Reader
 from daemon.settings import Settings
 from daemon.state import _SCHEMA, StateStore

@@ -23,9 +23,10 @@ from azure.storage.blob import (
 )
 from pydantic import SecretStr
 
+from daemon.addresses import parse_azure
 from daemon.azure import AzureWriter
 from daemon.errors import JobFileError, PermanentError
-from daemon.jobs import parse_azure, parse_job
+from daemon.jobs import parse_job
 from daemon.settings import AzureSettings, Settings
 from tests.conftest import make_settings, running_daemon
 from tests.emulators import AZURITE_KEY

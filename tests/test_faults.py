@@ -21,8 +21,8 @@ from aiohttp import web
 from azure.storage.blob import BlobServiceClient
 from pydantic import SecretStr
 
+from daemon.addresses import S3Address
 from daemon.errors import RetryableError
-from daemon.jobs import S3Address
 from daemon.objects import Listed
 from daemon.s3 import S3Reader
 from daemon.settings import Settings

@@ -34,8 +34,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from daemon.addresses import AzAddress
 from daemon.azure_direct import Direct
-from daemon.jobs import AzAddress
 from tests.emulators import connection_string, emulator
 from tests.helpers import MiB, blob_bytes, multipart_object, payload
 from tests.httpproxy import HttpProxy

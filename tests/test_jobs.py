@@ -4,17 +4,9 @@ import json
 
 import pytest
 
+from daemon.addresses import AzAddress, S3Address, parse_azure, parse_s3
 from daemon.errors import AddressError, JobFileError
-from daemon.jobs import (
-    AzAddress,
-    KeyFilter,
-    Overwrite,
-    S3Address,
-    make_spec,
-    parse_azure,
-    parse_job,
-    parse_s3,
-)
+from daemon.jobs import KeyFilter, Overwrite, make_spec, parse_job
 
 
 def test_s3_addresses() -> None:

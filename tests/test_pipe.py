@@ -14,8 +14,8 @@ from azure.storage.blob import BlobServiceClient
 from pydantic import SecretStr
 
 from daemon.latency import RoundTrips
+from daemon.records import TransferRow
 from daemon.settings import Settings
-from daemon.state import TransferRow
 from tests.conftest import connection_string
 from tests.helpers import MiB, blob_bytes, blob_names, copy, multipart_object, payload
 from tests.proxy import FaultProxy, Faults

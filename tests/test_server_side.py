@@ -19,10 +19,11 @@ from azure.storage.blob import BlobSasPermissions, BlobServiceClient, generate_b
 from azure.storage.blob._blob_client_helpers import _encode_source_url
 from yarl import URL
 
+from daemon.addresses import S3Address
 from daemon.azure import AzureWriter
 from daemon.budget import Budget
 from daemon.errors import Interrupted, RetriesExhaustedError, SourceChangedError
-from daemon.jobs import S3Address, parse_job
+from daemon.jobs import parse_job
 from daemon.objects import ObjectInfo
 from daemon.s3 import S3Reader
 from daemon.settings import Settings

@@ -19,7 +19,7 @@ from aiobotocore.config import AioConfig
 from aiobotocore.session import get_session
 from botocore.config import Config
 
-from daemon.jobs import S3Address
+from daemon.addresses import S3Address
 from daemon.s3 import S3Reader
 from daemon.s3_signing import QuerySigner
 from daemon.settings import Settings

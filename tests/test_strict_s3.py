@@ -19,7 +19,7 @@ from azure.storage.blob import BlobServiceClient
 from azure.storage.blob._blob_client_helpers import _encode_source_url
 from yarl import URL
 
-from daemon.jobs import S3Address
+from daemon.addresses import S3Address
 from daemon.s3 import S3Reader
 from daemon.settings import Settings
 from daemon.sigv4 import UrlShape, presign_get, signing_key

@@ -13,6 +13,7 @@ from typing import TypeVar
 
 import structlog
 
+from daemon.addresses import AzAddress, S3Address
 from daemon.budget import Budget
 from daemon.errors import (
     DestinationExistsError,
@@ -22,7 +23,7 @@ from daemon.errors import (
     SourceChangedError,
     TransferError,
 )
-from daemon.jobs import AzAddress, Overwrite, S3Address, TransferSpec
+from daemon.jobs import Overwrite, TransferSpec
 from daemon.layout import Plan, foreign_blocks, resume_point
 from daemon.objects import ObjectInfo
 from daemon.properties import FINGERPRINT_KEY, Landing, landing

@@ -17,8 +17,9 @@ from functools import partial
 
 import structlog
 
+from daemon.addresses import AzAddress
 from daemon.errors import Interrupted, VerificationError
-from daemon.jobs import AzAddress, TransferSpec
+from daemon.jobs import TransferSpec
 from daemon.layout import Block, Plan, earlier_plan, plan_blocks
 from daemon.objects import ObjectInfo
 from daemon.outcome import Outcome, Progress, Status, unwatched
@@ -35,11 +36,12 @@ class Blocks(Route):
     async def copy(
         self, info: ObjectInfo, spec: TransferSpec, fp: str, progress: Progress
     ) -> Outcome:
-        policy = self._settings.retry
         dst = spec.destination
         part_sizes = (
             await retrying(
-                lambda: self._source.part_sizes(info), policy, f"part sizes {info.address}"
+                lambda: self._source.part_sizes(info),
+                self._settings.retry,
+                f"part sizes {info.address}",
             )
             if info.parts
             else None
@@ -75,18 +77,7 @@ class Blocks(Route):
         except VerificationError as e:
             if reused and not one_pass:
                 raise  # the object's MD5 cannot be had without every block
-            # Something was damaged between S3 and us (Azure checked the rest). Read the
-            # whole object once more; only blocks whose bytes differ are staged again.
-            log.warning("verification failed, reading again", error=str(e))
-            first = list(md5s)
-            if digest is not None:  # a fresh one: a checksum's state cannot be rewound
-                digest = InOrderDigest(plan, Checksum.for_object(info))
-            await self._stage_all(
-                info, dst, plan, list(plan.blocks), md5s, digest, unwatched, first
-            )
-            damaged = sum(a != b for a, b in zip(first, md5s, strict=True))
-            verified, md5 = proof(info, plan, md5s, digest, reused)
-            note = f"{damaged} block(s) arrived damaged from S3 and were read again"
+            verified, md5, note = await self._repair(e, info, dst, plan, md5s, digest, reused)
         note = "; ".join(n for n in (cleared, note) if n) or None
         ids = [plan.block_id(b.index, m) for b, m in zip(plan.blocks, md5s, strict=True)]
         landing = await self.commit(info, spec, fp, ids, md5)
@@ -99,6 +90,28 @@ class Blocks(Route):
             blocks_reused=reused,
             route=self.name,
         )
+
+    async def _repair(
+        self,
+        e: VerificationError,
+        info: ObjectInfo,
+        dst: AzAddress,
+        plan: Plan,
+        md5s: list[bytes | None],
+        digest: InOrderDigest | None,
+        reused: int,
+    ) -> tuple[str, bytes | None, str]:
+        """Something was damaged between S3 and here (Azure checked the rest): the whole
+        object is read once more, and only blocks whose bytes differ are staged again.
+        Returns the proof, the blob's MD5 and a note of how many were."""
+        log.warning("verification failed, reading again", error=str(e))
+        first = list(md5s)
+        if digest is not None:  # a fresh one: a checksum's state cannot be rewound
+            digest = InOrderDigest(plan, Checksum.for_object(info))
+        await self._stage_all(info, dst, plan, list(plan.blocks), md5s, digest, unwatched, first)
+        damaged = sum(a != b for a, b in zip(first, md5s, strict=True))
+        verified, md5 = proof(info, plan, md5s, digest, reused)
+        return verified, md5, f"{damaged} block(s) arrived damaged from S3 and were read again"
 
     async def _stage_all(
         self,

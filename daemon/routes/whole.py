@@ -12,9 +12,10 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Awaitable, Callable
 
+from daemon.addresses import S3Address
 from daemon.chunks import Chunks
 from daemon.errors import CorruptBlockError, SourceChangedError, VerificationError
-from daemon.jobs import Overwrite, S3Address, TransferSpec
+from daemon.jobs import Overwrite, TransferSpec
 from daemon.objects import Listed, ObjectInfo
 from daemon.outcome import Outcome, Progress, Status
 from daemon.properties import Landing
