@@ -14,11 +14,11 @@ setup: $(UV)
 	npm ci --no-audit --no-fund --loglevel=error
 
 demo: setup
-	$(RUN) python -m tests.demo
+	$(RUN) python -m scripts.demo
 
 # The Docker image built and the demo run with the daemon inside it (buildah, root).
 image: setup
-	$(RUN) python -m tests.image
+	$(RUN) python -m scripts.image
 
 lint: setup
 	$(RUN) ruff check .

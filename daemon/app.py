@@ -29,7 +29,7 @@ from daemon.errors import ConfigError, StateError
 from daemon.jobrun import state_failure
 from daemon.jobs import TransferSpec
 from daemon.logs import set_level
-from daemon.outcome import Progress
+from daemon.outcome import JobStatus, Progress
 from daemon.reload import Reloader
 from daemon.s3 import S3Reader
 from daemon.settings import Settings, require_azure
@@ -259,7 +259,7 @@ async def copy_once(
     specs: Sequence[TransferSpec],
     stop: asyncio.Event,
     on_progress: Progress | None = None,
-) -> tuple[str, StateStore]:
+) -> tuple[JobStatus, StateStore]:
     """One job run to the end in this process; returns its status and the state."""
     state = StateStore.in_dir(settings.state_dir)
     _prune(state, settings)

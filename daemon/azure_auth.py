@@ -75,8 +75,8 @@ def _route(proxies: Proxies, account_url: str, kwargs: dict[str, Any]) -> None:
 class _Identity:
     """azure-identity's DefaultAzureCredential, its failures raised as TokenError.
 
-    Without this, a token endpoint that was down for a moment when a token was due
-    (hourly, on a copy of days) failed the transfer as "Azure refused the credentials".
+    A token endpoint down for a moment when a token is due (hourly, on a copy of days)
+    is a passing fault, retried, not "Azure refused the credentials".
     Once a source has given a token, azure-identity asks it alone, and its errors keep
     the endpoint's HTTP status; the first time, the chain's error does not."""
 

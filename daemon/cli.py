@@ -26,6 +26,7 @@ from daemon import __version__, app
 from daemon.errors import BlobferryError, ConfigError, JobFileError
 from daemon.jobs import TIERS, parse_job
 from daemon.logs import configure
+from daemon.outcome import JobStatus, Status
 from daemon.records import TransferRow, iso
 from daemon.reload import Reloader
 from daemon.settings import Settings, load_settings
@@ -239,7 +240,8 @@ def _copy(args: argparse.Namespace, settings: Settings) -> int:
     bar.close()
     state.write_report(name, sys.stdout)
     state.close()
-    return {"done": EXIT_OK, "failed": EXIT_FAILED}.get(status, EXIT_INTERRUPTED)
+    exits = {JobStatus.DONE: EXIT_OK, JobStatus.FAILED: EXIT_FAILED}
+    return exits.get(JobStatus(status), EXIT_INTERRUPTED)
 
 
 def _submit(args: argparse.Namespace, settings: Settings) -> int:
@@ -332,7 +334,7 @@ def _cancel(args: argparse.Namespace, settings: Settings) -> int:
         gone = not request.exists() and not _waits_or_runs(jobs, name)
         if report is not None and (report[2] >= asked or gone):
             path, status, _ = report
-            if status == "cancelled":
+            if status == JobStatus.CANCELLED:
                 print(f"{name}: cancelled; report {path}")
                 return EXIT_OK
             print(f"{name}: had already finished ({status}); report {path}")
@@ -408,7 +410,7 @@ def _status(args: argparse.Namespace, settings: Settings) -> int:
 def progress(t: TransferRow) -> str:
     """A transfer's figures in `blobferry status`; one running also says how far it is
     and, at its rate so far, how long it has to go: a file of days is watched by this."""
-    total = t.bytes_total if t.status == "running" else None
+    total = t.bytes_total if t.status == Status.RUNNING else None
     line = f"{t.status:<11} {t.bytes_done}"
     line += f"/{total} B {100 * t.bytes_done / total:5.1f}%" if total else " B"
     line += f"  {t.rate / 2**20:7.1f} MiB/s"

@@ -24,7 +24,7 @@ from daemon.holdings import Holdings, Known
 from daemon.jobs import TransferSpec
 from daemon.metrics import Metrics
 from daemon.objects import Listed
-from daemon.outcome import Progress, Status
+from daemon.outcome import JobStatus, Progress, Status
 from daemon.s3 import S3Reader
 from daemon.seams import BlobId
 from daemon.settings import Settings
@@ -43,10 +43,10 @@ class Tally:
     excluded: int = 0  # objects under a prefix its include/exclude left out
 
     @property
-    def status(self) -> str:
+    def status(self) -> JobStatus:
         if self.interrupted:
-            return "interrupted"
-        return "failed" if self.failed else "done"
+            return JobStatus.INTERRUPTED
+        return JobStatus.FAILED if self.failed else JobStatus.DONE
 
 
 @dataclass(slots=True)
@@ -149,9 +149,9 @@ class JobRunner:
             self._last_flush = now
             self.state.flush()
 
-    async def run_job(self, name: str, specs: Sequence[TransferSpec]) -> str:
+    async def run_job(self, name: str, specs: Sequence[TransferSpec]) -> JobStatus:
         """Run every transfer of a job whose start the caller has recorded
-        (``state.job_started``); returns "done", "failed" or "interrupted"."""
+        (``state.job_started``); returns DONE, FAILED or INTERRUPTED."""
         structlog.contextvars.bind_contextvars(job=name)
         tally = Tally()
         t0 = time.monotonic()
@@ -164,12 +164,12 @@ class JobRunner:
                     await self._admit(tg, name, seq, spec, None, tally)
                     seq += 1
         status = tally.status
-        if status != "interrupted":
+        if status is not JobStatus.INTERRUPTED:
             self.state.job_finished(name, status, excluded=tally.excluded)
         else:
             self.state.flush()
         log.info(
-            "job " + status,
+            f"job {status}",
             copied=tally.copied,
             skipped=tally.skipped,
             failed=tally.failed,
@@ -234,7 +234,7 @@ class JobRunner:
         self,
         job: str,
         seq: int,
-        status: str,
+        status: Status,
         done: int,
         error: str | None = None,
         detail: dict[str, object] | None = None,

@@ -168,7 +168,7 @@ def earlier_plan(
     return None
 
 
-def _held(plan: Plan, staged: dict[str, int]) -> dict[int, bytes]:
+def held_blocks(plan: Plan, staged: dict[str, int]) -> dict[int, bytes]:
     """{index: MD5} of the staged blocks (ID: size) that are ``plan``'s, at its sizes."""
     found: dict[int, bytes] = {}
     for block_id, size in staged.items():
@@ -197,7 +197,7 @@ def resume_point(
         other = earlier(prefix)
         if other is not None:
             plans.append(other)
-    held = [_held(p, staged) for p in plans]
+    held = [held_blocks(p, staged) for p in plans]
     # The most bytes held wins; on a tie (nothing held, say), this run's own layout.
     k = max(range(len(plans)), key=lambda j: sum(plans[j].blocks[i].length for i in held[j]))
     chosen = plans[k]

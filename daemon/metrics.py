@@ -17,12 +17,19 @@ from dataclasses import dataclass, field
 
 from daemon import __version__
 from daemon.errors import ConfigError
+from daemon.outcome import JobStatus, Status
 from daemon.retry import RETRIES
 from daemon.settings import host_port
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
-JOB_STATUSES = ("done", "failed", "cancelled")
-TRANSFER_STATUSES = ("copied", "skipped", "failed", "cancelled", "interrupted")
+JOB_STATUSES = (JobStatus.DONE, JobStatus.FAILED, JobStatus.CANCELLED)  # those filed
+TRANSFER_STATUSES = (  # those ended
+    Status.COPIED,
+    Status.SKIPPED,
+    Status.FAILED,
+    Status.CANCELLED,
+    Status.INTERRUPTED,
+)
 
 
 @dataclass(slots=True)

@@ -159,7 +159,7 @@ def ascii_disposition(value: str) -> str | None:
     """A Content-Disposition holding non-ASCII (an uploader's file name in UTF-8) as
     RFC 6266 writes it for HTTP: each such parameter as ``name*=UTF-8''%XX...``, a file
     name also as an ASCII ``filename=`` for clients that know no better. Azure refuses
-    non-ASCII in a header, so the whole value used to be left off the blob. None when
+    non-ASCII in a header; this keeps the value, file name and all. None when
     ``value`` has no disposition type to keep.
 
     HTTP reads header bytes as Latin-1: UTF-8 arrives as mojibake ("cafÃ©") and is

@@ -31,6 +31,7 @@ from typing import IO, Any
 import structlog
 
 from daemon.errors import BlobferryError, StateError
+from daemon.outcome import JobStatus, Status
 from daemon.records import JobRow, TransferRow, write_report
 
 log = structlog.get_logger("blobferry.state")
@@ -229,13 +230,13 @@ class StateStore:
         # A job name seen before (a crash, or a resubmission) starts a fresh record.
         self._write("DELETE FROM transfers WHERE job = ?", (job,))
         self._write(
-            "INSERT OR REPLACE INTO jobs (job, status, started_at) VALUES (?, 'running', ?)",
-            (job, time.time()),
+            "INSERT OR REPLACE INTO jobs (job, status, started_at) VALUES (?, ?, ?)",
+            (job, JobStatus.RUNNING, time.time()),
         )
         self.flush()
 
     def job_finished(
-        self, job: str, status: str, error: str | None = None, excluded: int = 0
+        self, job: str, status: JobStatus, error: str | None = None, excluded: int = 0
     ) -> None:
         self._write(
             "UPDATE jobs SET status = ?, finished_at = ?, error = ?, excluded = ? WHERE job = ?",
@@ -247,8 +248,8 @@ class StateStore:
         now = time.time()
         self._write(
             "INSERT OR REPLACE INTO transfers (job, seq, source, destination, status, "
-            "started_at, updated_at) VALUES (?, ?, ?, ?, 'running', ?, ?)",
-            (job, seq, source, destination, now, now),
+            "started_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (job, seq, source, destination, Status.RUNNING, now, now),
         )
 
     def transfer_progress(
@@ -266,7 +267,7 @@ class StateStore:
         self,
         job: str,
         seq: int,
-        status: str,
+        status: Status,
         done: int,
         error: str | None = None,
         detail: dict[str, Any] | None = None,
@@ -285,7 +286,7 @@ class StateStore:
         here (that is processing/ and Azure's block lists), and the reports stay in
         done/ and failed/: this only stops a daemon of months growing its database
         without end."""
-        old = "status != 'running' AND finished_at < ?"
+        old = f"status != '{JobStatus.RUNNING}' AND finished_at < ?"
         self.flush()
         with self._transaction():
             self._db.execute(
@@ -308,8 +309,9 @@ class StateStore:
     ) -> list[JobRow]:
         q = (
             "SELECT j.job, j.status, j.started_at, j.finished_at, j.error, "
-            "COUNT(t.seq), SUM(t.status = 'copied'), SUM(t.status = 'skipped'), "
-            f"SUM(t.status = 'failed'), COALESCE(SUM(t.bytes_done), 0), {self._excluded}, "
+            f"COUNT(t.seq), SUM(t.status = '{Status.COPIED}'), "
+            f"SUM(t.status = '{Status.SKIPPED}'), SUM(t.status = '{Status.FAILED}'), "
+            f"COALESCE(SUM(t.bytes_done), 0), {self._excluded}, "
             f"COUNT({_WOULD_COPY}), COALESCE(SUM({_WOULD_COPY}), 0) "
             f"FROM jobs j LEFT JOIN transfers t ON t.job = j.job {where} GROUP BY j.job {order}"
         )

@@ -32,7 +32,7 @@ from daemon.errors import JobFileError, StateError
 from daemon.jobrun import JobRunner, internal_error, state_failure
 from daemon.jobs import TransferSpec, parse_job
 from daemon.metrics import Metrics
-from daemon.outcome import Progress
+from daemon.outcome import JobStatus, Progress
 from daemon.s3 import S3Reader
 from daemon.settings import Settings
 from daemon.sources.base import ClaimedJob, JobSource
@@ -238,9 +238,9 @@ class Supervisor:
             log.warning("nothing to cancel: no job of that name waits or runs", job=name)
             return
         self.state.job_started(name)
-        self.state.job_finished(name, "cancelled", "cancelled before it started")
+        self.state.job_finished(name, JobStatus.CANCELLED, "cancelled before it started")
         log.info("job cancelled before it started", job=name)
-        await self._file(source, job, "cancelled")
+        await self._file(source, job, JobStatus.CANCELLED)
 
     async def _run_claimed(self, source: JobSource, job: ClaimedJob) -> None:
         structlog.contextvars.bind_contextvars(job=job.name)
@@ -268,12 +268,12 @@ class Supervisor:
             entry.has_slot.set()
             self.state.job_started(job.name)
             started = True
-            status = await self._run_file(source, job) if entry.slot else "interrupted"
+            status = await self._run_file(source, job) if entry.slot else JobStatus.INTERRUPTED
         except asyncio.CancelledError:
             task = asyncio.current_task()
             if not entry.cancel_requested or (task is not None and task.uncancel() > 0):
                 raise  # a shutdown's, not a cancel request's
-            status = "cancelled"
+            status = JobStatus.CANCELLED
             if not started:
                 self.state.job_started(job.name)
             self.state.job_finished(job.name, status, CANCELLED)
@@ -284,35 +284,37 @@ class Supervisor:
             if entry.slot:  # no transfer took it
                 entry.slot = False
                 self._slots.release(1)
-        if status == "interrupted":
+        if status is JobStatus.INTERRUPTED:
             log.info("job interrupted, resumes on next start")
             return
         await self._file(source, job, status)
 
-    async def _run_file(self, source: JobSource, job: ClaimedJob) -> str:
+    async def _run_file(self, source: JobSource, job: ClaimedJob) -> JobStatus:
         try:
             # A large job file takes seconds to parse: not on the loop serving sockets,
             # and one at a time, so a burst of large files costs one parse's memory.
             async with self._parsing:
                 specs = await asyncio.to_thread(parse_job, await source.read(job))
         except JobFileError as e:
-            self.state.job_finished(job.name, "failed", str(e))
+            self.state.job_finished(job.name, JobStatus.FAILED, str(e))
             log.error("job failed", error=str(e))
-            return "failed"
+            return JobStatus.FAILED
         try:
             return await self.run_job(job.name, specs)
         except Exception as e:  # a bug must cost one job, never the daemon
             if state_failure(e) is not None:
                 raise
             error = internal_error(e)
-            self.state.job_finished(job.name, "failed", error)
+            self.state.job_finished(job.name, JobStatus.FAILED, error)
             log.exception("job failed", error=error)
-            return "failed"
+            return JobStatus.FAILED
 
-    async def _file(self, source: JobSource, job: ClaimedJob, status: str) -> None:
+    async def _file(self, source: JobSource, job: ClaimedJob, status: JobStatus) -> None:
         self.metrics.jobs[status] += 1
         try:
-            await source.finish(job, status == "done", partial(self.state.write_report, job.name))
+            await source.finish(
+                job, status is JobStatus.DONE, partial(self.state.write_report, job.name)
+            )
         except Exception as e:
             # A full disk or a folder in the report's place (or a bug). The job's outcome
             # is in the state; its file stays in processing/ and is filed next start.
@@ -323,7 +325,7 @@ class Supervisor:
                 exc_info=not isinstance(e, OSError),
             )
 
-    async def run_job(self, name: str, specs: Sequence[TransferSpec]) -> str:
+    async def run_job(self, name: str, specs: Sequence[TransferSpec]) -> JobStatus:
         """Run every transfer of a job whose start the caller has recorded
-        (``state.job_started``); returns "done", "failed" or "interrupted"."""
+        (``state.job_started``); returns DONE, FAILED or INTERRUPTED."""
         return await self._runner.run_job(name, specs)

@@ -7,7 +7,7 @@ import hashlib
 
 import pytest
 
-from daemon.layout import MAX_BLOCKS, Plan, _held, earlier_plan, plan_blocks, plan_layout
+from daemon.layout import MAX_BLOCKS, Plan, earlier_plan, held_blocks, plan_blocks, plan_layout
 from daemon.objects import ObjectInfo
 from tests.helpers import MiB
 
@@ -67,8 +67,8 @@ def test_a_run_with_another_block_size_finds_the_earlier_layout_and_its_blocks(
     found = earlier_plan(before.id_prefix, now, info, parts, "stream")
     assert found == before
     staged = ids(before)
-    assert _held(found, staged).keys() == {b.index for b in before.blocks}
-    assert _held(now, staged) == {}  # what the old code saw: nothing, so it began again
+    assert held_blocks(found, staged).keys() == {b.index for b in before.blocks}
+    assert held_blocks(now, staged) == {}  # what the old code saw: nothing, so it began again
 
 
 def test_another_objects_or_versions_or_routes_layouts_are_not_taken_up() -> None:

@@ -111,7 +111,7 @@ class DirectorySource:
         self._changed = asyncio.Event()
         self._cancel_changed = asyncio.Event()
         self._refused: dict[str, float] = {}  # job files that could not be claimed: mtime
-        self._held: set[str] = set()  # job files waiting for a namesake in processing/
+        self.held_blocks: set[str] = set()  # job files waiting for a namesake in processing/
         self._claimed: set[str] = set()  # in processing/, claimed by this daemon, not filed
         self._stuck_cancels: set[str] = set()  # cancel requests this daemon cannot remove
         self._inbox_count = 0  # job files in inbox/ at the last scan, less those claimed since
@@ -198,7 +198,7 @@ class DirectorySource:
                         continue
                     claimed = True
                     self._inbox_count -= 1
-                    self._held.discard(name)
+                    self.held_blocks.discard(name)
                     self._claimed.add(name)
                     yield ClaimedJob(name, self.processing / name)
                 if not claimed:
@@ -208,8 +208,8 @@ class DirectorySource:
             await asyncio.gather(watcher, return_exceptions=True)
 
     def _hold(self, name: str) -> None:
-        if name not in self._held:
-            self._held.add(name)
+        if name not in self.held_blocks:
+            self.held_blocks.add(name)
             log.info("job waits: one of the same name is still running", job=name)
 
     def _refuse(self, name: str, mtime: float, e: OSError) -> None:
@@ -271,7 +271,7 @@ class DirectorySource:
                 os.rename(self.inbox / name, self.processing / name)
             except OSError:
                 return None
-        self._held.discard(name)
+        self.held_blocks.discard(name)
         self._claimed.add(name)
         return ClaimedJob(name, self.processing / name, recovered=recovered)
 
@@ -334,7 +334,7 @@ class DirectorySource:
             os.replace(path, target / job.name)
         except FileNotFoundError:
             # Someone removed it from processing/ while it ran. The report says what
-            # happened; a job of the same name may come now (it used to wait for ever).
+            # happened; a job of the same name may come now.
             log.warning(
                 "job file was removed from processing/ while the job ran; its report is filed",
                 report=str(report),

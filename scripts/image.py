@@ -23,7 +23,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from tests.demo import Daemon, main
+from scripts.demo import Daemon, main
 from tests.emulators import ROOT
 
 BUILDAH = ["buildah", "--storage-driver", "vfs"]

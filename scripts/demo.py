@@ -45,7 +45,7 @@ def sample_objects(s3: object) -> dict[str, bytes]:
 
 
 class Daemon:
-    """`blobferry run` as a process of this Python; tests/image.py runs it in the image."""
+    """`blobferry run` as a process of this Python; scripts/image.py runs it in the image."""
 
     def __init__(self, env: dict[str, str], run_dir: Path) -> None:
         self.log_path = run_dir / "daemon.log"
