@@ -95,6 +95,10 @@ SCENARIOS = {
 HALVES = {"s3-alone": ("--only", "s3"), "az-alone": ("--only", "azure")}
 BOUNDS = {"ceiling": (), **HALVES}
 TOOLS = ("blobferry", "bf-copy", "rclone", "naive", *BOUNDS)
+# With --baseline DIR: the same two, run from another checkout (a change's "before"),
+# in the same run, so that the same noise falls on both.
+BASE_TOOLS = ("blobferry-base", "bf-copy-base")
+BASELINE: list[Path] = []
 
 
 @dataclass
@@ -199,6 +203,9 @@ def command(
         AWS_EC2_METADATA_DISABLED="true",
     )
     cs = connection_string(az)
+    if tool in BASE_TOOLS:
+        env["PYTHONPATH"] = str(BASELINE[0])  # its daemon package before the installed one
+        tool = tool.removesuffix("-base")
     if tool in ("blobferry", "bf-copy"):
         env.update(OVERRIDES)
         env.update(
@@ -369,6 +376,13 @@ def main() -> int:
         "(the defaults are what the targets are about)",
     )
     p.add_argument(
+        "--baseline",
+        metavar="DIR",
+        type=Path,
+        help="a checkout of another version (git worktree add DIR REV): its daemon and "
+        "one-shot copy run too, as blobferry-base and bf-copy-base",
+    )
+    p.add_argument(
         "--summarize",
         metavar="FILE.json",
         type=Path,
@@ -386,6 +400,9 @@ def main() -> int:
         key, _, value = kv.partition("=")
         OVERRIDES["BLOBFERRY_" + key.upper().replace(".", "__")] = value
     tools = a.tools.split(",")
+    if a.baseline:
+        BASELINE.append(a.baseline.resolve())
+        tools += [t for t in BASE_TOOLS if t.removesuffix("-base") in tools]
     out = ROOT / "bench-results"
     out.mkdir(exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="blobferry-bench-"))
@@ -482,7 +499,7 @@ def one_run(
         try:
             cmd, env = command(tool, sc, s3, az, "out/", container, scratch)
             env_cpu0 = _env_cpu()
-            if tool == "blobferry":
+            if tool in ("blobferry", "blobferry-base"):
                 seconds, cpu, rss, code, err = run_daemon(sc, env, container, "out/")
             else:
                 seconds, cpu, rss, code, err = run_tool(cmd, env)
@@ -515,16 +532,16 @@ def _env_cpu() -> float:
 
 
 HEAD = (
-    f"{'scenario':<10} {'tool':<10} {'rnd':>3} {'MB/s':>8} {'obj/s':>8} {'CPU s/GiB':>10} "
+    f"{'scenario':<10} {'tool':<14} {'rnd':>3} {'MB/s':>8} {'obj/s':>8} {'CPU s/GiB':>10} "
     f"{'RSS MiB':>8} {'emu CPU':>8}"
 )
 
 
 def row(r: Result) -> str:
     if not r.ok:
-        return f"{r.scenario:<10} {r.tool:<10} {r.round:>3}   WRONG: {r.problem}"
+        return f"{r.scenario:<10} {r.tool:<14} {r.round:>3}   WRONG: {r.problem}"
     return (
-        f"{r.scenario:<10} {r.tool:<10} {r.round:>3} {r.mbps:8.1f} {r.objps:8.1f} "
+        f"{r.scenario:<10} {r.tool:<14} {r.round:>3} {r.mbps:8.1f} {r.objps:8.1f} "
         f"{r.cpu_per_gib:10.2f} {r.rss_mib:8.0f} {r.env_cpu_per_gib:8.2f}"
     )
 
@@ -545,7 +562,7 @@ def medians(
         if len(good) < len(rs):
             bad = next(r.problem for r in rs if not r.ok)
             wrong.append(
-                f"{sc.name:<10} {tool:<10}   WRONG in {len(rs) - len(good)} of {len(rs)} rounds: {bad}"
+                f"{sc.name:<10} {tool:<14}   WRONG in {len(rs) - len(good)} of {len(rs)} rounds: {bad}"
             )
             continue
         med[tool] = {
@@ -579,7 +596,7 @@ def summary(results: list[Result], scenarios: list[Scenario], tools: list[str]) 
                     f"{m['cpu'] / base['cpu']:7.2f}"
                 )
             lines.append(
-                f"{sc.name:<10} {tool:<10} {'med':>3} {m['mbps']:8.1f} {m['objps']:8.1f} "
+                f"{sc.name:<10} {tool:<14} {'med':>3} {m['mbps']:8.1f} {m['objps']:8.1f} "
                 f"{m['cpu']:10.2f} {m['rss']:8.0f} {m['env']:8.2f}{ratio}  {spread[tool]}"
             )
     verdicts = targets(per_scenario)
