@@ -29,7 +29,8 @@ from daemon.errors import ConfigError, StateError
 from daemon.jobrun import state_failure
 from daemon.jobs import TransferSpec
 from daemon.logs import set_level
-from daemon.outcome import JobStatus, Progress
+from daemon.outcome import JobStatus
+from daemon.progress import JobProgress
 from daemon.reload import Reloader
 from daemon.s3 import S3Reader
 from daemon.settings import Settings, require_azure
@@ -154,13 +155,20 @@ class Daemon:
             async with contextlib.AsyncExitStack() as stack:
                 if s.metrics_address is not None:
                     gauges = partial(_gauges, sup, source, e)
+                    unready = partial(self._unready, state)
                     await stack.enter_async_context(
-                        metrics.serving(s.metrics_address, sup.metrics, gauges)
+                        metrics.serving(s.metrics_address, sup.metrics, gauges, unready)
                     )
                 self._ready(sup, on_ready)
                 await self._run(sup, source, e)
         if sup.state_lost is not None:
             raise sup.state_lost
+
+    def _unready(self, state: StateStore) -> str | None:
+        """Why the daemon cannot take work now (for /readyz), or None."""
+        if self._stop.is_set():
+            return "draining: stopping, no new job is taken"
+        return state.trouble
 
     def _ready(self, sup: Supervisor, on_ready: Callable[[], None] | None) -> None:
         s = self._settings
@@ -241,6 +249,10 @@ def _gauges(sup: Supervisor, source: DirectorySource, e: Engine) -> dict[str, tu
         "transfers_max": ("The bound on transfers in flight (max_transfers).", sup.max_transfers),
         "memory_budget_bytes": ("The byte budget for blocks (memory_mb).", budget.capacity),
         "memory_used_bytes": ("Bytes of it held by blocks in flight.", budget.used),
+        "throughput_bytes_per_second": (
+            "Bytes a second moved over the last 10 s, as `blobferry copy` shows it.",
+            sup.metrics.throughput(),
+        ),
         "bandwidth_cap_bytes_per_second": (
             "The cap on reading from S3 in force now (bandwidth_mb_s); 0: none.",
             cap or 0,
@@ -258,13 +270,13 @@ async def copy_once(
     name: str,
     specs: Sequence[TransferSpec],
     stop: asyncio.Event,
-    on_progress: Progress | None = None,
+    watcher: JobProgress | None = None,
 ) -> tuple[JobStatus, StateStore]:
     """One job run to the end in this process; returns its status and the state."""
     state = StateStore.in_dir(settings.state_dir)
     _prune(state, settings)
     async with engine(settings, stop) as e:
-        sup = Supervisor(settings, e.s3, e.copier, state, stop, on_progress=on_progress)
+        sup = Supervisor(settings, e.s3, e.copier, state, stop, watcher=watcher)
         try:
             state.job_started(name)
             status = await sup.run_job(name, specs)

@@ -26,12 +26,14 @@ from daemon import __version__, app
 from daemon.errors import BlobferryError, ConfigError, JobFileError
 from daemon.jobs import TIERS, parse_job
 from daemon.logs import configure
-from daemon.outcome import JobStatus, Status
-from daemon.records import TransferRow, iso
+from daemon.outcome import JobStatus
+from daemon.progress import JobProgress
 from daemon.reload import Reloader
+from daemon.screen import Screen
 from daemon.settings import Settings, load_settings
 from daemon.sources.directory import report_name
 from daemon.state import StateStore
+from daemon.status import status
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 T = TypeVar("T")
@@ -56,7 +58,7 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("source", help="s3://BUCKET/KEY or s3://BUCKET/PREFIX/")
     c.add_argument("destination", help="az://CONTAINER/BLOB, az://CONTAINER/PREFIX/ or https://...")
     _option_flags(c)
-    c.add_argument("--quiet", action="store_true", help="no progress bar")
+    c.add_argument("--quiet", action="store_true", help="no progress display")
     s = sub.add_parser("submit", help="validate a job and drop it into the inbox")
     s.add_argument("args", nargs="+", metavar="FILE.json | SOURCE DESTINATION")
     _option_flags(s)
@@ -73,6 +75,9 @@ def _parser() -> argparse.ArgumentParser:
     st = sub.add_parser("status", help="jobs and their transfers")
     st.add_argument("job", nargs="?")
     st.add_argument("--json", action="store_true")
+    st.add_argument(
+        "--watch", action="store_true", help="the copy's screen, refreshed, until Ctrl-C"
+    )
     return p
 
 
@@ -136,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
         "copy": _copy,
         "submit": _submit,
         "cancel": _cancel,
-        "status": _status,
+        "status": status,
     }[args.command]
     try:
         return command(args, settings)
@@ -196,29 +201,10 @@ def _run(args: argparse.Namespace, settings: Settings) -> int:
     return EXIT_OK
 
 
-class _Bar:
-    """A one-line progress bar on a terminal; nothing when stderr is not one."""
-
-    def __init__(self, enabled: bool) -> None:
-        self.enabled = enabled
-        self.done = 0
-        self.reused = 0  # staged by an earlier run: done, but not moved now
-        self.t0 = time.monotonic()
-        self._last = 0.0
-
-    def __call__(self, n: int, *, reused: bool = False) -> None:
-        self.done += n
-        self.reused += n if reused else 0
-        now = time.monotonic()
-        if self.enabled and now - self._last > 0.2:
-            self._last = now
-            rate = (self.done - self.reused) / max(now - self.t0, 1e-6)
-            sys.stderr.write(f"\r{self.done / 2**20:10.1f} MiB  {rate / 2**20:8.1f} MiB/s ")
-            sys.stderr.flush()
-
-    def close(self) -> None:
-        if self.enabled:
-            sys.stderr.write("\n")
+async def _draw(screen: Screen, watcher: JobProgress) -> None:
+    while True:
+        screen.show(watcher.view())
+        await asyncio.sleep(0.25)
 
 
 def _copy(args: argparse.Namespace, settings: Settings) -> int:
@@ -229,15 +215,25 @@ def _copy(args: argparse.Namespace, settings: Settings) -> int:
     level = "warning" if settings.log_level == "info" else settings.log_level
     configure(level, json=False, stream=sys.stderr)
     name = f"copy-{datetime.now(UTC):%Y%m%dT%H%M%S}-{os.getpid()}"
-    bar = _Bar(sys.stderr.isatty() and not args.quiet)
+    watcher = JobProgress()
+    screen = Screen(not args.quiet)  # and only on a terminal
 
     async def main() -> tuple[str, StateStore]:
         stop, force = asyncio.Event(), asyncio.Event()
         _signals(stop, force)
-        return await app.copy_once(settings, name, [spec], stop, bar)
+        screen.start(watcher.view())
+        drawing = asyncio.create_task(_draw(screen, watcher)) if screen.enabled else None
+        try:
+            return await app.copy_once(settings, name, [spec], stop, watcher)
+        finally:
+            if drawing is not None:
+                drawing.cancel()
+                await asyncio.gather(drawing, return_exceptions=True)
 
-    status, state = _arun(settings, main())
-    bar.close()
+    try:
+        status, state = _arun(settings, main())
+    finally:
+        screen.stop(watcher.view())
     state.write_report(name, sys.stdout)
     state.close()
     exits = {JobStatus.DONE: EXIT_OK, JobStatus.FAILED: EXIT_FAILED}
@@ -368,69 +364,3 @@ def _newest_report(jobs: Path, name: str) -> tuple[Path, str, int] | None:
             continue  # none, or being replaced
         found.append((path, str(status), mtime))
     return max(found, key=lambda r: r[2], default=None)
-
-
-def _status(args: argparse.Namespace, settings: Settings) -> int:
-    db = settings.state_dir / "blobferry.sqlite3"
-    if not db.exists():
-        print("no jobs yet", file=sys.stderr)
-        return EXIT_OK
-    state = StateStore(db, read_only=True)
-    try:
-        if args.job:
-            row = state.job(args.job) or state.job(args.job + ".json")
-            if row is None:
-                print(f"blobferry: no job named {args.job}", file=sys.stderr)
-                return EXIT_FAILED
-            if args.json:
-                state.write_report(row.job, sys.stdout)
-                return EXIT_OK
-            print(f"{row.job}  {row.status}  started {iso(row.started_at)}")
-            for t in state.transfers(row.job):
-                line = f"  {progress(t)}  {t.source} -> {t.destination}"
-                print(line + (f"\n              {t.error}" if t.error else ""))
-            return EXIT_OK
-        rows = state.jobs()
-        if args.json:
-            print(json.dumps([_row(r) for r in rows]))
-            return EXIT_OK
-        for r in rows:
-            dry = ""
-            if r.would_copy:  # a dry run
-                dry = f" ({r.would_copy} would be copied, {r.would_copy_bytes} B)"
-            print(
-                f"{r.job:<40} {r.status:<11} {r.copied} copied, {r.skipped} skipped{dry}, "
-                f"{r.failed} failed, {r.bytes_done} B  (started {iso(r.started_at)})"
-            )
-        return EXIT_OK
-    finally:
-        state.close()
-
-
-def progress(t: TransferRow) -> str:
-    """A transfer's figures in `blobferry status`; one running also says how far it is
-    and, at its rate so far, how long it has to go: a file of days is watched by this."""
-    total = t.bytes_total if t.status == Status.RUNNING else None
-    line = f"{t.status:<11} {t.bytes_done}"
-    line += f"/{total} B {100 * t.bytes_done / total:5.1f}%" if total else " B"
-    line += f"  {t.rate / 2**20:7.1f} MiB/s"
-    if (left := t.seconds_left) is not None:
-        line += f"  ~{duration(left)} left"
-    return line
-
-
-def duration(seconds: float) -> str:
-    """3d04h, 2h05m, 4m10s or 12s: two units at most, as a person reads an estimate."""
-    s = round(seconds)
-    days, s = divmod(s, 86400)
-    hours, s = divmod(s, 3600)
-    minutes, s = divmod(s, 60)
-    if days:
-        return f"{days}d{hours:02}h"
-    if hours:
-        return f"{hours}h{minutes:02}m"
-    return f"{minutes}m{s:02}s" if minutes else f"{s}s"
-
-
-def _row(r: object) -> dict[str, object]:
-    return {k: getattr(r, k) for k in r.__slots__}  # type: ignore[attr-defined]

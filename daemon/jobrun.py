@@ -24,7 +24,8 @@ from daemon.holdings import Holdings, Known
 from daemon.jobs import TransferSpec
 from daemon.metrics import Metrics
 from daemon.objects import Listed
-from daemon.outcome import JobStatus, Progress, Status
+from daemon.outcome import JobStatus, Status
+from daemon.progress import JobProgress
 from daemon.s3 import S3Reader
 from daemon.seams import BlobId
 from daemon.settings import Settings
@@ -86,7 +87,15 @@ class _Tracker:
         self.t0 = time.monotonic()
         self._last = self.t0
 
+    def sized(self, size: int) -> None:
+        """The object's size, once a HEAD told it: recorded at once, for the screens."""
+        self.total = size
+        if self._sup.watcher is not None:
+            self._sup.watcher.sized(self._seq, size)
+        self._sup.state.transfer_progress(self._job, self._seq, self.done, size, self.reused)
+
     def advance(self, n: int, *, reused: bool = False) -> None:
+        watcher = self._sup.watcher
         self.done += n
         now = time.monotonic()
         if reused:
@@ -96,8 +105,8 @@ class _Tracker:
             self.reused += n
         else:
             self._sup.metrics.streamed(n)
-        if self._sup.on_progress is not None:
-            self._sup.on_progress(n, reused=reused)
+        if watcher is not None and n:
+            watcher.advanced(self._seq, n, reused)
         if reused or now - self._last >= self._sup.settings.progress_interval_s:
             self._last = now
             self._sup.state.transfer_progress(
@@ -125,14 +134,14 @@ class JobRunner:
         slots: Budget,
         metrics: Metrics,
         *,
-        on_progress: Progress | None = None,
+        watcher: JobProgress | None = None,
         own_slot: Callable[[str], bool] = lambda job: False,
         cancel_requested: Callable[[str], bool] = lambda job: False,
     ) -> None:
         self.settings = settings
         self.state = state
         self.metrics = metrics
-        self.on_progress = on_progress
+        self.watcher = watcher  # told every step of every transfer: a screen's
         self._s3 = s3
         self._copier = copier
         self._stop = stop
@@ -161,6 +170,8 @@ class JobRunner:
                 if spec.source.is_prefix:
                     seq = await self._admit_prefix(tg, name, seq, spec, tally)
                 else:
+                    if self.watcher is not None:
+                        self.watcher.found(1, 0)  # its size comes with its HEAD
                     await self._admit(tg, name, seq, spec, None, tally)
                     seq += 1
         status = tally.status
@@ -185,10 +196,15 @@ class JobRunner:
         order; returns the next number."""
         expansion = Expansion(spec, seq)
         holdings: Holdings | None = None
+        watcher = self.watcher
+        if watcher is not None:
+            watcher.listing_started()
         try:
             holdings = await self._copier.holdings(spec)
             first = self.settings.max_transfers
             async for found in expansion.pages(self._s3, holdings, first, self._stop):
+                if watcher is not None:
+                    watcher.found(len(found), sum(f.listed.size for f in found))
                 for f in found:
                     await self._admit(tg, job, f.seq, f.spec, f.listed, tally, f.known)
         except TransferError as e:
@@ -196,6 +212,8 @@ class JobRunner:
             return expansion.seq + 1
         finally:
             tally.excluded += expansion.excluded
+            if watcher is not None:
+                watcher.listing_ended()
             if holdings is not None:
                 await holdings.aclose()
         if expansion.interrupted:
@@ -242,11 +260,15 @@ class JobRunner:
         """A transfer's end, recorded and counted."""
         self.state.transfer_finished(job, seq, status, done, error, detail)
         self.metrics.transfers[str(status)] += 1
+        if self.watcher is not None:
+            self.watcher.ended(seq, status)
 
     def _record_failure(
         self, job: str, seq: int, spec: TransferSpec, tally: Tally, error: str
     ) -> None:
         self.state.transfer_started(job, seq, str(spec.source), str(spec.destination))
+        if self.watcher is not None:
+            self.watcher.found(1, 0)
         self._ended(job, seq, Status.FAILED, 0, redact(error))
         tally.failed += 1
         log.error(
@@ -288,10 +310,14 @@ class JobRunner:
         structlog.contextvars.bind_contextvars(source=src, destination=dst)
         self.state.transfer_started(job, seq, src, dst)
         tracker = _Tracker(self, job, seq, listed.size if listed else None)
+        if self.watcher is not None:
+            self.watcher.started(seq, src, tracker.total)
         log.info("transfer started", bytes=tracker.total)
         try:
             async with self._sole_writer(self._copier.identify(spec.destination)):
-                outcome = await self._copier.copy(spec, listed, tracker.advance, known)
+                outcome = await self._copier.copy(
+                    spec, listed, tracker.advance, known, tracker.sized
+                )
         except Interrupted:
             tally.interrupted += 1
             self._ended(job, seq, Status.INTERRUPTED, tracker.done)

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from daemon import __version__
 from daemon.errors import ConfigError
 from daemon.outcome import JobStatus, Status
+from daemon.progress import RecentRate
 from daemon.retry import RETRIES
 from daemon.settings import host_port
 
@@ -43,10 +44,16 @@ class Metrics:
     bytes_streamed: int = 0  # every byte read and sent on, resent ones again
     transfers_running: int = 0
     started_at: float = field(default_factory=time.time)
+    recent: RecentRate = field(default_factory=RecentRate)  # the screens' rate, too
 
     def streamed(self, n: int) -> None:
         if n > 0:  # a pipe that starts over hands back what it had counted: not here
             self.bytes_streamed += n
+            self.recent.add(time.monotonic(), self.bytes_streamed)
+
+    def throughput(self) -> float:
+        """Bytes a second moved over the last few seconds (progress.RecentRate)."""
+        return self.recent.rate(time.monotonic())
 
     def render(self, gauges: Mapping[str, tuple[str, float]]) -> str:
         """The text exposition format; ``gauges``: name -> (help, value), read now."""
@@ -98,17 +105,35 @@ class Metrics:
 
 @asynccontextmanager
 async def serving(
-    address: str, metrics: Metrics, gauges: Callable[[], Mapping[str, tuple[str, float]]]
+    address: str,
+    metrics: Metrics,
+    gauges: Callable[[], Mapping[str, tuple[str, float]]],
+    unready: Callable[[], str | None] = lambda: None,
 ) -> AsyncIterator[None]:
-    """Serve GET /metrics on ``address`` for as long as the block runs."""
+    """Serve GET /metrics on ``address`` for as long as the block runs, and the health
+    checks load balancers and orchestrators ask: /healthz (200 while the process serves
+    and its event loop turns, as answering at all shows) and /readyz (200 while it can
+    take work; 503 with the reason from ``unready`` otherwise). Both read flags only,
+    so they answer at once whatever the daemon is doing."""
     from aiohttp import web  # the server half of aiohttp: loaded only when asked for
 
     async def scrape(_: object) -> web.Response:
         body = metrics.render(gauges()).encode()
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
 
+    async def healthz(_: object) -> web.Response:
+        return web.Response(text="ok\n")
+
+    async def readyz(_: object) -> web.Response:
+        why = unready()
+        if why is None:
+            return web.Response(text="ready\n")
+        return web.Response(status=503, text=f"not ready: {why}\n")
+
     app = web.Application()
     app.router.add_get("/metrics", scrape)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
     runner = web.AppRunner(app, access_log=None, handle_signals=False)
     await runner.setup()
     host, port = host_port(address)

@@ -12,6 +12,7 @@ from datetime import UTC, datetime
 from typing import IO, Any
 
 from daemon.outcome import Status
+from daemon.progress import seconds_left
 
 
 def iso(ts: float | None) -> str | None:
@@ -66,9 +67,9 @@ class TransferRow:
     def seconds_left(self) -> float | None:
         """For a running transfer of known size: how long it has to go at its rate so
         far; None when nothing can be said yet."""
-        if self.status != Status.RUNNING or not self.bytes_total or self.rate <= 0:
+        if self.status != Status.RUNNING or not self.bytes_total:
             return None
-        return (self.bytes_total - self.bytes_done) / self.rate
+        return seconds_left(self.bytes_total - self.bytes_done, self.rate)
 
     def report(self) -> dict[str, Any]:
         out: dict[str, Any] = {

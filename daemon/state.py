@@ -92,6 +92,8 @@ class StateStore:
         self._pending: dict[object, tuple[str, tuple[Any, ...]]] = {}
         self._serial = 0
         self._busy_since: float | None = None
+        # Why the last write did not go in (another process's lock), or None: /readyz's.
+        self.trouble: str | None = None
         # Columns added since the first release: 0 where a database from before lacks
         # them (`blobferry status` reads, never alters, a database the daemon made).
         self._excluded = "j.excluded"
@@ -211,6 +213,7 @@ class StateStore:
             now = time.monotonic()
             if self._busy_since is None:
                 self._busy_since = now
+            self.trouble = "the state database is locked by another process"
             log.warning(
                 "state database locked by another process; its rows wait for the next flush",
                 path=self._path,
@@ -221,6 +224,7 @@ class StateStore:
         if self._busy_since is not None:
             log.info("state database writable again", path=self._path)
             self._busy_since = None
+            self.trouble = None
         self._pending.clear()
         return True
 

@@ -32,7 +32,8 @@ from daemon.errors import JobFileError, StateError
 from daemon.jobrun import JobRunner, internal_error, state_failure
 from daemon.jobs import TransferSpec, parse_job
 from daemon.metrics import Metrics
-from daemon.outcome import JobStatus, Progress
+from daemon.outcome import JobStatus
+from daemon.progress import JobProgress
 from daemon.s3 import S3Reader
 from daemon.settings import Settings
 from daemon.sources.base import ClaimedJob, JobSource
@@ -72,11 +73,10 @@ class Supervisor:
         *,
         grace_s: float = 30.0,
         force: asyncio.Event | None = None,
-        on_progress: Progress | None = None,
+        watcher: JobProgress | None = None,
     ) -> None:
         self.settings = settings
         self.state = state
-        self.on_progress = on_progress
         self._s3 = s3
         self._copier = copier
         self._stop = stop
@@ -96,7 +96,7 @@ class Supervisor:
             stop,
             self._slots,
             self.metrics,
-            on_progress=on_progress,
+            watcher=watcher,
             own_slot=self._hand_over_slot,
             cancel_requested=lambda job: job in self._jobs and self._jobs[job].cancel_requested,
         )

@@ -11,6 +11,7 @@ returns an Outcome. Nothing here knows where a job came from or writes to local 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 
 from daemon.addresses import AzAddress, S3Address, blob_name_problem
 from daemon.budget import Budget
@@ -26,7 +27,7 @@ from daemon.objects import ARCHIVE_CLASSES, ArchivedObjectError, Listed, ObjectI
 from daemon.outcome import DRY_RUN, Outcome, Progress, Status, unwatched
 from daemon.properties import FINGERPRINT_KEY, fingerprint
 from daemon.retry import retrying
-from daemon.routes import Blocks, Pipe, ServerSide, SourceUrls, Whole
+from daemon.routes import Blocks, Pipe, Route, ServerSide, SourceUrls, Whole
 from daemon.seams import BlobId, BlobSink, ObjectSource
 from daemon.settings import Settings
 
@@ -50,6 +51,7 @@ class Copier:
         # Set when the daemon drains: no new transfer and no new block starts.
         self._stopping = stopping or asyncio.Event()
         sides = (settings, source, sink, budget, self._stopping)
+        self._steps = Route(*sides)  # what every route does alike: a HEAD, a blob's state
         self._whole = Whole(*sides)
         self._pipe = Pipe(*sides)
         self._blocks = Blocks(*sides)
@@ -74,14 +76,16 @@ class Copier:
         listed: Listed | None = None,
         progress: Progress | None = None,
         known: Known | None = None,
+        sized: Callable[[int], None] | None = None,
     ) -> Outcome:
         """Copy ``spec`` (one object). Raises TransferError when it cannot. ``known``:
-        what the destination's listing said of its blob, if it said anything."""
+        what the destination's listing said of its blob, if it said anything; ``sized``
+        is told the object's size when a HEAD tells it (an object no listing sized)."""
         if self._stopping.is_set():
             raise Interrupted()
         try:
             await self._container(spec)
-            return await self._copy(spec, listed, progress or unwatched, known)
+            return await self._copy(spec, listed, progress or unwatched, known, sized)
         except ArchivedObjectError as e:
             if self._settings.archived == "skip":
                 return Outcome(Status.SKIPPED, note=str(e))
@@ -108,7 +112,12 @@ class Copier:
             )
 
     async def _copy(
-        self, spec: TransferSpec, listed: Listed | None, progress: Progress, known: Known | None
+        self,
+        spec: TransferSpec,
+        listed: Listed | None,
+        progress: Progress,
+        known: Known | None,
+        sized: Callable[[int], None] | None,
     ) -> Outcome:
         src = spec.source
         # A job's own addresses were checked when it was read; a prefix's children get
@@ -119,8 +128,10 @@ class Copier:
         bs = self._settings.block_size
         info: ObjectInfo | None = None
         if listed is None:
-            info = await self._blocks.head(src)
+            info = await self._steps.head(src)
             fp = fingerprint(src, info.etag, info.size)
+            if sized is not None:
+                sized(info.size)
         else:
             # A listing gives ETag and size: enough to skip an unchanged object without
             # a single request to S3 for it.
@@ -138,7 +149,7 @@ class Copier:
         # properties come from a HEAD, as no GET passes through here.
         server_side = (spec.options.mode or self._settings.mode) == "server-side"
         if listed is not None and (listed.size > bs or (server_side and listed.size)):
-            info = await self._blocks.head(src)
+            info = await self._steps.head(src)
             fp = fingerprint(src, info.etag, info.size)  # the version actually copied
         if info is None:
             assert listed is not None
@@ -172,7 +183,7 @@ class Copier:
             assert listed is not None
             if listed.storage_class not in ARCHIVE_CLASSES:
                 return Outcome(Status.SKIPPED, note=DRY_RUN, would_copy=listed.size)
-            info = await self._blocks.head(src)
+            info = await self._steps.head(src)
         return Outcome(Status.SKIPPED, note=DRY_RUN, would_copy=info.size)
 
     async def _skip_reason(self, spec: TransferSpec, fp: str, known: Known | None) -> str | None:
@@ -180,7 +191,7 @@ class Copier:
             return None
         dst = spec.destination
         try:
-            existing = known.blob if known is not None else await self._blocks.existing(dst)
+            existing = known.blob if known is not None else await self._steps.existing(dst)
         except NotPermittedError:
             raise PermanentError(
                 f"{dst}: overwrite '{spec.overwrite}' reads the blob first, and the "

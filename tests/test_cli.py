@@ -210,8 +210,8 @@ def test_run_submit_status_and_sigterm(
 def test_status_says_how_far_a_running_transfer_is_and_how_long_it_has_to_go() -> None:
     """At the rate of the bytes moved (a resume's reused blocks left out): 40 GiB of
     100 done in an hour, 10 GiB of them reused, is 30 GiB an hour, so 2 hours to go."""
-    from daemon.cli import duration, progress
     from daemon.records import TransferRow
+    from daemon.status import duration, progress
 
     GiB = 1 << 30
     running = TransferRow(

@@ -56,31 +56,21 @@ class _Attempts:
         self._landing = landing
         self._progress = progress
         self.damaged = 0
+        self._sent = 0  # of this attempt
+        self._source_error: Exception | None = None
 
     async def __call__(self) -> bool:
-        info, landing, progress = self._info, self._landing, self._progress
+        info, landing = self._info, self._landing
         assert info.md5 is not None, "Pipe.wanted chose this route for an MD5 ETag only"
-        sent = 0
+        self._sent = 0
         # What went wrong on the S3 side while Azure was reading the body: aiohttp
         # reports it as a failed upload, this says what it was.
-        source_error: list[Exception] = []
-
-        async def body(chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
-            nonlocal sent
-            try:
-                async for chunk in chunks:
-                    sent += len(chunk)
-                    progress(len(chunk))
-                    yield chunk
-            except Exception as e:
-                source_error.append(e)
-                raise
-
+        self._source_error = None
         try:
             async with self._route.source.open_object(info) as chunks:
                 await self._route.sink.put_stream(
                     self._spec.destination,
-                    body(chunks),
+                    self._body(chunks),
                     info.size,
                     info.md5,
                     landing.headers,
@@ -90,12 +80,23 @@ class _Attempts:
                 )
             return True
         except BaseException as e:
-            progress(-sent)  # nothing landed: a next try starts from the first byte
+            self._progress(-self._sent)  # nothing landed: a next try starts from byte 0
             if not isinstance(e, TransferError):
                 raise  # cancelled (a drain that ran out of time), or a bug
             if isinstance(e, CorruptBlockError):
                 self.damaged += 1
-            raise (source_error[0] if source_error else e) from None
+            raise (self._source_error or e) from None
+
+    async def _body(self, chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+        """The object's chunks as Azure takes them, counted as they go."""
+        try:
+            async for chunk in chunks:
+                self._sent += len(chunk)
+                self._progress(len(chunk))
+                yield chunk
+        except Exception as e:
+            self._source_error = e
+            raise
 
 
 class Pipe(Route):
