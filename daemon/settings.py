@@ -41,6 +41,18 @@ def host_port(address: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
+def home() -> Path:
+    """The folder that holds jobs/ and state/ unless the settings say otherwise:
+    $STATE_DIRECTORY (systemd's, from StateDirectory=), else $XDG_STATE_HOME/blobferry,
+    else ~/.local/state/blobferry."""
+    systemd = os.environ.get("STATE_DIRECTORY", "").split(":")[0]
+    if systemd:
+        return Path(systemd)
+    xdg = os.environ.get("XDG_STATE_HOME", "")
+    base = Path(xdg) if xdg and Path(xdg).is_absolute() else Path.home() / ".local" / "state"
+    return base / "blobferry"
+
+
 class S3Settings(BaseModel):
     """The S3 side. Credentials come from the standard AWS chain (environment,
     shared profile, EC2 instance role); they are never settings here."""
@@ -155,8 +167,11 @@ class Settings(BaseSettings):
         toml_file=None,
     )
 
-    jobs_dir: Path = Path("jobs")
-    state_dir: Path = Path("state")
+    # Where people expect a program's state: systemd's StateDirectory= for the service
+    # (/var/lib/blobferry), the XDG state directory for a user's runs; never the folder
+    # a `blobferry copy` happens to be run in.
+    jobs_dir: Path = Field(default_factory=lambda: home() / "jobs")
+    state_dir: Path = Field(default_factory=lambda: home() / "state")
     max_transfers: int = Field(
         default=32,
         ge=1,

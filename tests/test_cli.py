@@ -234,3 +234,44 @@ def test_status_says_how_far_a_running_transfer_is_and_how_long_it_has_to_go() -
     assert [duration(s) for s in (0.4, 59, 61, 3599, 3600 * 26.5, 86400 * 4)] == [
         "0s", "59s", "1m01s", "59m59s", "1d02h", "4d00h",
     ]  # fmt: skip
+
+
+def test_a_copy_leaves_nothing_in_the_folder_it_runs_in_and_status_finds_it(
+    tmp_path: Path,
+    moto_endpoint: str,
+    azurite_endpoint: str,
+    s3_client: Any,
+    bucket: str,
+    container: str,
+) -> None:
+    s3_client.put_object(Bucket=bucket, Key="k.bin", Body=b"here")
+    env = env_for(tmp_path, moto_endpoint, azurite_endpoint, HOME=str(tmp_path / "home"))
+    del env["BLOBFERRY_JOBS_DIR"], env["BLOBFERRY_STATE_DIR"]
+    env.pop("XDG_STATE_HOME", None)
+    env.pop("STATE_DIRECTORY", None)
+    cwd = tmp_path / "anywhere"
+    cwd.mkdir()
+    done = subprocess.run(
+        [BLOBFERRY, "copy", f"s3://{bucket}/k.bin", f"az://{container}/k.bin"],
+        env=env,
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    assert list(cwd.iterdir()) == []
+    assert (
+        tmp_path / "home" / ".local" / "state" / "blobferry" / "state" / "blobferry.sqlite3"
+    ).exists()
+    status = subprocess.run(
+        [BLOBFERRY, "status", "--json"],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert status.returncode == 0, status.stderr
+    [job] = json.loads(status.stdout)
+    assert job["status"] == "done" and job["job"].startswith("copy-")

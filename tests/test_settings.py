@@ -83,3 +83,23 @@ def test_the_example_config_is_valid() -> None:
     # The drain must finish before systemd's SIGKILL.
     stop = int(next(x for x in unit.splitlines() if x.startswith("TimeoutStopSec=")).split("=")[1])
     assert s.grace_period_s < stop
+
+
+def test_folders_default_to_systemds_state_directory_else_xdgs(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from daemon.settings import load_settings
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("XDG_STATE_HOME", raising=False)
+    monkeypatch.delenv("STATE_DIRECTORY", raising=False)
+    s = load_settings(None)
+    assert s.state_dir == tmp_path / "home" / ".local" / "state" / "blobferry" / "state"
+    assert s.jobs_dir == tmp_path / "home" / ".local" / "state" / "blobferry" / "jobs"
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "xdg"))
+    assert load_settings(None).state_dir == tmp_path / "xdg" / "blobferry" / "state"
+    monkeypatch.setenv("STATE_DIRECTORY", f"{tmp_path}/var/lib/blobferry:/elsewhere")
+    s = load_settings(None)
+    assert s.jobs_dir == tmp_path / "var" / "lib" / "blobferry" / "jobs"
+    monkeypatch.setenv("BLOBFERRY_STATE_DIR", str(tmp_path / "mine"))
+    assert load_settings(None).state_dir == tmp_path / "mine"
