@@ -27,7 +27,7 @@ from daemon.objects import ARCHIVE_CLASSES, ArchivedObjectError, Listed, ObjectI
 from daemon.outcome import DRY_RUN, Outcome, Progress, Status, unwatched
 from daemon.properties import FINGERPRINT_KEY, fingerprint
 from daemon.retry import retrying
-from daemon.routes import Blocks, Pipe, Route, ServerSide, SourceUrls, Whole
+from daemon.routes import Blocks, Handoff, Pipe, Route, ServerSide, SourceUrls, Whole
 from daemon.seams import BlobId, BlobSink, ObjectSource
 from daemon.settings import Settings
 
@@ -55,7 +55,7 @@ class Copier:
         self._whole = Whole(*sides)
         self._pipe = Pipe(*sides)
         self._blocks = Blocks(*sides)
-        self._server_side = ServerSide(*sides, source_urls=source_urls)
+        self._server_side = ServerSide(*sides, fallback=self._streamed, source_urls=source_urls)
 
     def identify(self, dst: AzAddress) -> BlobId:
         """The blob a destination names, however it is spelled (one writer per blob)."""
@@ -151,25 +151,21 @@ class Copier:
         if listed is not None and (listed.size > bs or (server_side and listed.size)):
             info = await self._steps.head(src)
             fp = fingerprint(src, info.etag, info.size)  # the version actually copied
-        if info is None:
-            assert listed is not None
-            # Small-object path: one GET whose headers stand in for the HEAD, one PUT.
-            read = self._whole.of_listed(listed, src)
-            return await self._whole.copy(listed.size, read, spec, fp, progress)
+        h = Handoff(spec, fp, progress, info, listed)
+        if info is None:  # a small listed object: one GET, whose headers stand in for a HEAD
+            return await self._whole.copy(h)
         if server_side and info.size:
-            return await self._server_side.copy(info, spec, fp, progress, self._streamed)
+            return await self._server_side.copy(h)
         if await self._pipe.wanted(info, spec):
-            return await self._pipe.copy(info, spec, fp, progress)
-        return await self._streamed(info, spec, fp, progress)
+            return await self._pipe.copy(h)
+        return await self._streamed(h)
 
-    async def _streamed(
-        self, info: ObjectInfo, spec: TransferSpec, fp: str, progress: Progress
-    ) -> Outcome:
+    async def _streamed(self, h: Handoff) -> Outcome:
         """Through this host: a small object in one GET and one Put Blob, a larger one
         as blocks."""
-        if info.size > self._settings.block_size:
-            return await self._blocks.copy(info, spec, fp, progress)
-        return await self._whole.copy(info.size, self._whole.of_info(info), spec, fp, progress)
+        if h.known.size > self._settings.block_size:
+            return await self._blocks.copy(h)
+        return await self._whole.copy(h)
 
     async def _dry_run(
         self, src: S3Address, info: ObjectInfo | None, listed: Listed | None

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import TypeVar
 
 import structlog
@@ -25,7 +26,8 @@ from daemon.errors import (
 )
 from daemon.jobs import Overwrite, TransferSpec
 from daemon.layout import Plan, foreign_blocks, resume_point
-from daemon.objects import ObjectInfo
+from daemon.objects import Listed, ObjectInfo
+from daemon.outcome import Outcome, Progress
 from daemon.properties import FINGERPRINT_KEY, Landing, landing
 from daemon.retry import retrying
 from daemon.seams import BlobSink, ExistingBlob, ObjectSource
@@ -35,10 +37,32 @@ T = TypeVar("T")
 log = structlog.get_logger("blobferry.transfer")
 
 
+@dataclass(frozen=True, slots=True)
+class Handoff:
+    """What the Copier hands a route: the transfer, the version it is to copy, and
+    where its progress goes."""
+
+    spec: TransferSpec
+    fp: str  # the source version's fingerprint (properties.fingerprint)
+    progress: Progress
+    info: ObjectInfo | None = None  # what a HEAD said; None: ``listed``, read whole
+    listed: Listed | None = None
+
+    @property
+    def known(self) -> ObjectInfo:
+        """The HEAD's answer, which every route but whole's listed object starts from."""
+        assert self.info is not None, "this route starts from a HEAD"
+        return self.info
+
+
 class Route:
     """A way of moving an object's bytes, and the steps all of them share."""
 
     name: str = ""
+
+    async def copy(self, h: Handoff) -> Outcome:
+        """Move the object's bytes, commit the blob, and say how (an Outcome)."""
+        raise NotImplementedError
 
     def __init__(
         self,

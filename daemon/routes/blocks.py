@@ -19,12 +19,11 @@ import structlog
 
 from daemon.addresses import AzAddress
 from daemon.errors import Interrupted, VerificationError
-from daemon.jobs import TransferSpec
 from daemon.layout import Block, Plan, earlier_plan, plan_blocks
 from daemon.objects import ObjectInfo
 from daemon.outcome import Outcome, Progress, Status, unwatched
 from daemon.retry import retrying
-from daemon.routes.base import Route, first_error
+from daemon.routes.base import Handoff, Route, first_error
 from daemon.verify import Checksum, InOrderDigest, md5_off_loop, proof
 
 log = structlog.get_logger("blobferry.transfer")
@@ -33,9 +32,8 @@ log = structlog.get_logger("blobferry.transfer")
 class Blocks(Route):
     name = "blocks"
 
-    async def copy(
-        self, info: ObjectInfo, spec: TransferSpec, fp: str, progress: Progress
-    ) -> Outcome:
+    async def copy(self, h: Handoff) -> Outcome:
+        info, spec, fp, progress = h.known, h.spec, h.fp, h.progress
         dst = spec.destination
         part_sizes = (
             await retrying(

@@ -15,7 +15,7 @@ from daemon.latency import FAR_AFTER, RoundTrips
 from daemon.objects import ObjectInfo
 from daemon.outcome import Outcome, Progress, Status
 from daemon.properties import Landing
-from daemon.routes.base import Route
+from daemon.routes.base import Handoff, Route
 from daemon.settings import MiB
 from daemon.verify import AZURE_CHECKED
 
@@ -122,9 +122,8 @@ class Pipe(Route):
             source.round_trips, lambda: source.head(info.address), within
         ) and await near(sink.round_trips, lambda: sink.existing(spec.destination), within)
 
-    async def copy(
-        self, info: ObjectInfo, spec: TransferSpec, fp: str, progress: Progress
-    ) -> Outcome:
+    async def copy(self, h: Handoff) -> Outcome:
+        info, spec, fp, progress = h.known, h.spec, h.fp, h.progress
         landing = self.landing(info, spec, fp)
         dst = spec.destination
         attempts = _Attempts(self, info, spec, landing, progress)

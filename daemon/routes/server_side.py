@@ -24,13 +24,13 @@ from daemon.layout import Block, Plan, earlier_plan, plan_blocks
 from daemon.objects import ObjectInfo
 from daemon.outcome import Outcome, Progress, Status
 from daemon.retry import retrying
-from daemon.routes.base import Route, first_error
+from daemon.routes.base import Handoff, Route, first_error
 from daemon.seams import BlobSink, ObjectSource
 from daemon.settings import Settings
 from daemon.verify import SERVER_SIDE_CHECKED
 
 SourceUrls = Callable[[ObjectInfo], Awaitable[str]]
-Fallback = Callable[[ObjectInfo, TransferSpec, str, Progress], Awaitable[Outcome]]
+Fallback = Callable[[Handoff], Awaitable[Outcome]]
 SERVER_SIDE_MD5 = bytes(16)  # server-side blocks: no bytes here, so no MD5 in the ID
 UNREACHABLE_FOR_S = 300.0  # how long "Azure cannot reach this bucket" is believed
 log = structlog.get_logger("blobferry.transfer")
@@ -46,9 +46,11 @@ class ServerSide(Route):
         sink: BlobSink,
         budget: Budget,
         stopping: asyncio.Event,
+        fallback: Fallback,
         source_urls: SourceUrls | None = None,
     ) -> None:
         super().__init__(settings, source, sink, budget, stopping)
+        self._fallback = fallback  # where an object goes when Azure cannot reach S3
         # Where Azure fetches ranges from: a URL presigned for each block just before
         # it is staged. A seam, so a test can point Azure at a source it can reach
         # (Azurite only fetches from itself).
@@ -56,17 +58,12 @@ class ServerSide(Route):
         # Buckets Azure could not fetch from: (when, its answer).
         self._unreachable: dict[str, tuple[float, str]] = {}
 
-    async def copy(
-        self,
-        info: ObjectInfo,
-        spec: TransferSpec,
-        fp: str,
-        progress: Progress,
-        fallback: Fallback,
-    ) -> Outcome:
+    async def copy(self, h: Handoff) -> Outcome:
         """Azure fetches the object itself; where it cannot reach the bucket, the object
-        streams through here and the report says why. That answer is remembered for the
-        bucket a while, so a prefix of small objects does not ask it of every one."""
+        streams through here (``fallback``) and the report says why. That answer is
+        remembered for the bucket a while, so a prefix of small objects does not ask it
+        of every one."""
+        info, spec, fp, progress = h.known, h.spec, h.fp, h.progress
         seen = self._unreachable.get(info.bucket)
         if seen is not None and time.monotonic() - seen[0] < UNREACHABLE_FOR_S:
             code = seen[1]
@@ -81,7 +78,7 @@ class ServerSide(Route):
             f"server-side copy impossible (Azure answered {code}: it cannot reach "
             "the source); streamed through this host instead"
         )
-        outcome = await fallback(info, spec, fp, progress)
+        outcome = await self._fallback(h)
         outcome.note = f"{note}; {outcome.note}" if outcome.note else note
         return outcome
 

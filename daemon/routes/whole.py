@@ -17,9 +17,9 @@ from daemon.chunks import Chunks
 from daemon.errors import CorruptBlockError, SourceChangedError, VerificationError
 from daemon.jobs import Overwrite, TransferSpec
 from daemon.objects import Listed, ObjectInfo
-from daemon.outcome import Outcome, Progress, Status
+from daemon.outcome import Outcome, Status
 from daemon.properties import Landing
-from daemon.routes.base import Route
+from daemon.routes.base import Handoff, Route
 from daemon.verify import AZURE_CHECKED, Checksum, md5_off_loop, verify
 
 Read = Callable[[], Awaitable[tuple[ObjectInfo, Chunks]]]
@@ -66,10 +66,17 @@ class _Attempts:
 class Whole(Route):
     name = "whole"
 
-    async def copy(
-        self, size: int, read: Read, spec: TransferSpec, fp: str, progress: Progress
-    ) -> Outcome:
+    async def copy(self, h: Handoff) -> Outcome:
+        """One GET (of the object a HEAD described, or of a listed one, whose GET
+        stands in for the HEAD), one Put Blob."""
+        if h.info is not None:
+            return await self._copy(h.info.size, self._of_info(h.info), h)
+        assert h.listed is not None, "a handoff names the object one way or the other"
+        return await self._copy(h.listed.size, self._of_listed(h.listed, h.spec.source), h)
+
+    async def _copy(self, size: int, read: Read, h: Handoff) -> Outcome:
         """Copy the object ``read`` returns (``size`` bytes, reserved in the budget)."""
+        spec, fp, progress = h.spec, h.fp, h.progress
         dst = spec.destination
         attempts = _Attempts(self, read, spec, fp)
         async with self._budget.hold(size):
@@ -92,7 +99,7 @@ class Whole(Route):
             spec.destination, data, md5, landing.headers, landing.metadata, overwrite, landing.tier
         )
 
-    def of_info(self, info: ObjectInfo) -> Read:
+    def _of_info(self, info: ObjectInfo) -> Read:
         """The read of an object a HEAD described: one ranged GET (none when empty)."""
 
         async def read() -> tuple[ObjectInfo, Chunks]:
@@ -102,7 +109,7 @@ class Whole(Route):
 
         return read
 
-    def of_listed(self, listed: Listed, src: S3Address) -> Read:
+    def _of_listed(self, listed: Listed, src: S3Address) -> Read:
         """The read of a small listed object: one GET whose headers stand in for a HEAD.
         A listing says nothing of encryption; the GET's headers do, and when they show
         an ETag that cannot prove the bytes (SSE-KMS, SSE-C), S3's checksums are asked
