@@ -108,16 +108,18 @@ async def test_transfer_outlives_its_presigned_urls(
 ) -> None:
     body = payload(20 * MiB, seed=7)
     s3_client.put_object(Bucket=bucket, Key="slow.bin", Body=body)
-    # 1 s URLs, and a link slow enough that the copy takes several times that:
+    # 2 s URLs, and a link slow enough that the copy takes several times that:
     # a URL signed once up front would be refused half-way (the proxy checks expiry).
+    # Not 1 s: X-Amz-Date has whole seconds, so a 1 s URL lives 0 to 1 s, and one
+    # signed at the end of a second could be refused on its way, however fresh.
     faults = Faults(rate_bps=2 * MiB, enforce_expiry=True)
     async with FaultProxy(moto_endpoint, faults) as proxy:
-        tuned = through(settings, proxy, s3={"presign_expires_s": 1}, block_concurrency=2)
+        tuned = through(settings, proxy, s3={"presign_expires_s": 2}, block_concurrency=2)
         t0 = time.monotonic()
         status, [row] = await copy(tuned, f"s3://{bucket}/slow.bin", f"az://{container}/slow.bin")
         took = time.monotonic() - t0
     assert status == "done", row.error
-    assert took > 3, "the copy must outlive a URL for this test to mean anything"
+    assert took > 4, "the copy must outlive a URL for this test to mean anything"
     assert proxy.expired == 0
     assert blob_bytes(blob_service, container, "slow.bin") == body
 
