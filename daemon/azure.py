@@ -170,14 +170,18 @@ class AzureWriter:
     def forget_container(self, dst: AzAddress) -> None:
         self._containers.discard(dst.container)
 
+    def _sdk(self, dst: AzAddress) -> _SdkPath:
+        """The SDK's path to ``dst`` (azure.direct = false); its account checked."""
+        return _SdkPath(self._blob(dst), self._error)
+
     async def existing(self, dst: AzAddress) -> ExistingBlob | None:
+        if self._path is None:
+            t0 = asyncio.get_running_loop().time()
+            found = await self._sdk(dst).existing(dst)
+            self.round_trips.record(asyncio.get_running_loop().time() - t0)
+            return found
         self._check_account(dst)
-        if self._path is not None:
-            return await self._path.existing(dst)
-        t0 = asyncio.get_running_loop().time()
-        found = await _SdkPath(self._blob(dst), self._error).existing(dst)
-        self.round_trips.record(asyncio.get_running_loop().time() - t0)
-        return found
+        return await self._path.existing(dst)
 
     async def put(
         self,
@@ -190,11 +194,10 @@ class AzureWriter:
         tier: str | None = None,
     ) -> None:
         """The whole blob in one Put Blob, checked by Azure against ``md5``."""
-        self._check_account(dst)
         if self._path is None:
-            sdk = _SdkPath(self._blob(dst), self._error)
-            await sdk.put(dst, data, md5, headers, metadata, overwrite, tier)
+            await self._sdk(dst).put(dst, data, md5, headers, metadata, overwrite, tier)
             return
+        self._check_account(dst)
         sent = put_headers(data.size, md5, headers, metadata, overwrite, tier)
         await self._path.put(dst, data, sent)
 
@@ -218,10 +221,10 @@ class AzureWriter:
         await self._path.put(dst, body, sent)
 
     async def stage(self, dst: AzAddress, block_id: str, data: Chunks, md5: bytes) -> None:
-        self._check_account(dst)
         if self._path is None:
-            await _SdkPath(self._blob(dst), self._error).stage(dst, block_id, data, md5)
+            await self._sdk(dst).stage(dst, block_id, data, md5)
             return
+        self._check_account(dst)
         await self._path.stage(dst, block_id, data, md5)
 
     async def stage_from_url(
