@@ -36,6 +36,7 @@ from daemon.azure_direct import Direct, DirectPath, put_headers
 from daemon.azure_errors import error_code, translate
 from daemon.chunks import Chunks
 from daemon.errors import (
+    BlobChangedError,
     DestinationExistsError,
     PermanentError,
     SourceUnreachableError,
@@ -43,7 +44,7 @@ from daemon.errors import (
 from daemon.latency import RoundTrips
 from daemon.properties import BlobHeaders
 from daemon.proxies import Proxies
-from daemon.seams import BlobId, ExistingBlob
+from daemon.seams import BlobId, ExistingBlob, Precondition
 from daemon.settings import Settings
 
 log = structlog.get_logger("blobferry")
@@ -190,15 +191,15 @@ class AzureWriter:
         md5: bytes,
         headers: BlobHeaders,
         metadata: dict[str, str],
-        overwrite: bool,
+        when: Precondition,
         tier: str | None = None,
     ) -> None:
         """The whole blob in one Put Blob, checked by Azure against ``md5``."""
         if self._path is None:
-            await self._sdk(dst).put(dst, data, md5, headers, metadata, overwrite, tier)
+            await self._sdk(dst).put(dst, data, md5, headers, metadata, when, tier)
             return
         self._check_account(dst)
-        sent = put_headers(data.size, md5, headers, metadata, overwrite, tier)
+        sent = put_headers(data.size, md5, headers, metadata, when, tier)
         await self._path.put(dst, data, sent)
 
     async def put_stream(
@@ -209,7 +210,7 @@ class AzureWriter:
         md5: bytes,
         headers: BlobHeaders,
         metadata: dict[str, str],
-        overwrite: bool,
+        when: Precondition,
         tier: str | None = None,
     ) -> None:
         """The whole blob in one Put Blob whose body streams from ``body`` as it comes:
@@ -217,7 +218,7 @@ class AzureWriter:
         The direct path's only (``streams``): the SDK would hold the body whole."""
         assert self._path is not None, "a pipe is chosen only where the sink streams"
         self._check_account(dst)
-        sent = put_headers(size, md5, headers, metadata, overwrite, tier)
+        sent = put_headers(size, md5, headers, metadata, when, tier)
         await self._path.put(dst, body, sent)
 
     async def stage(self, dst: AzAddress, block_id: str, data: Chunks, md5: bytes) -> None:
@@ -274,7 +275,10 @@ class AzureWriter:
             results_per_page=per_page,
         )
         async for page in blobs.by_page():
-            yield [(b.name, ExistingBlob(b.size, dict(b.metadata or {}))) async for b in page]
+            yield [
+                (b.name, ExistingBlob(b.size, dict(b.metadata or {}), b.etag or ""))
+                async for b in page
+            ]
 
     async def discard_uncommitted(self, dst: AzAddress) -> None:
         """Delete a blob that has uncommitted blocks and nothing committed: the one way
@@ -293,25 +297,22 @@ class AzureWriter:
         md5: bytes | None,
         headers: BlobHeaders,
         metadata: dict[str, str],
-        overwrite: bool,
+        when: Precondition,
         tier: str | None = None,
     ) -> None:
-        conditions: dict[str, Any] = (
-            {} if overwrite else {"match_condition": MatchConditions.IfMissing}
-        )
         try:
             await self._blob(dst).commit_block_list(
                 [BlobBlock(block_id=i) for i in block_ids],
                 content_settings=headers.settings(md5),
                 metadata=metadata,
                 standard_blob_tier=StandardBlobTier(tier) if tier else None,
-                **conditions,
+                **_conditions(when),
             )
         except ResourceExistsError:
             raise DestinationExistsError(dst) from None
         except HttpResponseError as e:
-            if e.status_code == 412 and not overwrite:
-                raise DestinationExistsError(dst) from None
+            if e.status_code == 412:
+                raise _refused(when, dst) from None
             raise self._error(e, dst, "commit block list") from None
         except AzureError as e:
             raise self._error(e, dst, "commit block list") from None
@@ -335,7 +336,9 @@ class _SdkPath:
             return None
         except AzureError as e:
             raise self._error(e, dst, "read properties") from None
-        return ExistingBlob(size=props.size, metadata=dict(props.metadata or {}))
+        return ExistingBlob(
+            size=props.size, metadata=dict(props.metadata or {}), etag=props.etag or ""
+        )
 
     async def put(
         self,
@@ -344,25 +347,26 @@ class _SdkPath:
         md5: bytes,
         headers: BlobHeaders,
         metadata: dict[str, str],
-        overwrite: bool,
+        when: Precondition,
         tier: str | None,
     ) -> None:
-        conditions: dict[str, Any] = (
-            {} if overwrite else {"match_condition": MatchConditions.IfMissing}
-        )
         try:
             await self._blob.upload_blob(
                 data.join(),
                 length=data.size,
-                overwrite=overwrite,
+                overwrite=not when.absent,
                 content_settings=headers.settings(md5),
                 metadata=metadata,
                 standard_blob_tier=StandardBlobTier(tier) if tier else None,
                 transactional_content_md5=bytearray(md5),  # Azure checks the bytes on arrival
-                **conditions,
+                **_conditions(when),
             )
         except ResourceExistsError:
             raise DestinationExistsError(dst) from None
+        except HttpResponseError as e:
+            if e.status_code == 412:
+                raise _refused(when, dst) from None
+            raise self._error(e, dst, "put blob") from None
         except AzureError as e:
             raise self._error(e, dst, "put blob") from None
 
@@ -373,3 +377,17 @@ class _SdkPath:
             )
         except AzureError as e:
             raise self._error(e, dst, f"stage block {block_id}") from None
+
+
+def _conditions(when: Precondition) -> dict[str, Any]:
+    """A Precondition as the SDK's keyword arguments."""
+    if when.absent:
+        return {"match_condition": MatchConditions.IfMissing}
+    if when.etag:
+        return {"etag": when.etag, "match_condition": MatchConditions.IfNotModified}
+    return {}
+
+
+def _refused(when: Precondition, dst: AzAddress) -> Exception:
+    """A 412: absence asked for and a blob there, or an ETag named and changed."""
+    return DestinationExistsError(dst) if when.absent else BlobChangedError(dst)

@@ -42,7 +42,7 @@ from daemon.errors import RetryableError, connection_failed
 from daemon.latency import RoundTrips
 from daemon.properties import BlobHeaders
 from daemon.proxies import Proxies, refused_by_proxy
-from daemon.seams import ExistingBlob
+from daemon.seams import ExistingBlob, Precondition
 
 # aiohttp warns about any raw-bytes body over 1 MiB: the SDK's Put Block List of tens of
 # thousands of blocks is one (its XML, a few MiB). The direct path's bodies over 256 KiB
@@ -148,7 +148,9 @@ class DirectPath:
         if h is None:
             return None
         metadata = {k[10:]: v for k, v in h.items() if k.lower().startswith("x-ms-meta-")}
-        return ExistingBlob(size=int(h.get("Content-Length", 0)), metadata=metadata)
+        return ExistingBlob(
+            size=int(h.get("Content-Length", 0)), metadata=metadata, etag=h.get("ETag", "")
+        )
 
     async def put(
         self, dst: AzAddress, body: Chunks | AsyncIterable[bytes], headers: dict[str, str]
@@ -237,7 +239,7 @@ def put_headers(
     md5: bytes,
     headers: BlobHeaders,
     metadata: dict[str, str],
-    overwrite: bool,
+    when: Precondition,
     tier: str | None,
 ) -> dict[str, str]:
     """Put Blob's headers. The MD5 goes twice: Content-MD5 has Azure check the bytes
@@ -251,8 +253,7 @@ def put_headers(
     }
     if tier is not None:
         out["x-ms-access-tier"] = tier
-    if not overwrite:
-        out["If-None-Match"] = "*"
+    out.update(when.headers())
     return out
 
 

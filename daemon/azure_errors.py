@@ -18,6 +18,7 @@ from azure.core.exceptions import (
 from daemon.addresses import AzAddress
 from daemon.clock import refused_for_time
 from daemon.errors import (
+    BlobChangedError,
     ContainerMissingError,
     CorruptBlockError,
     DestinationExistsError,
@@ -115,6 +116,8 @@ def failure(
         return ContainerMissingError(where, dst.container)
     if code == "BlobAlreadyExists":  # only a write conditional on absence gets this
         return DestinationExistsError(dst)
+    if status == 412 and code in ("ConditionNotMet", ""):  # If-Match: another committed
+        return BlobChangedError(dst)
     if code == "AuthorizationPermissionMismatch":
         return NotPermittedError(dst, what)  # authenticated: the clock was right enough
     if status in (401, 403) and (skewed := refused_for_time(where, "Azure", date)):

@@ -66,6 +66,10 @@ class AddressError(JobFileError):
 class TransferError(BlobferryError):
     """A transfer could not complete."""
 
+    # Another attempt later may well succeed (a link down past every retry, a source or
+    # blob that changed under the copy): a queue's job is then released, not deleted.
+    transient = False
+
 
 class PermanentError(TransferError):
     """Retrying will not help; the message says what a person should fix."""
@@ -85,6 +89,8 @@ class CorruptBlockError(RetryableError):
 
 
 class SourceChangedError(PermanentError):
+    transient = True
+
     def __init__(self, source: str) -> None:
         super().__init__(
             f"{source} changed while it was being copied (its ETag no longer matches); "
@@ -97,6 +103,8 @@ class VerificationError(PermanentError):
 
 
 class RetriesExhaustedError(PermanentError):
+    transient = True
+
     def __init__(self, what: str, attempts: int, last: BaseException) -> None:
         super().__init__(f"{what}: gave up after {attempts} attempts; last error: {last}")
         self.last = last
@@ -133,6 +141,19 @@ class ContainerMissingError(PermanentError):
 class DestinationExistsError(PermanentError):
     def __init__(self, destination: object) -> None:
         super().__init__(f"{destination} already exists and overwrite is 'never'")
+
+
+class BlobChangedError(PermanentError):
+    """A conditional write refused: the blob is no longer the one the transfer looked at
+    (another writer committed in between). The copy looks again; nothing was lost."""
+
+    transient = True
+
+    def __init__(self, destination: object) -> None:
+        super().__init__(
+            f"{destination} changed while it was being copied (another writer committed "
+            "it); nothing of this copy was committed over it"
+        )
 
 
 class StateError(BlobferryError):

@@ -31,6 +31,33 @@ class BlobId(NamedTuple):
 class ExistingBlob:
     size: int
     metadata: dict[str, str]
+    etag: str = ""  # as Azure gave it, quotes and all: what If-Match sends back
+
+
+@dataclass(frozen=True, slots=True)
+class Precondition:
+    """What a write requires of the blob it replaces: nothing, that there is none
+    (``absent``), or that it is still the one the transfer looked at (``etag``). Several
+    daemons on one queue may copy one object at once; with this, a commit never lands
+    over a blob that changed after the transfer looked at it."""
+
+    absent: bool = False
+    etag: str | None = None
+
+    def headers(self) -> dict[str, str]:
+        if self.absent:
+            return {"If-None-Match": "*"}
+        if self.etag:
+            return {"If-Match": self.etag}
+        return {}
+
+    @classmethod
+    def of(cls, blob: ExistingBlob | None) -> Precondition:
+        """The blob as looked at: absent, or this very ETag."""
+        return cls(absent=True) if blob is None else cls(etag=blob.etag or None)
+
+
+ANYTHING = Precondition()  # overwrite 'always': last writer wins
 
 
 class ObjectSource(Protocol):
@@ -52,7 +79,9 @@ class ObjectSource(Protocol):
 
 class BlobSink(Protocol):
     """Where blobs are written: Azure Blob Storage. Every write that carries bytes
-    carries their MD5, which Azure checks before it keeps anything."""
+    carries their MD5, which Azure checks before it keeps anything. A write whose
+    Precondition fails raises DestinationExistsError (it asked for absence) or
+    BlobChangedError (it named an ETag)."""
 
     round_trips: RoundTrips  # of HEADs: how near the sink is
     streams: bool  # whether put_stream can send a body as it arrives
@@ -71,7 +100,7 @@ class BlobSink(Protocol):
         md5: bytes,
         headers: BlobHeaders,
         metadata: dict[str, str],
-        overwrite: bool,
+        when: Precondition,
         tier: str | None = None,
     ) -> None: ...
     async def put_stream(
@@ -82,7 +111,7 @@ class BlobSink(Protocol):
         md5: bytes,
         headers: BlobHeaders,
         metadata: dict[str, str],
-        overwrite: bool,
+        when: Precondition,
         tier: str | None = None,
     ) -> None: ...
     async def stage(self, dst: AzAddress, block_id: str, data: Chunks, md5: bytes) -> None: ...
@@ -104,6 +133,6 @@ class BlobSink(Protocol):
         md5: bytes | None,
         headers: BlobHeaders,
         metadata: dict[str, str],
-        overwrite: bool,
+        when: Precondition,
         tier: str | None = None,
     ) -> None: ...

@@ -13,9 +13,12 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 
+import structlog
+
 from daemon.addresses import AzAddress, S3Address, blob_name_problem
 from daemon.budget import Budget
 from daemon.errors import (
+    BlobChangedError,
     ContainerMissingError,
     Interrupted,
     NotPermittedError,
@@ -28,8 +31,14 @@ from daemon.outcome import DRY_RUN, Outcome, Progress, Status, unwatched
 from daemon.properties import FINGERPRINT_KEY, fingerprint
 from daemon.retry import retrying
 from daemon.routes import Blocks, Handoff, Pipe, Route, ServerSide, SourceUrls, Whole
-from daemon.seams import BlobId, BlobSink, ObjectSource
+from daemon.seams import ANYTHING, BlobId, BlobSink, ObjectSource, Precondition
 from daemon.settings import Settings
+
+log = structlog.get_logger("blobferry.transfer")
+
+# Looks at the blob and the object per copy when another writer keeps committing the
+# blob under it; past this, the copy fails as transient (a queue's job is released).
+LOOKS = 3
 
 
 class Copier:
@@ -85,7 +94,17 @@ class Copier:
             raise Interrupted()
         try:
             await self._container(spec)
-            return await self._copy(spec, listed, progress or unwatched, known, sized)
+            for attempt in range(1, LOOKS + 1):
+                try:
+                    return await self._copy(spec, listed, progress or unwatched, known, sized)
+                except BlobChangedError:
+                    if attempt == LOOKS:
+                        raise
+                    # Another writer (a daemon sharing the queue) committed the blob while
+                    # this copy ran: look again at both sides, which may now skip it.
+                    log.info("the blob changed under the copy, looking again")
+                    listed = known = None
+            raise AssertionError("unreachable")
         except ArchivedObjectError as e:
             if self._settings.archived == "skip":
                 return Outcome(Status.SKIPPED, note=str(e))
@@ -126,6 +145,17 @@ class Copier:
         if problem:
             raise PermanentError(f"{spec.destination}: {problem}")
         bs = self._settings.block_size
+        # The blob is looked at before S3 is asked which version to copy, and the copy
+        # lands only on the blob as looked at (a Precondition). S3 reads after writes,
+        # so any version committed before the look is no newer than the one copied,
+        # and any committed after it refuses the commit: however many daemons copy one
+        # key at once, a blob never goes back to an older version.
+        # A large object asks Azure itself (the listing's word may be old by now): that
+        # HEAD is also what times Azure for the pipe decision, and costs nothing beside
+        # its bytes.
+        if listed is None or listed.size > bs:
+            known = None
+        looked = await self._look(spec, known)
         info: ObjectInfo | None = None
         if listed is None:
             info = await self._steps.head(src)
@@ -136,11 +166,7 @@ class Copier:
             # A listing gives ETag and size: enough to skip an unchanged object without
             # a single request to S3 for it.
             fp = fingerprint(src, listed.etag, listed.size)
-        # A large object asks Azure itself: that HEAD is what times Azure for the pipe
-        # decision, and beside its bytes it costs nothing.
-        if listed is None or listed.size > bs:
-            known = None
-        skip = await self._skip_reason(spec, fp, known)
+        skip = self._skip_reason(spec, fp, looked)
         if skip:
             return Outcome(Status.SKIPPED, note=skip)
         if spec.options.dry_run:
@@ -151,7 +177,8 @@ class Copier:
         if listed is not None and (listed.size > bs or (server_side and listed.size)):
             info = await self._steps.head(src)
             fp = fingerprint(src, info.etag, info.size)  # the version actually copied
-        h = Handoff(spec, fp, progress, info, listed)
+        when = ANYTHING if looked is None else Precondition.of(looked.blob)
+        h = Handoff(spec, fp, progress, info, listed, when)
         if info is None:  # a small listed object: one GET, whose headers stand in for a HEAD
             return await self._whole.copy(h)
         if server_side and info.size:
@@ -182,12 +209,16 @@ class Copier:
             info = await self._steps.head(src)
         return Outcome(Status.SKIPPED, note=DRY_RUN, would_copy=info.size)
 
-    async def _skip_reason(self, spec: TransferSpec, fp: str, known: Known | None) -> str | None:
+    async def _look(self, spec: TransferSpec, known: Known | None) -> Known | None:
+        """What the destination holds (``known``, when a listing said), or None when the
+        transfer does not ask (overwrite 'always': the last writer wins)."""
         if spec.overwrite is Overwrite.ALWAYS:
             return None
+        if known is not None:
+            return known
         dst = spec.destination
         try:
-            existing = known.blob if known is not None else await self._steps.existing(dst)
+            return Known(await self._steps.existing(dst))
         except NotPermittedError:
             raise PermanentError(
                 f"{dst}: overwrite '{spec.overwrite}' reads the blob first, and the "
@@ -197,7 +228,10 @@ class Copier:
         except ContainerMissingError:
             if not (spec.options.dry_run and self._settings.azure.create_containers):
                 raise
-            existing = None  # a copy would create the container: no blob is there
+            return Known(None)  # a copy would create the container: no blob is there
+
+    def _skip_reason(self, spec: TransferSpec, fp: str, looked: Known | None) -> str | None:
+        existing = looked.blob if looked is not None else None
         if existing is None:
             return None
         if spec.overwrite is Overwrite.NEVER:

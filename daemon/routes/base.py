@@ -17,6 +17,7 @@ import structlog
 from daemon.addresses import AzAddress, S3Address
 from daemon.budget import Budget
 from daemon.errors import (
+    BlobChangedError,
     DestinationExistsError,
     NotPermittedError,
     PermanentError,
@@ -30,7 +31,7 @@ from daemon.objects import Listed, ObjectInfo
 from daemon.outcome import Outcome, Progress
 from daemon.properties import FINGERPRINT_KEY, Landing, landing
 from daemon.retry import retrying
-from daemon.seams import BlobSink, ExistingBlob, ObjectSource
+from daemon.seams import ANYTHING, BlobSink, ExistingBlob, ObjectSource, Precondition
 from daemon.settings import MiB, Settings
 
 T = TypeVar("T")
@@ -47,6 +48,9 @@ class Handoff:
     progress: Progress
     info: ObjectInfo | None = None  # what a HEAD said; None: ``listed``, read whole
     listed: Listed | None = None
+    # What the blob must still be when the copy lands: as it was looked at, before S3
+    # was asked which version to copy (transfer.py says why that order).
+    when: Precondition = ANYTHING
 
     @property
     def known(self) -> ObjectInfo:
@@ -120,21 +124,26 @@ class Route:
         )
 
     async def write(
-        self, once: Callable[[], Awaitable[T]], what: str, dst: AzAddress, fp: str, size: int
+        self, once: Callable[[], Awaitable[T]], what: str, h: Handoff, size: int
     ) -> T | None:
-        """``once`` retried; None when a retry under 'never' was refused because an
-        earlier attempt had landed this very copy and only its answer was lost."""
+        """``once`` retried; None when its precondition was refused because an earlier
+        attempt had landed this very copy and only its answer was lost. A refusal that
+        is not that raises BlobChangedError (the Copier looks again) or, under
+        'never', DestinationExistsError."""
+        dst = h.spec.destination
         try:
             return await retrying(once, self._settings.retry, what)
-        except DestinationExistsError:
-            if not await self._ours_already(dst, fp, size):
+        except (DestinationExistsError, BlobChangedError):
+            if await self._ours_already(dst, h.fp, size):
+                return None
+            if h.spec.overwrite is Overwrite.NEVER:
                 raise
-            return None
+            raise BlobChangedError(dst) from None
 
     async def _ours_already(self, dst: AzAddress, fp: str, size: int) -> bool:
-        """After a write on condition of absence ('never') was refused: whether the blob
-        there is this very copy, committed by an earlier attempt whose answer was lost
-        (a reset after Azure had done the work), so the retry found it in the way."""
+        """After a conditional write was refused: whether the blob there is this very
+        copy, committed by an earlier attempt whose answer was lost (a reset after Azure
+        had done the work), so the retry found it in the way."""
         existing = await self.existing(dst)
         if existing is None or existing.size != size:
             return False
@@ -144,19 +153,18 @@ class Route:
         return True
 
     async def commit(
-        self, info: ObjectInfo, spec: TransferSpec, fp: str, ids: list[str], md5: bytes | None
+        self, info: ObjectInfo, h: Handoff, ids: list[str], md5: bytes | None
     ) -> Landing:
-        """Commit the block list with the source's properties; returns how it landed."""
-        landing = self.landing(info, spec, fp)
-        overwrite = spec.overwrite is not Overwrite.NEVER
-        dst = spec.destination
+        """Commit the block list with the source's properties, on the handoff's
+        precondition; returns how it landed."""
+        landing = self.landing(info, h.spec, h.fp)
+        dst = h.spec.destination
         await self.write(
             lambda: self._sink.commit(
-                dst, ids, md5, landing.headers, landing.metadata, overwrite, landing.tier
+                dst, ids, md5, landing.headers, landing.metadata, h.when, landing.tier
             ),
             f"commit {dst}",
-            dst,
-            fp,
+            h,
             info.size,
         )
         return landing

@@ -33,7 +33,7 @@ class Blocks(Route):
     name = "blocks"
 
     async def copy(self, h: Handoff) -> Outcome:
-        info, spec, fp, progress = h.known, h.spec, h.fp, h.progress
+        info, spec, progress = h.known, h.spec, h.progress
         dst = spec.destination
         part_sizes = (
             await retrying(
@@ -78,7 +78,7 @@ class Blocks(Route):
             verified, md5, note = await self._repair(e, info, dst, plan, md5s, digest, reused)
         note = "; ".join(n for n in (cleared, note) if n) or None
         ids = [plan.block_id(b.index, m) for b, m in zip(plan.blocks, md5s, strict=True)]
-        landing = await self.commit(info, spec, fp, ids, md5)
+        landing = await self.commit(info, h, ids, md5)
         return Outcome(
             Status.COPIED,
             info.size,

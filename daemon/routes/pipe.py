@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 from daemon.errors import CorruptBlockError, NotPermittedError, TransferError
-from daemon.jobs import Overwrite, TransferSpec
+from daemon.jobs import TransferSpec
 from daemon.latency import FAR_AFTER, RoundTrips
 from daemon.objects import ObjectInfo
 from daemon.outcome import Outcome, Progress, Status
@@ -46,13 +46,13 @@ class _Attempts:
         self,
         route: Pipe,
         info: ObjectInfo,
-        spec: TransferSpec,
+        h: Handoff,
         landing: Landing,
         progress: Progress,
     ) -> None:
         self._route = route
         self._info = info
-        self._spec = spec
+        self._h = h
         self._landing = landing
         self._progress = progress
         self.damaged = 0
@@ -69,13 +69,13 @@ class _Attempts:
         try:
             async with self._route.source.open_object(info) as chunks:
                 await self._route.sink.put_stream(
-                    self._spec.destination,
+                    self._h.spec.destination,
                     self._body(chunks),
                     info.size,
                     info.md5,
                     landing.headers,
                     landing.metadata,
-                    self._spec.overwrite is not Overwrite.NEVER,
+                    self._h.when,
                     landing.tier,
                 )
             return True
@@ -126,10 +126,10 @@ class Pipe(Route):
         info, spec, fp, progress = h.known, h.spec, h.fp, h.progress
         landing = self.landing(info, spec, fp)
         dst = spec.destination
-        attempts = _Attempts(self, info, spec, landing, progress)
+        attempts = _Attempts(self, info, h, landing, progress)
         async with self._budget.hold(PIPE_BUFFER):
             what = f"pipe {info.address} to {dst}"
-            if await self.write(attempts, what, dst, fp, info.size) is None:
+            if await self.write(attempts, what, h, info.size) is None:
                 progress(info.size)  # an earlier attempt landed it; only its answer was lost
         damaged = attempts.damaged
         note = f"Azure found the bytes damaged {damaged} time(s); sent again" if damaged else None

@@ -63,13 +63,13 @@ class ServerSide(Route):
         streams through here (``fallback``) and the report says why. That answer is
         remembered for the bucket a while, so a prefix of small objects does not ask it
         of every one."""
-        info, spec, fp, progress = h.known, h.spec, h.fp, h.progress
+        info = h.known
         seen = self._unreachable.get(info.bucket)
         if seen is not None and time.monotonic() - seen[0] < UNREACHABLE_FOR_S:
             code = seen[1]
         else:
             try:
-                return await self._copy_server_side(info, spec, fp, progress)
+                return await self._copy_server_side(h)
             except SourceUnreachableError as e:
                 code = e.code
                 self._unreachable[info.bucket] = (time.monotonic(), code)
@@ -82,10 +82,9 @@ class ServerSide(Route):
         outcome.note = f"{note}; {outcome.note}" if outcome.note else note
         return outcome
 
-    async def _copy_server_side(
-        self, info: ObjectInfo, spec: TransferSpec, fp: str, progress: Progress
-    ) -> Outcome:
+    async def _copy_server_side(self, h: Handoff) -> Outcome:
         """Put Block From URL for every block: Azure reads S3, this host reads nothing."""
+        info, spec, progress = h.known, h.spec, h.progress
         dst = spec.destination
         cut = plan_blocks(info, self._settings.block_size, None, flavour="server-side")
         plan, done, cleared = await self.staged(
@@ -103,7 +102,7 @@ class ServerSide(Route):
             # object written over at the same size would commit as a mix of both.
             await self.still_the_same(info)
         ids = [plan.block_id(b.index, SERVER_SIDE_MD5) for b in plan.blocks]
-        landing = await self.commit(info, spec, fp, ids, md5)
+        landing = await self.commit(info, h, ids, md5)
         verified = (
             SERVER_SIDE_CHECKED
             if md5

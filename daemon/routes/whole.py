@@ -15,7 +15,6 @@ from collections.abc import Awaitable, Callable
 from daemon.addresses import S3Address
 from daemon.chunks import Chunks
 from daemon.errors import CorruptBlockError, SourceChangedError, VerificationError
-from daemon.jobs import Overwrite, TransferSpec
 from daemon.objects import Listed, ObjectInfo
 from daemon.outcome import Outcome, Status
 from daemon.properties import Landing
@@ -30,11 +29,10 @@ class _Attempts:
     """One GET and one Put Blob per call; remembers what the last call sent and how
     many times the bytes arrived damaged."""
 
-    def __init__(self, route: Whole, read: Read, spec: TransferSpec, fp: str) -> None:
+    def __init__(self, route: Whole, read: Read, h: Handoff) -> None:
         self._route = route
         self._read = read
-        self._spec = spec
-        self._fp = fp
+        self._h = h
         self.sent: Sent | None = None
         self.damaged = 0
 
@@ -52,11 +50,10 @@ class _Attempts:
                     verified = verify(info, md5, [md5] if info.parts == 1 else None, checksum)
                 except VerificationError as e:
                     raise CorruptBlockError(str(e)) from None
-            spec = self._spec
-            landing = self._route.landing(info, spec, self._fp)
-            overwrite = spec.overwrite is not Overwrite.NEVER
+            h = self._h
+            landing = self._route.landing(info, h.spec, h.fp)
             self.sent = (info, verified, landing)
-            await self._route.put(spec, data, md5, landing, overwrite)
+            await self._route.put(h, data, md5, landing)
         except CorruptBlockError:
             self.damaged += 1
             raise
@@ -76,27 +73,23 @@ class Whole(Route):
 
     async def _copy(self, size: int, read: Read, h: Handoff) -> Outcome:
         """Copy the object ``read`` returns (``size`` bytes, reserved in the budget)."""
-        spec, fp, progress = h.spec, h.fp, h.progress
-        dst = spec.destination
-        attempts = _Attempts(self, read, spec, fp)
+        attempts = _Attempts(self, read, h)
         async with self._budget.hold(size):
-            done = await self.write(attempts, f"copy {spec.source}", dst, fp, size)
+            done = await self.write(attempts, f"copy {h.spec.source}", h, size)
         if done is None:  # an earlier attempt landed it; only its answer was lost
             assert attempts.sent is not None, "only a put is refused as existing"
             done = attempts.sent
         info, verified, landing = done
-        progress(info.size)
+        h.progress(info.size)
         damaged = attempts.damaged
         note = (
             f"the bytes arrived damaged {damaged} time(s); read and sent again" if damaged else None
         )
         return Outcome(Status.COPIED, info.size, verified, note, landing=landing, route=self.name)
 
-    async def put(
-        self, spec: TransferSpec, data: Chunks, md5: bytes, landing: Landing, overwrite: bool
-    ) -> None:
+    async def put(self, h: Handoff, data: Chunks, md5: bytes, landing: Landing) -> None:
         await self._sink.put(
-            spec.destination, data, md5, landing.headers, landing.metadata, overwrite, landing.tier
+            h.spec.destination, data, md5, landing.headers, landing.metadata, h.when, landing.tier
         )
 
     def _of_info(self, info: ObjectInfo) -> Read:
