@@ -25,16 +25,22 @@ import structlog
 from daemon import metrics
 from daemon.azure import AzureWriter
 from daemon.budget import Budget
-from daemon.errors import ConfigError, StateError
+from daemon.errors import ConfigError, StateError, TransferError
 from daemon.jobrun import state_failure
 from daemon.jobs import TransferSpec
 from daemon.logs import set_level
 from daemon.outcome import JobStatus
 from daemon.progress import JobProgress
 from daemon.reload import Reloader
+from daemon.results import Results
+from daemon.routing import Routes
 from daemon.s3 import S3Reader
 from daemon.settings import Settings, require_azure
+from daemon.sources.base import JobSource
 from daemon.sources.directory import DirectorySource
+from daemon.sources.merged import MergedSource
+from daemon.sources.queue import QueueSource
+from daemon.sqs import Queue
 from daemon.state import StateStore
 from daemon.supervisor import Supervisor
 from daemon.systemd import Notifier
@@ -142,7 +148,7 @@ class Daemon:
             raise _unusable("jobs_dir", s.jobs_dir, error) from None
         return source
 
-    async def serve(self, source: DirectorySource, on_ready: Callable[[], None] | None) -> None:
+    async def serve(self, folder: DirectorySource, on_ready: Callable[[], None] | None) -> None:
         """Both sides opened, metrics served, ready told; jobs run until ``stop``, then
         drained. A state that could no longer be written is raised at the end: the
         process exits non-zero with the reason, and systemd starts it again."""
@@ -153,8 +159,9 @@ class Daemon:
                 s, e.s3, e.copier, state, self._stop, grace_s=s.grace_period_s, force=self._force
             )
             async with contextlib.AsyncExitStack() as stack:
+                source = await _with_queue(s, folder, e, sup, stack)
                 if s.metrics_address is not None:
-                    gauges = partial(_gauges, sup, source, e)
+                    gauges = partial(_gauges, sup, folder, e)
                     unready = partial(self._unready, state)
                     await stack.enter_async_context(
                         metrics.serving(s.metrics_address, sup.metrics, gauges, unready)
@@ -185,7 +192,7 @@ class Daemon:
         if on_ready is not None:
             on_ready()
 
-    async def _run(self, sup: Supervisor, source: DirectorySource, e: Engine) -> None:
+    async def _run(self, sup: Supervisor, source: JobSource, e: Engine) -> None:
         """The supervisor, and the chores beside it until it returns."""
         state, notifier = self._state, self._notifier
         assert state is not None
@@ -220,6 +227,28 @@ class Daemon:
         for lock in reversed(self._locks):
             lock.close()
         self._notifier.close()
+
+
+async def _with_queue(
+    s: Settings,
+    folder: DirectorySource,
+    e: Engine,
+    sup: Supervisor,
+    stack: contextlib.AsyncExitStack,
+) -> JobSource:
+    """The folder's jobs, and the queue's as well when sqs.queue_url is set."""
+    if s.sqs.queue_url is None:
+        return folder
+    queue = await stack.enter_async_context(Queue(s))
+    results = Results(s.sqs.results or str(s.jobs_dir / "results"), e.azure, e.s3, s.retry)
+    source = QueueSource(s.sqs, queue, results, Routes(s.routes), sup.metrics)
+    source.room = lambda: sup.free_slots
+    try:
+        await source.prepare()
+    except TransferError as error:
+        raise ConfigError(f"configuration error: sqs.queue_url: {error}") from None
+    log.info("taking jobs from the queue too", queue=s.sqs.queue_url, routes=len(s.routes))
+    return MergedSource(folder, source)
 
 
 def _prune(state: StateStore, settings: Settings) -> None:

@@ -280,6 +280,21 @@ class AzureWriter:
                 async for b in page
             ]
 
+    async def delete(self, dst: AzAddress, when: Precondition) -> None:
+        """Delete the blob (and its snapshots) if it is still as ``when`` says; a blob
+        gone already is what was asked."""
+        try:
+            await self._blob(dst).delete_blob(delete_snapshots="include", **_conditions(when))
+        except ResourceNotFoundError as e:
+            if error_code(e) == "ContainerNotFound":
+                raise self._error(e, dst, "delete") from None
+        except HttpResponseError as e:
+            if e.status_code == 412:
+                raise _refused(when, dst) from None
+            raise self._error(e, dst, "delete") from None
+        except AzureError as e:
+            raise self._error(e, dst, "delete") from None
+
     async def discard_uncommitted(self, dst: AzAddress) -> None:
         """Delete a blob that has uncommitted blocks and nothing committed: the one way
         to be rid of blocks another writer left. Only for a blob a HEAD found absent."""

@@ -98,6 +98,10 @@ class SourceChangedError(PermanentError):
         )
 
 
+class ObjectMissingError(PermanentError):
+    """S3 holds no object under the key (the bucket exists)."""
+
+
 class VerificationError(PermanentError):
     """The copied bytes do not match what the source says it holds."""
 

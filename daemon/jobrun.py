@@ -42,6 +42,7 @@ class Tally:
     failed: int = 0
     interrupted: int = 0
     excluded: int = 0  # objects under a prefix its include/exclude left out
+    transient: int = 0  # of failed: for reasons a later attempt may not meet
 
     @property
     def status(self) -> JobStatus:
@@ -158,11 +159,14 @@ class JobRunner:
             self._last_flush = now
             self.state.flush()
 
-    async def run_job(self, name: str, specs: Sequence[TransferSpec]) -> JobStatus:
+    async def run_job(
+        self, name: str, specs: Sequence[TransferSpec], tally: Tally | None = None
+    ) -> JobStatus:
         """Run every transfer of a job whose start the caller has recorded
-        (``state.job_started``); returns DONE, FAILED or INTERRUPTED."""
+        (``state.job_started``); returns DONE, FAILED or INTERRUPTED. ``tally``, when
+        given, is counted in (the caller reads it after)."""
         structlog.contextvars.bind_contextvars(job=name)
-        tally = Tally()
+        tally = tally if tally is not None else Tally()
         t0 = time.monotonic()
         seq = 0
         async with asyncio.TaskGroup() as tg:
@@ -330,6 +334,7 @@ class JobRunner:
             raise
         except TransferError as e:
             tally.failed += 1
+            tally.transient += int(e.transient)
             error = redact(str(e))
             self._ended(job, seq, Status.FAILED, tracker.done, error)
             log.error("failed", error=error, bytes=tracker.done)

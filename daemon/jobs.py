@@ -125,6 +125,24 @@ class Options:
     mode: Mode | None = None  # otherwise the mode setting
     keys: KeyFilter | None = None  # a prefix's objects to copy; None: every one
     dry_run: bool = False  # decide what would be copied, and copy nothing
+    # The blob follows S3 both ways: copied while the object exists, deleted once S3
+    # no longer holds it (and only if blobferry copied it from this very key).
+    delete: bool = False
+
+    def doc(self) -> dict[str, Any]:
+        """These options as a job file gives them (include and exclude left out: they
+        chose among a prefix's keys, and a job of single objects has none)."""
+        out: dict[str, Any] = {"overwrite": str(self.overwrite)}
+        for name in ("content_type", "tier", "mode"):
+            if getattr(self, name) is not None:
+                out[name] = getattr(self, name)
+        if self.metadata:
+            out["metadata"] = dict(self.metadata)
+        if self.dry_run:
+            out["dry_run"] = True
+        if self.delete:
+            out["delete"] = True
+        return out
 
 
 @dataclass(frozen=True, slots=True)
@@ -156,7 +174,9 @@ def _header_value(what: str, value: str) -> None:
         raise ValueError(f"{what} must be printable ASCII (Azure takes no other), not {value!r}")
 
 
-class _OptionsIn(BaseModel):
+class OptionsIn(BaseModel):
+    """The options a job (or a route in the settings) may give."""
+
     model_config = ConfigDict(extra="forbid", strict=True)
 
     overwrite: Literal["always", "never", "if-changed"] | None = None
@@ -167,6 +187,7 @@ class _OptionsIn(BaseModel):
     include: list[str] | None = None
     exclude: list[str] | None = None
     dry_run: bool | None = None
+    delete: bool | None = None
 
     @field_validator("include", "exclude")
     @classmethod
@@ -204,6 +225,7 @@ class _OptionsIn(BaseModel):
             mode=self.mode or base.mode,
             keys=self._keys(base.keys),
             dry_run=self.dry_run if self.dry_run is not None else base.dry_run,
+            delete=self.delete if self.delete is not None else base.delete,
         )
 
     def _keys(self, base: KeyFilter | None) -> KeyFilter | None:
@@ -215,12 +237,12 @@ class _OptionsIn(BaseModel):
         return KeyFilter.of(include, exclude) if include or exclude else None
 
 
-class _TransferIn(_OptionsIn):
+class _TransferIn(OptionsIn):
     source: str
     destination: str
 
 
-class _JobIn(_OptionsIn):
+class _JobIn(OptionsIn):
     """Either one transfer (source, destination) or a list; options at the top level
     apply to every transfer, and a transfer's own options win."""
 
@@ -321,7 +343,7 @@ class JobTransfers(Sequence[TransferSpec]):
             raise JobFileError(f"job file: transfers.{i}.{_first_problem(e)}") from None
         except AddressError as e:
             raise JobFileError(f"job file: transfers.{i}: {e}") from None
-        if t.include is not None or t.exclude is not None:
+        if t.include is not None or t.exclude is not None or spec.options.delete:
             _filters_a_prefix(spec, f"job file: transfers.{i}")
         return spec
 
@@ -354,11 +376,17 @@ class JobTransfers(Sequence[TransferSpec]):
 
 def _filters_a_prefix(spec: TransferSpec, where: str) -> None:
     """include/exclude choose among a prefix's objects: given for one object, they
-    would either copy it anyway or silently copy nothing."""
+    would either copy it anyway or silently copy nothing. delete is the reverse: it
+    says what to do when one object is gone, and a prefix's gone objects are not listed."""
     if spec.options.keys is not None and not spec.source.is_prefix:
         raise JobFileError(
             f"{where}: include and exclude choose objects under a prefix, and "
             f"{spec.source} is one object (a prefix ends with /)"
+        )
+    if spec.options.delete and spec.source.is_prefix:
+        raise JobFileError(
+            f"{where}: delete follows one object (its blob goes once S3 no longer holds "
+            f"it), and {spec.source} is a prefix"
         )
 
 

@@ -27,10 +27,14 @@ JOB_STATUSES = (JobStatus.DONE, JobStatus.FAILED, JobStatus.CANCELLED)  # those 
 TRANSFER_STATUSES = (  # those ended
     Status.COPIED,
     Status.SKIPPED,
+    Status.DELETED,
     Status.FAILED,
     Status.CANCELLED,
     Status.INTERRUPTED,
 )
+
+
+MESSAGE_EVENTS = ("received", "deleted", "released", "dead_lettered", "ignored")
 
 
 @dataclass(slots=True)
@@ -45,6 +49,11 @@ class Metrics:
     transfers_running: int = 0
     started_at: float = field(default_factory=time.time)
     recent: RecentRate = field(default_factory=RecentRate)  # the screens' rate, too
+    # The queue's messages (sqs): what became of those this daemon received.
+    messages: Counter[str] = field(
+        default_factory=lambda: Counter(dict.fromkeys(MESSAGE_EVENTS, 0))
+    )
+    queue_lag_s: float = 0.0  # the oldest message of the last receive: its age then
 
     def streamed(self, n: int) -> None:
         if n > 0:  # a pipe that starts over hands back what it had counted: not here
@@ -86,6 +95,21 @@ class Metrics:
                 "Bytes read from S3 and sent on to Azure since start, as they go (its rate "
                 "is the throughput); bytes sent again after a failure count again.",
                 [("", self.bytes_streamed)],
+            ),
+            (
+                "queue_messages_total",
+                "counter",
+                "Queue messages since start: received, deleted (after their report), "
+                "released (back to the queue), dead_lettered (released for the last time "
+                "its redrive policy allows), ignored (asked for nothing, deleted).",
+                [(f'{{event="{k}"}}', n) for k, n in sorted(self.messages.items())],
+            ),
+            (
+                "queue_lag_seconds",
+                "gauge",
+                "Age of the oldest message of the last receive (from its SentTimestamp); "
+                "0 when a receive found the queue empty.",
+                [("", self.queue_lag_s)],
             ),
             (
                 "retries_total",

@@ -19,6 +19,8 @@ class Status(StrEnum):
     RUNNING = "running"
     COPIED = "copied"
     SKIPPED = "skipped"
+    DELETED = "deleted"  # delete: S3 no longer holds the object, and its blob went too
+    SPREAD = "spread"  # a queue's prefix, put back on the queue as pages (fanout.py)
     FAILED = "failed"
     INTERRUPTED = "interrupted"  # by a drain: resumes on the next start
     CANCELLED = "cancelled"  # by a cancel request

@@ -179,6 +179,18 @@ class S3Reader:
                 if not pending.cancelled():
                     pending.exception()  # retrieved, so asyncio does not warn about it
 
+    async def put_small(self, address: S3Address, data: bytes, content_type: str) -> None:
+        """A small object written whole (a queue job's report, under sqs.results)."""
+        await self._call(
+            "PUT",
+            address,
+            self._client.put_object,
+            Bucket=address.bucket,
+            Key=address.key,
+            Body=data,
+            ContentType=content_type,
+        )
+
     async def _call(
         self, what: str, address: S3Address, call: Callable[..., Awaitable[Any]], **args: Any
     ) -> Any:

@@ -13,7 +13,12 @@ from botocore.exceptions import ClientError
 
 from daemon.addresses import S3Address
 from daemon.clock import refused_for_time
-from daemon.errors import PermanentError, RetryableError, SourceChangedError
+from daemon.errors import (
+    ObjectMissingError,
+    PermanentError,
+    RetryableError,
+    SourceChangedError,
+)
 from daemon.objects import ArchivedObjectError
 from daemon.proxies import refused_by_proxy
 
@@ -41,7 +46,7 @@ async def explain(
         return skewed
     if code in ("404", "NoSuchKey", "NotFound", "NoSuchBucket"):
         if code != "NoSuchBucket" and await bucket_exists(address.bucket):
-            return PermanentError(f"{address}: no such key in bucket {address.bucket!r}")
+            return ObjectMissingError(f"{address}: no such key in bucket {address.bucket!r}")
         return PermanentError(f"{address}: bucket {address.bucket!r} does not exist")
     if code in ("412", "PreconditionFailed"):
         return SourceChangedError(str(address))

@@ -29,6 +29,7 @@ from pydantic_settings import (
 
 from daemon.bandwidth import Timetable, timetable
 from daemon.errors import ConfigError
+from daemon.routing import RouteIn
 
 MiB = 1024 * 1024
 
@@ -157,6 +158,52 @@ class RetrySettings(BaseModel):
     connect_timeout_s: float = Field(default=15.0, gt=0)
 
 
+class SqsSettings(BaseModel):
+    """A queue the daemon takes jobs from, beside its folder; several daemons on one
+    queue share its work. Credentials: the same chain as S3's."""
+
+    model_config = {"extra": "forbid"}
+
+    queue_url: str | None = Field(default=None, description="Off when not set.")
+    region: str | None = Field(default=None, description="Default: s3.region.")
+    endpoint_url: str | None = None
+    results: str | None = Field(
+        default=None,
+        description="Where queue jobs' reports go, named by job: az://container/prefix/, "
+        "s3://bucket/prefix/ or a folder. The fleet's reports belong in one shared place; "
+        "default: JOBS_DIR/results/, this instance's only.",
+    )
+    wait_s: int = Field(default=20, ge=0, le=20, description="Long polling: SQS's most.")
+    visibility_s: int = Field(
+        default=120,
+        ge=10,
+        le=43200,
+        description="How long a message stays hidden from the fleet; renewed every third "
+        "of it while its job runs, so a daemon killed mid-job frees it within this.",
+    )
+    retry_delay_s: int = Field(
+        default=60,
+        ge=0,
+        le=43200,
+        description="A job that failed for a passing reason comes back after this, "
+        "doubled at each receive (at most 15 minutes), until the queue's maxReceiveCount.",
+    )
+    page_keys: int = Field(
+        default=1000,
+        ge=1,
+        le=10000,
+        description="A prefix job taken from the queue is listed and put back as jobs of "
+        "at most this many keys, so the whole fleet copies it.",
+    )
+
+    @field_validator("results")
+    @classmethod
+    def _results(cls, v: str | None) -> str | None:
+        if v is not None and v.startswith(("az://", "s3://")) and not v.endswith("/"):
+            raise ValueError(f"{v!r}: results is a prefix, and ends with /")
+        return v
+
+
 class Settings(BaseSettings):
     """Everything blobferry can be told. See config/blobferry.example.toml."""
 
@@ -281,6 +328,13 @@ class Settings(BaseSettings):
     s3: S3Settings = S3Settings()
     azure: AzureSettings = AzureSettings()
     retry: RetrySettings = RetrySettings()
+    sqs: SqsSettings = SqsSettings()
+    routes: list[RouteIn] = Field(
+        default_factory=list,
+        description="[[routes]]: which destination an S3 event's key goes to. Each has "
+        "source (s3://bucket/prefix/), destination (az://container/prefix/), any job "
+        "option (overwrite, tier, metadata, include, exclude ...) and delete.",
+    )
 
     @field_validator("bandwidth_mb_s")
     @classmethod

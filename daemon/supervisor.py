@@ -29,14 +29,15 @@ import structlog
 
 from daemon.budget import Budget
 from daemon.errors import JobFileError, StateError
-from daemon.jobrun import JobRunner, internal_error, state_failure
+from daemon.fanout import spread
+from daemon.jobrun import JobRunner, Tally, internal_error, state_failure
 from daemon.jobs import TransferSpec, parse_job
 from daemon.metrics import Metrics
 from daemon.outcome import JobStatus
 from daemon.progress import JobProgress
 from daemon.s3 import S3Reader
 from daemon.settings import Settings
-from daemon.sources.base import ClaimedJob, JobSource
+from daemon.sources.base import ClaimedJob, Ending, JobSource
 from daemon.state import StateStore
 from daemon.transfer import Copier
 
@@ -113,6 +114,11 @@ class Supervisor:
             f"{m.transfers['copied']} copied, {m.transfers['failed']} failed, "
             f"{m.bytes_copied / 2**20:.0f} MiB since start"
         )
+
+    @property
+    def free_slots(self) -> int:
+        """Transfers that could start now: how many messages a queue receive asks for."""
+        return max(1, self._slots.capacity - self._slots.used)
 
     @property
     def max_transfers(self) -> int:
@@ -240,7 +246,7 @@ class Supervisor:
         self.state.job_started(name)
         self.state.job_finished(name, JobStatus.CANCELLED, "cancelled before it started")
         log.info("job cancelled before it started", job=name)
-        await self._file(source, job, JobStatus.CANCELLED)
+        await self._file(source, job, Ending(JobStatus.CANCELLED))
 
     async def _run_claimed(self, source: JobSource, job: ClaimedJob) -> None:
         structlog.contextvars.bind_contextvars(job=job.name)
@@ -268,12 +274,15 @@ class Supervisor:
             entry.has_slot.set()
             self.state.job_started(job.name)
             started = True
-            status = await self._run_file(source, job) if entry.slot else JobStatus.INTERRUPTED
+            ending = (
+                await self._run_file(source, job) if entry.slot else Ending(JobStatus.INTERRUPTED)
+            )
         except asyncio.CancelledError:
             task = asyncio.current_task()
             if not entry.cancel_requested or (task is not None and task.uncancel() > 0):
                 raise  # a shutdown's, not a cancel request's
             status = JobStatus.CANCELLED
+            ending = Ending(status)
             if not started:
                 self.state.job_started(job.name)
             self.state.job_finished(job.name, status, CANCELLED)
@@ -284,12 +293,13 @@ class Supervisor:
             if entry.slot:  # no transfer took it
                 entry.slot = False
                 self._slots.release(1)
-        if status is JobStatus.INTERRUPTED:
-            log.info("job interrupted, resumes on next start")
+        if ending.status is JobStatus.INTERRUPTED:
+            log.info("job interrupted, handed back to resume")
+            await source.release(job)
             return
-        await self._file(source, job, status)
+        await self._file(source, job, ending)
 
-    async def _run_file(self, source: JobSource, job: ClaimedJob) -> JobStatus:
+    async def _run_file(self, source: JobSource, job: ClaimedJob) -> Ending:
         try:
             # A large job file takes seconds to parse: not on the loop serving sockets,
             # and one at a time, so a burst of large files costs one parse's memory.
@@ -298,29 +308,36 @@ class Supervisor:
         except JobFileError as e:
             self.state.job_finished(job.name, JobStatus.FAILED, str(e))
             log.error("job failed", error=str(e))
-            return JobStatus.FAILED
+            return Ending(JobStatus.FAILED, poison=True)
+        tally = Tally()
         try:
-            return await self.run_job(job.name, specs)
+            pages = source.spreader(job)
+            if pages is not None and any(s.source.is_prefix for s in specs):
+                tally = await spread(job.name, specs, self._s3, self.state, pages, self._stop)
+                status = tally.status
+                if status is not JobStatus.INTERRUPTED:
+                    self.state.job_finished(job.name, status, excluded=tally.excluded)
+            else:
+                status = await self._runner.run_job(job.name, specs, tally)
         except Exception as e:  # a bug must cost one job, never the daemon
             if state_failure(e) is not None:
                 raise
             error = internal_error(e)
             self.state.job_finished(job.name, JobStatus.FAILED, error)
             log.exception("job failed", error=error)
-            return JobStatus.FAILED
+            return Ending(JobStatus.FAILED)
+        return Ending(status, transient=tally.transient > 0)
 
-    async def _file(self, source: JobSource, job: ClaimedJob, status: JobStatus) -> None:
-        self.metrics.jobs[status] += 1
+    async def _file(self, source: JobSource, job: ClaimedJob, ending: Ending) -> None:
+        self.metrics.jobs[ending.status] += 1
         try:
-            await source.finish(
-                job, status is JobStatus.DONE, partial(self.state.write_report, job.name)
-            )
+            await source.finish(job, ending, partial(self.state.write_report, job.name))
         except Exception as e:
             # A full disk or a folder in the report's place (or a bug). The job's outcome
             # is in the state; its file stays in processing/ and is filed next start.
             log.error(
                 "job not filed, it stays in processing/ until the next start",
-                status=status,
+                status=ending.status,
                 error=str(e) if isinstance(e, OSError) else internal_error(e),
                 exc_info=not isinstance(e, OSError),
             )

@@ -22,13 +22,14 @@ from daemon.errors import (
     ContainerMissingError,
     Interrupted,
     NotPermittedError,
+    ObjectMissingError,
     PermanentError,
 )
 from daemon.holdings import Holdings, Known
 from daemon.jobs import Overwrite, TransferSpec
 from daemon.objects import ARCHIVE_CLASSES, ArchivedObjectError, Listed, ObjectInfo
 from daemon.outcome import DRY_RUN, Outcome, Progress, Status, unwatched
-from daemon.properties import FINGERPRINT_KEY, fingerprint
+from daemon.properties import ETAG_KEY, FINGERPRINT_KEY, fingerprint
 from daemon.retry import retrying
 from daemon.routes import Blocks, Handoff, Pipe, Route, ServerSide, SourceUrls, Whole
 from daemon.seams import ANYTHING, BlobId, BlobSink, ObjectSource, Precondition
@@ -158,7 +159,12 @@ class Copier:
         looked = await self._look(spec, known)
         info: ObjectInfo | None = None
         if listed is None:
-            info = await self._steps.head(src)
+            try:
+                info = await self._steps.head(src)
+            except ObjectMissingError:
+                if not spec.options.delete:
+                    raise
+                return await self._gone(spec, looked)
             fp = fingerprint(src, info.etag, info.size)
             if sized is not None:
                 sized(info.size)
@@ -212,7 +218,7 @@ class Copier:
     async def _look(self, spec: TransferSpec, known: Known | None) -> Known | None:
         """What the destination holds (``known``, when a listing said), or None when the
         transfer does not ask (overwrite 'always': the last writer wins)."""
-        if spec.overwrite is Overwrite.ALWAYS:
+        if spec.overwrite is Overwrite.ALWAYS and not spec.options.delete:
             return None
         if known is not None:
             return known
@@ -229,6 +235,33 @@ class Copier:
             if not (spec.options.dry_run and self._settings.azure.create_containers):
                 raise
             return Known(None)  # a copy would create the container: no blob is there
+
+    async def _gone(self, spec: TransferSpec, looked: Known | None) -> Outcome:
+        """delete, and S3 holds no object under the key: its blob goes, if blobferry
+        copied it from this very key (its fingerprint names this key with the ETag and
+        size it records) and it is still the blob looked at before S3 was asked."""
+        blob = looked.blob if looked is not None else None
+        if blob is None:
+            return Outcome(Status.SKIPPED, note="gone from S3, and no blob is there")
+        etag = blob.metadata.get(ETAG_KEY)
+        ours = etag is not None and blob.metadata.get(FINGERPRINT_KEY) == fingerprint(
+            spec.source, etag, blob.size
+        )
+        if not ours:
+            return Outcome(
+                Status.SKIPPED,
+                note="gone from S3; the blob there was not copied from it by blobferry, "
+                "so it stays",
+            )
+        if spec.options.dry_run:
+            return Outcome(Status.SKIPPED, note="dry run: would be deleted (gone from S3)")
+        dst = spec.destination
+        await retrying(
+            lambda: self._sink.delete(dst, Precondition.of(blob)),
+            self._settings.retry,
+            f"delete {dst}",
+        )
+        return Outcome(Status.DELETED, note="gone from S3: the blob copied from it deleted")
 
     def _skip_reason(self, spec: TransferSpec, fp: str, looked: Known | None) -> str | None:
         existing = looked.blob if looked is not None else None

@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from daemon import cli
-from daemon.sources.base import ClaimedJob
+from daemon.outcome import JobStatus
+from daemon.sources.base import ClaimedJob, Ending
 from daemon.sources.directory import DirectorySource
 from daemon.state import StateStore
 from tests.test_daemon import chattr
@@ -111,7 +112,7 @@ async def test_a_job_is_filed_when_its_folder_was_removed_while_it_ran(tmp_path:
     (source.processing / "j.json").write_text("{}")
     job = ClaimedJob("j.json", source.processing / "j.json")
     (source.done).rmdir()
-    await source.finish(job, True, lambda f: f.write('{"job": "j.json"}'))
+    await source.finish(job, Ending(JobStatus.DONE), lambda f: f.write('{"job": "j.json"}'))
     assert sorted(p.name for p in source.done.iterdir()) == ["j.json", "j.report.json"]
 
 

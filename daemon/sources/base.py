@@ -7,6 +7,9 @@ from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass
 from typing import IO, Protocol
 
+from daemon.jobs import TransferSpec
+from daemon.outcome import JobStatus
+
 
 @dataclass(frozen=True, slots=True)
 class ClaimedJob:
@@ -16,6 +19,21 @@ class ClaimedJob:
     name: str
     handle: object  # the source's own reference (a path, a queue receipt ...)
     recovered: bool = False  # claimed by an earlier run that did not finish it
+
+
+@dataclass(frozen=True, slots=True)
+class Ending:
+    """How a job ended, as its source needs to know to hand it back."""
+
+    status: JobStatus
+    transient: bool = False  # failed only for reasons a later attempt may not meet
+    poison: bool = False  # its text could not be read as a job at all
+
+
+class Spreader(Protocol):
+    """Where a large job's pages go, so that every instance works on them."""
+
+    async def put(self, specs: list[TransferSpec]) -> None: ...
 
 
 class JobSource(Protocol):
@@ -38,7 +56,16 @@ class JobSource(Protocol):
         ...
 
     async def finish(
-        self, job: ClaimedJob, ok: bool, write_report: Callable[[IO[str]], object]
+        self, job: ClaimedJob, ending: Ending, write_report: Callable[[IO[str]], object]
     ) -> None:
-        """Hand the job back as done (``ok``) or failed, with its report."""
+        """Hand the job back as it ended, with its report."""
+        ...
+
+    async def release(self, job: ClaimedJob) -> None:
+        """Hand back a job that did not run to its end (a drain): it runs again later,
+        here or elsewhere."""
+        ...
+
+    def spreader(self, job: ClaimedJob) -> Spreader | None:
+        """Where ``job``'s prefixes go to be shared out as pages; None: run them here."""
         ...

@@ -34,7 +34,8 @@ from typing import IO
 import structlog
 
 from daemon.errors import JobFileError
-from daemon.sources.base import ClaimedJob
+from daemon.outcome import JobStatus
+from daemon.sources.base import ClaimedJob, Ending
 
 log = structlog.get_logger("blobferry.source")
 
@@ -311,10 +312,17 @@ class DirectorySource:
         return data
 
     async def finish(
-        self, job: ClaimedJob, ok: bool, write_report: Callable[[IO[str]], object]
+        self, job: ClaimedJob, ending: Ending, write_report: Callable[[IO[str]], object]
     ) -> None:
+        ok = ending.status is JobStatus.DONE
         await asyncio.to_thread(self._finish, job, ok, write_report)
         self._claimed.discard(job.name)  # filed: a namesake in inbox/ may go now
+
+    async def release(self, job: ClaimedJob) -> None:
+        """It stays in processing/, and resumes on the next start."""
+
+    def spreader(self, job: ClaimedJob) -> None:
+        return None  # one daemon per jobs folder: its prefixes are listed and run here
 
     def _finish(self, job: ClaimedJob, ok: bool, write_report: Callable[[IO[str]], object]) -> None:
         target = self.done if ok else self.failed
