@@ -14,7 +14,7 @@ import boto3
 
 
 @dataclass
-class TestQueue:
+class SharedQueue:
     sqs: Any
     url: str
     dlq_url: str
@@ -45,7 +45,7 @@ class TestQueue:
         )
 
 
-def make_queue(endpoint: str, max_receives: int = 2, visibility_s: int = 30) -> TestQueue:
+def make_queue(endpoint: str, max_receives: int = 2, visibility_s: int = 30) -> SharedQueue:
     sqs = boto3.client("sqs", endpoint_url=endpoint, region_name="us-east-1")
     name = f"q-{uuid.uuid4().hex[:10]}"
     dlq = sqs.create_queue(QueueName=f"{name}-dlq")["QueueUrl"]
@@ -64,10 +64,10 @@ def make_queue(endpoint: str, max_receives: int = 2, visibility_s: int = 30) -> 
     arn = sqs.get_queue_attributes(QueueUrl=url, AttributeNames=["QueueArn"])["Attributes"][
         "QueueArn"
     ]
-    return TestQueue(sqs, url, dlq, arn)
+    return SharedQueue(sqs, url, dlq, arn)
 
 
-def notify(s3_client: Any, bucket: str, queue: TestQueue) -> None:
+def notify(s3_client: Any, bucket: str, queue: SharedQueue) -> None:
     """The bucket's created and removed events go to the queue."""
     s3_client.put_bucket_notification_configuration(
         Bucket=bucket,
