@@ -244,7 +244,7 @@ async def _with_queue(
     source = QueueSource(s.sqs, queue, results, Routes(s.routes), sup.metrics)
     source.room = lambda: sup.free_slots
     try:
-        await source.prepare()
+        await stack.enter_async_context(source)
     except TransferError as error:
         raise ConfigError(f"configuration error: sqs.queue_url: {error}") from None
     log.info("taking jobs from the queue too", queue=s.sqs.queue_url, routes=len(s.routes))

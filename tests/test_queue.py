@@ -150,3 +150,41 @@ async def test_events_jobs_poison_and_deletes(
         ln for ln in metrics.splitlines() if ln.startswith('blobferry_queue_messages_total{event="dead_lettered"}')
     )
     assert dead_lettered.endswith(" 3")
+
+
+async def test_a_drain_releases_what_it_does_not_finish_at_once(
+    tmp_path: Path,
+    moto_server: str,
+    moto_endpoint: str,
+    azurite_endpoint: str,
+    s3_client: Any,
+    blob_service: BlobServiceClient,
+    bucket: str,
+    container: str,
+) -> None:
+    """Stopped mid-job (SIGTERM's stop), past its grace period: the message goes back to
+    the queue at once, not after its visibility timeout (60 s here), and the job's
+    blocks stay staged for whoever takes it next."""
+    q = make_queue(moto_server, visibility_s=60)
+    s3_client.put_object(Bucket=bucket, Key="slow.bin", Body=payload(24 * MiB, seed=5))
+    settings = make_settings(
+        tmp_path,
+        moto_endpoint,
+        azurite_endpoint,
+        bandwidth_mb_s=4,
+        memory_mb=4,  # a 4 MiB block at a time, each a second at 4 MB/s
+        grace_period_s=0.5,
+        sqs={"queue_url": q.url, "endpoint_url": moto_server, "wait_s": 1, "visibility_s": 60},
+    )
+    job = {"source": f"s3://{bucket}/slow.bin", "destination": f"az://{container}/slow.bin"}
+    async with running_daemon(settings) as d:
+        q.sqs.send_message(QueueUrl=q.url, MessageBody=json.dumps(job))
+        await until(lambda: q.counts() == (0, 1), 20, "the message taken")
+        await asyncio.sleep(2.5)  # two or three blocks of six staged
+        d.stop.set()
+        await asyncio.wait_for(d.task, 10)
+    assert q.counts() == (1, 0)  # visible again at once
+    [m] = q.sqs.receive_message(QueueUrl=q.url, AttributeNames=["All"])["Messages"]
+    assert json.loads(m["Body"]) == job
+    staged = blob_service.get_blob_client(container, "slow.bin").get_block_list("uncommitted")[1]
+    assert staged, "the blocks that landed wait for the next daemon"

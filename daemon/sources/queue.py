@@ -61,10 +61,27 @@ class QueueSource:
         self._held: dict[str, Message] = {}  # job name -> its message, kept hidden
         self._jobs: dict[str, Job | NotAJob] = {}  # job name -> what its message says
         self._max_receives: int | None = None
+        self._heartbeat: asyncio.Task[None]
         self.room: Callable[[], int] = lambda: 1  # free transfer slots (the supervisor's)
 
-    async def prepare(self) -> None:
-        """The queue reached, and its redrive policy read."""
+    async def __aenter__(self) -> QueueSource:
+        """The queue reached, its redrive policy read, and the heartbeat started: it
+        keeps the messages of running jobs hidden until the source closes, after the
+        supervisor has drained."""
+        await self._prepare()
+        self._heartbeat = asyncio.create_task(self._keep_hidden(), name="queue-heartbeat")
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self._heartbeat.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._heartbeat
+        # Jobs cancelled past the grace period never said how they ended: theirs go
+        # back now, not when their visibility lapses.
+        for name in list(self._held):
+            await self.release(ClaimedJob(name, self._held[name].id))
+
+    async def _prepare(self) -> None:
         self._max_receives = await self._queue.max_receives()
         if self._max_receives is None:
             log.warning(
@@ -77,7 +94,6 @@ class QueueSource:
 
     async def jobs(self, stop: asyncio.Event) -> AsyncGenerator[ClaimedJob, None]:
         waiting: deque[ClaimedJob] = deque()
-        heartbeat = asyncio.create_task(self._keep_hidden(stop), name="queue-heartbeat")
         try:
             while not stop.is_set():
                 if waiting:
@@ -89,9 +105,6 @@ class QueueSource:
                     if job is not None:
                         waiting.append(job)
         finally:
-            heartbeat.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await heartbeat
             for job in waiting:  # received, never run: back to the fleet at once
                 await self.release(job)
 
@@ -142,7 +155,7 @@ class QueueSource:
         self._jobs[name] = said
         return ClaimedJob(name, m.id, recovered=m.receives > 1)
 
-    async def _keep_hidden(self, stop: asyncio.Event) -> None:
+    async def _keep_hidden(self) -> None:
         """Renew every held message's visibility each third of it."""
         every = self._settings.visibility_s / 3
         while True:
