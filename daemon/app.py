@@ -242,7 +242,8 @@ async def _with_queue(
     queue = await stack.enter_async_context(Queue(s))
     results = Results(s.sqs.results or str(s.jobs_dir / "results"), e.azure, e.s3, s.retry)
     source = QueueSource(s.sqs, queue, results, Routes(s.routes), sup.metrics)
-    source.room = lambda: sup.free_slots
+    cap = e.s3.bandwidth
+    source.room = lambda: 0 if cap.saturated() else sup.free_slots
     try:
         await stack.enter_async_context(source)
     except TransferError as error:

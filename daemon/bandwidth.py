@@ -159,6 +159,11 @@ class Bandwidth:
                 self._paid_until = now  # a new cap starts afresh
         return self._rate
 
+    def saturated(self) -> bool:
+        """Whether reading is held back by the cap now: more booked than a burst."""
+        now = asyncio.get_running_loop().time()
+        return self._rate_at(now) is not None and self._paid_until - now > BURST_S
+
     async def take(self, n: int) -> None:
         """Book ``n`` bytes just read; wait while reading has run ahead of the cap."""
         now = asyncio.get_running_loop().time()

@@ -46,10 +46,12 @@ class ObjectEvent:
 @dataclass(frozen=True, slots=True)
 class Job:
     """The job a message comes to: its text in the job-file format; ``skipped`` says
-    what of the message it leaves out, and why."""
+    what of the message it leaves out, and why; ``objects``, how many objects it
+    names (None: a prefix, as many as it holds)."""
 
     text: str
     skipped: tuple[str, ...] = ()
+    objects: int | None = 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,7 +81,7 @@ def decode(body: str | bytes, routes: Routes) -> Job | Nothing:
         return _job(_bridge(doc), routes)
     if "source" in doc or "transfers" in doc:
         text = body if isinstance(body, str) else body.decode()
-        return Job(text)  # a job: parsed (and refused, if it must be) as a job file
+        return Job(text, objects=_objects(doc))  # parsed (and refused) as a job file
     raise NotAJob(
         "the message is none of: a job, an S3 event notification, SNS's wrapping of one, "
         f"EventBridge's S3 event (its fields: {', '.join(sorted(map(str, doc))[:8])})"
@@ -143,4 +145,18 @@ def _job(events: list[ObjectEvent], routes: Routes) -> Job | Nothing:
             }
     if not transfers:
         return Nothing("; ".join(skipped) or "the event names no object")
-    return Job(json.dumps({"transfers": list(transfers.values())}), tuple(skipped))
+    text = json.dumps({"transfers": list(transfers.values())})
+    return Job(text, tuple(skipped), len(transfers))
+
+
+def _objects(doc: dict[str, Any]) -> int | None:
+    """How many objects a job names; None when one of its sources is a prefix."""
+    items = doc.get("transfers")
+    sources = (
+        [t.get("source") for t in items if isinstance(t, dict)]
+        if isinstance(items, list)
+        else [doc.get("source")]
+    )
+    if any(not isinstance(s, str) or s.endswith("/") or s.count("/") < 3 for s in sources):
+        return None
+    return max(1, len(sources))

@@ -43,7 +43,7 @@ async def spread(
     seq = 0
     if singles:
         state.transfer_started(job, seq, "(single objects)", "(as given)")
-        await pages.put(singles)
+        await pages.put(singles, [0] * len(singles))
         detail: dict[str, object] = {"spread": {"objects": len(singles)}}
         state.transfer_finished(job, seq, Status.SPREAD, 0, None, detail)
         seq += 1
@@ -96,6 +96,6 @@ async def _list(
             chosen = [o for o in page if keys is None or keys.admits(o.key[skip:])]
             excluded += len(page) - len(chosen)
             if chosen:
-                await pages.put([spec.for_key(o.key) for o in chosen])
+                await pages.put([spec.for_key(o.key) for o in chosen], [o.size for o in chosen])
                 objects += len(chosen)
     return objects, excluded

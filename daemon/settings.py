@@ -195,6 +195,12 @@ class SqsSettings(BaseModel):
         description="A prefix job taken from the queue is listed and put back as jobs of "
         "at most this many keys, so the whole fleet copies it.",
     )
+    page_mb: int = Field(
+        default=1024,
+        ge=1,
+        description="... and of at most this many MiB of objects (a larger object goes "
+        "alone), so large objects listed together are spread over the fleet too.",
+    )
 
     @field_validator("results")
     @classmethod

@@ -133,3 +133,19 @@ async def test_a_capped_copy_keeps_to_the_cap_on_every_route(
     # At most the burst and one chunk per reader (11 at once, aiohttp's at most
     # 256 KiB each) come ahead of the cap.
     assert took >= (total - 11 * 256 * 1024) / (6 * MB) - BURST_S, took
+
+
+async def test_saturated_while_readers_wait_on_the_cap() -> None:
+    """What a queue asks before it takes another job: a daemon at its cap leaves new
+    work to the rest of the fleet, and takes it again once its reading keeps up."""
+    bw = Bandwidth(timetable(10))  # 10 MB/s
+    assert not bw.saturated()
+    await bw.take(1 * MB)  # 0.1 s of the cap: within the burst
+    assert not bw.saturated()
+    reader = asyncio.ensure_future(bw.take(5 * MB))  # half a second more: it waits
+    await asyncio.sleep(0)
+    assert bw.saturated()
+    await reader
+    await asyncio.sleep(BURST_S)
+    assert not bw.saturated()
+    assert not Bandwidth(timetable(0)).saturated()  # no cap, never

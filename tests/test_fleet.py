@@ -79,8 +79,9 @@ def _fleet(tmp: Path, config: Path, azurite: str, n: int, slow_first: bool = Fal
                 BLOBFERRY_STATE_DIR=str(home / "state"),
                 AZURE_STORAGE_CONNECTION_STRING=connection_string(azurite),
             )
-            if slow_first and i == 0:
-                env["BLOBFERRY_BANDWIDTH_MB_S"] = "3"  # mid-object whenever it is killed
+            if slow_first and i == 0:  # mid-object whenever it is killed
+                env["BLOBFERRY_BANDWIDTH_MB_S"] = "1"
+                env["BLOBFERRY_PROGRESS_INTERVAL_S"] = "0.3"
             log = open(home / "log.jsonl", "wb")  # noqa: SIM115 (the process's)
             logs.append(log)
             procs.append(

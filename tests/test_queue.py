@@ -188,3 +188,33 @@ async def test_a_drain_releases_what_it_does_not_finish_at_once(
     assert json.loads(m["Body"]) == job
     staged = blob_service.get_blob_client(container, "slow.bin").get_block_list("uncommitted")[1]
     assert staged, "the blocks that landed wait for the next daemon"
+
+
+async def test_pages_bound_keys_bytes_and_text(
+    tmp_path: Path, moto_server: str, moto_endpoint: str, azurite_endpoint: str
+) -> None:
+    """A prefix's objects go back on the queue in pages of at most page_keys keys and
+    page_mb of objects (a larger object alone), each within SQS's 256 KiB a message."""
+    from daemon.jobs import make_spec
+    from daemon.sources.queue import Pages
+    from daemon.sqs import Queue
+
+    q = make_queue(moto_server)
+    settings = make_settings(
+        tmp_path, moto_endpoint, azurite_endpoint,
+        sqs={"queue_url": q.url, "endpoint_url": moto_server},
+    )  # fmt: skip
+    long = "k" * 900
+    specs = [make_spec(f"s3://bucket-a/{long}{i:04d}", f"az://ccc/{long}{i:04d}") for i in range(700)]
+    sizes = [10] * 690 + [3 * MiB] * 10
+    async with Queue(settings) as queue:
+        pages = Pages(queue, "sqs-parent", page_keys=500, page_bytes=2 * MiB)
+        await pages.put(specs, sizes)
+    got = []
+    for m in q.drain():
+        assert len(m["Body"].encode()) <= 256 * 1024
+        got.append([t["source"][-4:] for t in json.loads(m["Body"])["transfers"]])
+    assert sum(len(p) for p in got) == 700 and max(len(p) for p in got) < 500  # the text bound
+    big = [p for p in got if len(p) == 1 and int(p[0]) >= 690]
+    assert len(big) == 10  # each large object alone
+    assert pages.sent == len(got)

@@ -33,7 +33,9 @@ class Ending:
 class Spreader(Protocol):
     """Where a large job's pages go, so that every instance works on them."""
 
-    async def put(self, specs: list[TransferSpec]) -> None: ...
+    async def put(self, specs: list[TransferSpec], sizes: list[int]) -> None:
+        """Send these objects (``sizes``: their bytes, 0 when not known) as pages."""
+        ...
 
 
 class JobSource(Protocol):

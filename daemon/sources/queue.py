@@ -61,8 +61,16 @@ class QueueSource:
         self._held: dict[str, Message] = {}  # job name -> its message, kept hidden
         self._jobs: dict[str, Job | NotAJob] = {}  # job name -> what its message says
         self._max_receives: int | None = None
+        # Objects a job has named lately (a moving average): a receive asks for as
+        # many jobs as fill the free slots, not one job a slot. A page of 1,000 keys
+        # fills them alone; taking ten would hold nine back from the rest of the fleet.
+        # Until a job has been seen, one is asked for: the first few events cost a
+        # receive each, and then they come ten at a time.
+        self._per_job: float | None = None
         self._heartbeat: asyncio.Task[None]
-        self.room: Callable[[], int] = lambda: 1  # free transfer slots (the supervisor's)
+        # Free transfer slots (the supervisor's); 0 while this daemon could not start
+        # another job's bytes any sooner (at its bandwidth cap): others take it then.
+        self.room: Callable[[], int] = lambda: 1
 
     async def __aenter__(self) -> QueueSource:
         """The queue reached, its redrive policy read, and the heartbeat started: it
@@ -110,9 +118,12 @@ class QueueSource:
 
     async def _receive(self, stop: asyncio.Event) -> list[Message]:
         s = self._settings
-        receiving = asyncio.ensure_future(
-            self._queue.receive(self.room(), s.wait_s, s.visibility_s)
-        )
+        room = self.room()
+        if not room:
+            await _first_of(stop.wait(), within=0.2)
+            return []
+        most = max(1, int(room // max(1.0, self._per_job or room)))
+        receiving = asyncio.ensure_future(self._queue.receive(most, s.wait_s, s.visibility_s))
         stopping = asyncio.ensure_future(stop.wait())
         try:
             await asyncio.wait({receiving, stopping}, return_when=asyncio.FIRST_COMPLETED)
@@ -153,6 +164,9 @@ class QueueSource:
             return None
         self._held[name] = m
         self._jobs[name] = said
+        if isinstance(said, Job):  # a prefix fills every slot as it is expanded
+            objects = said.objects if said.objects is not None else self.room()
+            self._per_job = (self._per_job or objects) / 2 + objects / 2
         return ClaimedJob(name, m.id, recovered=m.receives > 1)
 
     async def _keep_hidden(self) -> None:
@@ -192,7 +206,8 @@ class QueueSource:
         return said.text.encode()
 
     def spreader(self, job: ClaimedJob) -> Pages:
-        return Pages(self._queue, job.name, self._settings.page_keys)
+        s = self._settings
+        return Pages(self._queue, job.name, s.page_keys, s.page_mb << 20)
 
     async def finish(
         self, job: ClaimedJob, ending: Ending, write_report: Callable[[IO[str]], object]
@@ -262,16 +277,19 @@ class Pages:
     """A prefix job's objects, put back on the queue a page at a time, each page a job
     of single objects that any daemon may take; its report goes under the parent's."""
 
-    def __init__(self, queue: Queue, parent: str, page_keys: int) -> None:
+    def __init__(self, queue: Queue, parent: str, page_keys: int, page_bytes: int) -> None:
         self._queue = queue
         self.parent = parent
         self.page_keys = page_keys
+        self.page_bytes = page_bytes
         self.sent = 0
 
-    async def put(self, specs: list[TransferSpec]) -> None:
+    async def put(self, specs: list[TransferSpec], sizes: list[int]) -> None:
+        """Pages of at most page_keys objects and page_bytes of them (an object larger
+        goes alone), in at most PAGE_BYTES of text; the last one sent now too."""
         page: list[str] = []
-        size = 0
-        for spec in specs:
+        size = held = 0
+        for spec, bytes_ in zip(specs, sizes, strict=True):
             item = json.dumps(
                 {
                     "source": str(spec.source),
@@ -280,11 +298,13 @@ class Pages:
                 },
                 ensure_ascii=False,
             )
-            if page and (len(page) >= self.page_keys or size + len(item) > PAGE_BYTES):
+            full = len(page) >= self.page_keys or held + bytes_ > self.page_bytes
+            if page and (full or size + len(item) > PAGE_BYTES):
                 await self._send(page)
-                page, size = [], 0
+                page, size, held = [], 0, 0
             page.append(item)
             size += len(item) + 1
+            held += bytes_
         if page:
             await self._send(page)
 
