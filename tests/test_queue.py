@@ -218,3 +218,44 @@ async def test_pages_bound_keys_bytes_and_text(
     big = [p for p in got if len(p) == 1 and int(p[0]) >= 690]
     assert len(big) == 10  # each large object alone
     assert pages.sent == len(got)
+
+
+async def test_reports_to_an_s3_prefix(
+    tmp_path: Path,
+    moto_server: str,
+    moto_endpoint: str,
+    azurite_endpoint: str,
+    s3_client: Any,
+    blob_service: BlobServiceClient,
+    bucket: str,
+    container: str,
+) -> None:
+    """sqs.results = s3://...: the report is an object (through the strict S3 front,
+    signed as S3 checks), written before the message is deleted."""
+    q = make_queue(moto_server)
+    s3_client.put_object(Bucket=bucket, Key="k.txt", Body=b"hello")
+    settings = make_settings(
+        tmp_path,
+        moto_endpoint,
+        azurite_endpoint,
+        sqs={
+            "queue_url": q.url,
+            "endpoint_url": moto_server,
+            "wait_s": 1,
+            "results": f"s3://{bucket}/reports/",
+        },
+    )
+    job = {"source": f"s3://{bucket}/k.txt", "destination": f"az://{container}/k.txt"}
+    async with running_daemon(settings):
+        sent = q.sqs.send_message(QueueUrl=q.url, MessageBody=json.dumps(job))["MessageId"]
+        key = f"reports/sqs-{sent}.report.json"
+
+        def reported() -> bool:
+            listed = s3_client.list_objects_v2(Bucket=bucket, Prefix="reports/")
+            return any(o["Key"] == key for o in listed.get("Contents", ()))
+
+        await until(reported, 30, "the report in S3")
+        await until(lambda: q.counts() == (0, 0), 30, "the message deleted")
+    report = json.loads(s3_client.get_object(Bucket=bucket, Key=key)["Body"].read())
+    assert report["status"] == "done" and report["transfers"][0]["status"] == "copied"
+    assert blob_bytes(blob_service, container, "k.txt") == b"hello"
