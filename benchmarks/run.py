@@ -78,6 +78,9 @@ SCENARIOS = {
         Scenario("huge", "s3rver", "huge/", (1024 * MiB,)),
         Scenario("many", "moto", "many/", (48 * 1024,) * 400 + (4 * MiB,) * 8),
         Scenario("wan-large", "s3rver", "large/", (192 * MiB,) * 2, wan=True),
+        # rclone cuts an object into ranges from 256 MiB on (--multi-thread-cutoff): at
+        # 192 MiB it sends one stream, here several.
+        Scenario("wan-256", "s3rver", "mid/", (256 * MiB,), wan=True, skip=("naive",)),
         Scenario("wan-many", "moto", "many/", (48 * 1024,) * 400 + (4 * MiB,) * 8, wan=True),
         # The case blobferry is for: one large file over a distant link. naive's one
         # stream is measured on wan-large; here it would take over three minutes a round.

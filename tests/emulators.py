@@ -59,13 +59,16 @@ def dies_with_this_process() -> Callable[[], None] | None:
     return arm
 
 
-def _start(cmd: list[str], port: int, what: str, log: Path) -> subprocess.Popen[bytes]:
+def _start(
+    cmd: list[str], port: int, what: str, log: Path, env: dict[str, str] | None = None
+) -> subprocess.Popen[bytes]:
     with open(log, "wb") as out:  # the child keeps its own descriptor
         proc = subprocess.Popen(
             cmd,
             stdout=out,
             stderr=subprocess.STDOUT,
             cwd=ROOT,
+            env=env,
             preexec_fn=dies_with_this_process(),
         )
     try:
@@ -126,6 +129,7 @@ def emulator(kind: str, log: Path, tls: tuple[Path, Path] | None = None) -> Iter
     """Run ``moto``, ``azurite`` or ``s3rver`` on a free port; yields its endpoint URL.
     ``tls`` (certificate, key): Azurite over HTTPS, accepting Azure AD bearer tokens too."""
     port = free_port()
+    env = None
     if kind == "moto":
         cmd = moto_command(port)
     elif kind == "azurite":
@@ -136,7 +140,10 @@ def emulator(kind: str, log: Path, tls: tuple[Path, Path] | None = None) -> Iter
         data = log.parent / "s3rver-data"
         data.mkdir(parents=True, exist_ok=True)
         cmd = s3rver_command(port, data)
-    proc = _start(cmd, port, kind, log)
+        # Without it s3rver's ListObjectsV2 continuation tokens fail on OpenSSL 3 (its
+        # cipher is one OpenSSL 3 keeps in the legacy provider): every second page 500s.
+        env = dict(os.environ, NODE_OPTIONS="--openssl-legacy-provider")
+    proc = _start(cmd, port, kind, log, env)
     url = f"{'https' if tls else 'http'}://127.0.0.1:{port}"
     PIDS[url] = proc.pid
     try:

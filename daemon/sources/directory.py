@@ -35,7 +35,7 @@ import structlog
 
 from daemon.errors import JobFileError
 from daemon.outcome import JobStatus
-from daemon.sources.base import ClaimedJob, Ending
+from daemon.sources.base import ClaimedJob, Ending, first_of
 
 log = structlog.get_logger("blobferry.source")
 
@@ -203,7 +203,7 @@ class DirectorySource:
                     self._claimed.add(name)
                     yield ClaimedJob(name, self.processing / name)
                 if not claimed:
-                    await _first_of(stop.wait(), self._changed.wait(), within=wait)
+                    await first_of(stop.wait(), self._changed.wait(), within=wait)
         finally:
             watcher.cancel()
             await asyncio.gather(watcher, return_exceptions=True)
@@ -255,7 +255,7 @@ class DirectorySource:
                     self._stuck_cancels.add(name)
                     log.error("cancel request cannot be removed", job=name, error=e.strerror)
                 yield name
-            await _first_of(stop.wait(), self._cancel_changed.wait(), within=self._poll)
+            await first_of(stop.wait(), self._cancel_changed.wait(), within=self._poll)
 
     def _in_processing(self, name: str) -> bool:
         return os.path.lexists(self.processing / name)
@@ -347,13 +347,3 @@ class DirectorySource:
                 "job file was removed from processing/ while the job ran; its report is filed",
                 report=str(report),
             )
-
-
-async def _first_of(*aws: object, within: float) -> None:
-    tasks = [asyncio.ensure_future(a) for a in aws]  # type: ignore[call-overload]
-    try:
-        await asyncio.wait(tasks, timeout=within, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)

@@ -35,7 +35,7 @@ from daemon.outcome import JobStatus
 from daemon.results import Results
 from daemon.routing import Routes
 from daemon.settings import SqsSettings
-from daemon.sources.base import ClaimedJob, Ending
+from daemon.sources.base import ClaimedJob, Ending, first_of
 from daemon.sqs import Message, Queue
 
 log = structlog.get_logger("blobferry.queue")
@@ -120,7 +120,7 @@ class QueueSource:
         s = self._settings
         room = self.room()
         if not room:
-            await _first_of(stop.wait(), within=0.2)
+            await first_of(stop.wait(), within=0.2)
             return []
         most = max(1, int(room // max(1.0, self._per_job or room)))
         receiving = asyncio.ensure_future(self._queue.receive(most, s.wait_s, s.visibility_s))
@@ -138,7 +138,7 @@ class QueueSource:
             messages = receiving.result()
         except TransferError as e:  # the queue unreachable, past every retry
             log.error("cannot receive from the queue", error=str(e))
-            await _first_of(stop.wait(), within=s.retry_delay_s or 1)
+            await first_of(stop.wait(), within=s.retry_delay_s or 1)
             return []
         now = time.time()
         self._metrics.messages["received"] += len(messages)
@@ -317,13 +317,3 @@ async def _none(stop: asyncio.Event) -> AsyncGenerator[str, None]:
     await stop.wait()
     return
     yield  # an async generator that yields nothing
-
-
-async def _first_of(*aws: object, within: float) -> None:
-    tasks = [asyncio.ensure_future(a) for a in aws]  # type: ignore[call-overload]
-    try:
-        await asyncio.wait(tasks, timeout=within, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
