@@ -231,7 +231,8 @@ async def test_reports_to_an_s3_prefix(
     container: str,
 ) -> None:
     """sqs.results = s3://...: the report is an object (through the strict S3 front,
-    signed as S3 checks), written before the message is deleted."""
+    signed as S3 checks), written before the message is deleted; and the folder's jobs
+    run beside the queue's."""
     q = make_queue(moto_server)
     s3_client.put_object(Bucket=bucket, Key="k.txt", Body=b"hello")
     settings = make_settings(
@@ -246,9 +247,15 @@ async def test_reports_to_an_s3_prefix(
         },
     )
     job = {"source": f"s3://{bucket}/k.txt", "destination": f"az://{container}/k.txt"}
-    async with running_daemon(settings):
+    async with running_daemon(settings) as d:
         sent = q.sqs.send_message(QueueUrl=q.url, MessageBody=json.dumps(job))["MessageId"]
         key = f"reports/sqs-{sent}.report.json"
+        # The folder still serves beside the queue, cancel requests and all.
+        folder_job = {"source": f"s3://{bucket}/k.txt", "destination": f"az://{container}/f.txt"}
+        d.drop("f.json", json.dumps(folder_job))
+        (settings.jobs_dir / "cancel" / "nothing.json").write_text("")
+        where, folder_report = await d.wait_finished("f.json", 30)
+        assert where == "done" and folder_report["summary"]["copied"] == 1
 
         def reported() -> bool:
             listed = s3_client.list_objects_v2(Bucket=bucket, Prefix="reports/")
