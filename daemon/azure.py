@@ -34,6 +34,7 @@ from daemon.addresses import AzAddress
 from daemon.azure_auth import open_service
 from daemon.azure_direct import Direct, DirectPath, put_headers
 from daemon.azure_errors import error_code, translate
+from daemon.blockcheck import BlockCheck
 from daemon.chunks import Chunks
 from daemon.errors import (
     BlobChangedError,
@@ -221,12 +222,13 @@ class AzureWriter:
         sent = put_headers(size, md5, headers, metadata, when, tier)
         await self._path.put(dst, body, sent)
 
-    async def stage(self, dst: AzAddress, block_id: str, data: Chunks, md5: bytes) -> None:
+    async def stage(self, dst: AzAddress, block_id: str, data: Chunks, check: BlockCheck) -> None:
+        """One block, which Azure checks against ``check`` (its MD5 or CRC64)."""
         if self._path is None:
-            await self._sdk(dst).stage(dst, block_id, data, md5)
+            await self._sdk(dst).stage(dst, block_id, data, check)
             return
         self._check_account(dst)
-        await self._path.stage(dst, block_id, data, md5)
+        await self._path.stage(dst, block_id, data, check)
 
     async def stage_from_url(
         self,
@@ -385,11 +387,9 @@ class _SdkPath:
         except AzureError as e:
             raise self._error(e, dst, "put blob") from None
 
-    async def stage(self, dst: AzAddress, block_id: str, data: Chunks, md5: bytes) -> None:
+    async def stage(self, dst: AzAddress, block_id: str, data: Chunks, check: BlockCheck) -> None:
         try:
-            await self._blob.stage_block(
-                block_id, data.join(), data.size, transactional_content_md5=bytearray(md5)
-            )
+            await self._blob.stage_block(block_id, data.join(), data.size, headers=check.headers())
         except AzureError as e:
             raise self._error(e, dst, f"stage block {block_id}") from None
 

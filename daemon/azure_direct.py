@@ -37,6 +37,7 @@ from azure.storage.blob.aio import BlobServiceClient
 
 from daemon.addresses import AzAddress
 from daemon.azure_errors import failure, sas_expiry, translate
+from daemon.blockcheck import BlockCheck
 from daemon.chunks import Chunks
 from daemon.errors import RetryableError, connection_failed
 from daemon.latency import RoundTrips
@@ -158,7 +159,7 @@ class DirectPath:
         sent = _body(body) if isinstance(body, Chunks) else body
         await self._send("PUT", dst, "put blob", headers=headers, body=sent)
 
-    async def stage(self, dst: AzAddress, block_id: str, data: Chunks, md5: bytes) -> None:
+    async def stage(self, dst: AzAddress, block_id: str, data: Chunks, check: BlockCheck) -> None:
         await self._send(
             "PUT",
             dst,
@@ -168,7 +169,7 @@ class DirectPath:
             query={"comp": "block", "blockid": base64.b64encode(block_id.encode()).decode()},
             headers={
                 "Content-Length": str(data.size),
-                "Content-MD5": base64.b64encode(md5).decode(),
+                **check.headers(),
             },
             body=_body(data),
         )
@@ -257,7 +258,7 @@ def put_headers(
     return out
 
 
-def _body(data: Chunks) -> bytes | Chunks:
+def _body(data: Chunks) -> bytes | bytearray | Chunks:
     """A small body in one piece, a large one as the chunks it arrived in (no copy),
     which ``_send`` paces."""
     if data.size <= _PIECE:

@@ -1,4 +1,5 @@
-"""A block's bytes as they arrived: the chunks aiohttp allocated, kept as they are.
+"""A block's bytes: one buffer the socket filled (s3_body.py), or, read through aiohttp
+(an egress proxy, a bandwidth cap), the chunks it allocated, kept as they are.
 
 Hashing and uploading walk the list, so no payload byte is copied into another buffer
 on its way from S3's socket to Azure's. Neither side owns it: the S3 reader fills one,
@@ -8,10 +9,17 @@ the Azure writer sends it, verification hashes it.
 from __future__ import annotations
 
 
-class Chunks(list[bytes]):
+class Chunks(list[bytes | bytearray]):
     """A block's bytes as received: a list of chunks, and their total size."""
 
     size: int = 0
+
+    @classmethod
+    def of(cls, buffer: bytearray) -> Chunks:
+        """A block read whole into one buffer."""
+        chunks = cls([buffer])
+        chunks.size = len(buffer)
+        return chunks
 
     def join(self) -> bytes:
         return b"".join(self)

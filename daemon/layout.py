@@ -1,14 +1,16 @@
 """Where a block is cut, and what it is called: the block layout of an object, its
 block IDs, and resume's reading of the blocks an earlier run staged.
 
-A block ID is 62 characters: 24 of prefix, a 6-digit index and the block's MD5 in hex.
+A block ID is 62 characters: 24 of prefix, a 6-digit index and the block's fingerprint
+in hex (its MD5, or its CRC64 padded to 16 bytes: blockcheck.py).
 The prefix is 19 hex digits of a hash of the object's version (bucket, key, ETag,
 version, size) and the route, then ``a`` or ``u`` (cut inside S3's parts or not) and
 the block size in MiB as 4 hex digits. So a later run recognises the blocks it staged
 for this version of this object, in whatever layout (block_size_mb may have changed in
-between), and never mistakes another's; and the MD5, which Azure checked when the block
-arrived, lets it rebuild a multipart object's composite ETag from Azure's block list
-alone, without reading a byte again.
+between), and never mistakes another's; and where the fingerprint is the MD5 (a
+multipart object cut one block per part), which Azure checked when the block arrived, it
+rebuilds the object's composite ETag from Azure's block list alone, without reading a
+byte again.
 """
 
 from __future__ import annotations

@@ -41,6 +41,7 @@ from daemon.latency import RoundTrips
 from daemon.objects import CONTENT_RANGE, Listed, ObjectInfo, info_from_headers
 from daemon.proxies import Proxies, refused_by_proxy
 from daemon.retry import retrying
+from daemon.s3_body import BodyReader
 from daemon.s3_errors import explain, no_credentials, raise_for
 from daemon.s3_signing import QuerySigner
 from daemon.settings import Settings
@@ -67,6 +68,7 @@ class S3Reader:
         self._signer: QuerySigner | None = None
         self.round_trips = RoundTrips()  # of HEADs: how near S3 is
         self.bandwidth = Bandwidth(settings.bandwidth)
+        self._bodies: BodyReader | None = None
 
     async def __aenter__(self) -> S3Reader:
         try:
@@ -91,6 +93,10 @@ class S3Reader:
                 skip_auto_headers=("Accept-Encoding",),
             )
         )
+        self._bodies = BodyReader(
+            s.retry.connect_timeout_s, s.retry.stall_timeout_s, s.s3.max_connections
+        )
+        self._stack.callback(self._bodies.close)
         return self
 
     async def __aexit__(
@@ -231,12 +237,19 @@ class S3Reader:
 
     @asynccontextmanager
     async def _get(
-        self, address: S3Address, headers: dict[str, str], what: str, status: int
+        self,
+        address: S3Address,
+        headers: dict[str, str],
+        what: str,
+        status: int,
+        url: str | None = None,
     ) -> AsyncIterator[aiohttp.ClientResponse]:
-        """A GET of a URL presigned now, answered with ``status``: anything else, or a
-        failed request, raises as blobferry's error. Only the request is guarded here:
-        what the caller raises passes as is, and reading the body is _chunks' part."""
-        url = await self.presign(address)
+        """A GET of a URL presigned now (``url``, or one presigned here), answered with
+        ``status``: anything else, or a failed request, raises as blobferry's error. Only
+        the request is guarded here: what the caller raises passes as is, and reading
+        the body is _chunks' part."""
+        if url is None:
+            url = await self.presign(address)
         assert self._http is not None
         async with AsyncExitStack() as stack:
             try:
@@ -256,14 +269,26 @@ class S3Reader:
             yield resp
 
     async def read_range(self, info: ObjectInfo, start: int, length: int) -> Chunks:
-        """Exactly ``length`` bytes from ``start`` of the version ``info`` describes."""
+        """Exactly ``length`` bytes from ``start`` of the version ``info`` describes, in
+        one buffer."""
         headers = {"Range": f"bytes={start}-{start + length - 1}", "If-Match": info.etag}
         what = f"GET {info.address} bytes {start}-{start + length - 1}"
-        async with self._get(info.address, headers, what, 206) as resp:
-            m = CONTENT_RANGE.match(resp.headers.get("Content-Range", ""))
-            if not m or int(m.group(1)) != start or int(m.group(2)) != start + length - 1:
-                raise RetryableError(f"{what}: answered with the wrong range")
-            return await self._read_exactly(resp, length, what)
+        url = await self.presign(info.address)
+        if self._bodies is not None and not self.bandwidth.on and self._proxies.route(url) is None:
+            # Straight into the block's buffer (s3_body.py says why); through a proxy, or
+            # paced by the bandwidth cap, aiohttp reads it.
+            buf = bytearray(length)
+            try:
+                resp = await self._bodies.get(url, headers, memoryview(buf), what)
+            except TimeoutError:
+                raise StallError(what, self._settings.retry.stall_timeout_s) from None
+            if resp.status != 206:
+                await raise_for(resp, info.address, what)
+            _check_range(resp.headers.get("Content-Range"), start, length, what)
+            return Chunks.of(buf)
+        async with self._get(info.address, headers, what, 206, url) as aio:
+            _check_range(aio.headers.get("Content-Range"), start, length, what)
+            return await self._read_exactly(aio, length, what)
 
     async def read_object(self, listed: Listed, address: S3Address) -> tuple[ObjectInfo, Chunks]:
         """A whole small object in one GET, its headers standing in for a HEAD."""
@@ -314,6 +339,12 @@ class S3Reader:
             chunks.append(chunk)
         chunks.size = length
         return chunks
+
+
+def _check_range(said: str | None, start: int, length: int, what: str) -> None:
+    m = CONTENT_RANGE.match(said or "")
+    if not m or int(m.group(1)) != start or int(m.group(2)) != start + length - 1:
+        raise RetryableError(f"{what}: answered with the wrong range")
 
 
 async def _clients(settings: Settings, stack: AsyncExitStack) -> tuple[Any, QuerySigner]:

@@ -5,10 +5,10 @@ clock is not a wrong key), and none carrying a secret.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Protocol
 from xml.etree import ElementTree
 
-import aiohttp
 from botocore.exceptions import ClientError
 
 from daemon.addresses import S3Address
@@ -79,7 +79,17 @@ async def explain(
     return PermanentError(f"{address}: S3 answered {code or status}: {err.get('Message', '')}")
 
 
-async def raise_for(resp: aiohttp.ClientResponse, address: S3Address, what: str) -> None:
+class Refusal(Protocol):
+    """A payload GET's response, from aiohttp or from s3_body.py."""
+
+    @property
+    def status(self) -> int: ...
+    @property
+    def headers(self) -> Mapping[str, str]: ...
+    async def read(self) -> bytes: ...
+
+
+async def raise_for(resp: Refusal, address: S3Address, what: str) -> None:
     """A payload GET's refusal (its XML body read), raised as what a person can act on."""
     body = await resp.read()
     code, message = _error_code(body)

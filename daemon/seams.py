@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import NamedTuple, Protocol
 
 from daemon.addresses import AzAddress, S3Address
+from daemon.blockcheck import BlockCheck
 from daemon.chunks import Chunks
 from daemon.latency import RoundTrips
 from daemon.objects import Listed, ObjectInfo
@@ -114,7 +115,9 @@ class BlobSink(Protocol):
         when: Precondition,
         tier: str | None = None,
     ) -> None: ...
-    async def stage(self, dst: AzAddress, block_id: str, data: Chunks, md5: bytes) -> None: ...
+    async def stage(
+        self, dst: AzAddress, block_id: str, data: Chunks, check: BlockCheck
+    ) -> None: ...
     async def stage_from_url(
         self,
         dst: AzAddress,

@@ -104,6 +104,14 @@ class AzureSettings(BaseModel):
         "false: through the SDK, and objects are never piped (the SDK would hold the "
         "body whole).",
     )
+    block_check: Literal["crc64", "md5"] = Field(
+        default="crc64",
+        description="What Azure checks each staged block against where the block's MD5 "
+        "is not itself the proof: its CRC64 (about a twelfth of an MD5's CPU here; Azure "
+        "computes it for every block anyway), or its MD5, for an endpoint that does not "
+        "check x-ms-content-crc64. A multipart object cut one block per part always "
+        "sends the block MD5s, which prove its composite ETag.",
+    )
     create_containers: bool = Field(
         default=False,
         description="Create a destination container that does not exist, as AzCopy and "
@@ -318,7 +326,7 @@ class Settings(BaseSettings):
     verify: bool = Field(
         default=True,
         description="Compute each object's MD5 (and part MD5s) while streaming and prove "
-        "the copy against S3's ETag. Per-block transactional MD5s are always sent.",
+        "the copy against S3's ETag. Per-block checks (azure.block_check) are always sent.",
     )
     content_md5: bool = Field(
         default=True,

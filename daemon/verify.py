@@ -48,7 +48,7 @@ class Checksum:
     # Cheapest first. CRC32 from zlib; CRC32C and CRC64NVME from awscrt (hardware
     # accelerated); SHA-1 and SHA-256 from hashlib.
     ALGORITHMS = ("crc64nvme", "crc32c", "crc32", "sha1", "sha256")
-    _CRCS: ClassVar[dict[str, tuple[Callable[[bytes, int], int], int]]] = {
+    _CRCS: ClassVar[dict[str, tuple[Callable[[bytes | bytearray, int], int], int]]] = {
         "crc32": (zlib.crc32, 4),
         "crc32c": (awscrt_checksums.crc32c, 4),
         "crc64nvme": (awscrt_checksums.crc64nvme, 8),
@@ -90,16 +90,23 @@ class InOrderDigest:
     the blocks arrive in. A block waits for its turn holding its buffer, which its
     budget reservation already accounts for."""
 
-    def __init__(self, plan: Plan, checksum: Checksum | None = None) -> None:
+    def __init__(self, plan: Plan, checksum: Checksum | None = None, whole: bool = True) -> None:
         self._plan = plan
         self.checksum = checksum
-        self.whole = hashlib.md5()
+        # The whole object's MD5: a single-part object's proof, or the blob's Content-MD5.
+        self.whole = hashlib.md5() if whole else None
         self.part_digests: list[bytes] = []
         self._part: hashlib._Hash | None = None
         self._next = 0
         self._turn = asyncio.Condition()
 
-    async def feed(self, block: Block, data: Chunks, block_md5: bytes) -> None:
+    @property
+    def computes_whole(self) -> bool:
+        return self.whole is not None
+
+    async def feed(self, block: Block, data: Chunks, block_md5: bytes | None) -> None:
+        """``block``'s bytes, in their turn; ``block_md5`` when the block's check was
+        its MD5 (which is then its part's, where the part is this one block)."""
         async with self._turn:
             await self._turn.wait_for(lambda: self._next == block.index)
         await asyncio.to_thread(self._update, block, data, block_md5)
@@ -107,9 +114,10 @@ class InOrderDigest:
             self._next += 1
             self._turn.notify_all()
 
-    def _update(self, block: Block, data: Chunks, block_md5: bytes) -> None:
-        for chunk in data:
-            self.whole.update(chunk)
+    def _update(self, block: Block, data: Chunks, block_md5: bytes | None) -> None:
+        if self.whole is not None:
+            for chunk in data:
+                self.whole.update(chunk)
         if self.checksum is not None:
             self.checksum.update(data)
         if not self._plan.parts:
@@ -117,7 +125,7 @@ class InOrderDigest:
         blocks = self._plan.blocks
         first = block.index == 0 or blocks[block.index - 1].part != block.part
         last = block.index == len(blocks) - 1 or blocks[block.index + 1].part != block.part
-        if first and last:
+        if first and last and block_md5 is not None:
             self.part_digests.append(block_md5)
             return
         if first:
@@ -180,7 +188,7 @@ def proof(
 ) -> tuple[str, bytes | None]:
     """How the staged blocks prove the copy, and the blob's Content-MD5 if known."""
     if digest is not None:
-        whole = digest.whole.digest()
+        whole = digest.whole.digest() if digest.whole is not None else None
         return verify(info, whole, digest.part_digests, digest.checksum), whole
     if plan.parts and plan.parts == len(plan.blocks):
         # One block per part: the part MD5s are the block MD5s, from the block IDs.

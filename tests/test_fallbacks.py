@@ -58,7 +58,11 @@ async def test_with_both_detours_off_every_route_copies(
     assert status == "done" and {r.status for r in rows} == {"skipped"}
 
 
-async def test_without_the_direct_path_azure_still_refuses_damaged_bytes(
+@pytest.mark.parametrize("direct", [False, True], ids=["sdk", "direct"])
+@pytest.mark.parametrize("check", ["crc64", "md5"])
+async def test_azure_refuses_damaged_bytes_by_either_check_on_either_path(
+    direct: bool,
+    check: str,
     tmp_path: Path,
     moto_endpoint: str,
     azurite_endpoint: str,
@@ -67,13 +71,18 @@ async def test_without_the_direct_path_azure_still_refuses_damaged_bytes(
     bucket: str,
     container: str,
 ) -> None:
-    """A byte flipped on the way to Azure: the SDK's Put Block carries the block's MD5,
-    Azure refuses it, and the block is sent again."""
+    """A byte flipped on the way to Azure: Put Block carries the block's CRC64 or MD5
+    (azure.block_check), through the SDK or not, Azure refuses it, and the block is sent
+    again."""
     s3_client.put_object(Bucket=bucket, Key="obj.bin", Body=payload(3 * MiB, seed=7))
     async with FaultProxy(azurite_endpoint, Faults(upload_flip_at=MiB + 10)) as flipping:
-        settings = make_settings(tmp_path, moto_endpoint, flipping.endpoint, block_size_mb=1)
+        settings = make_settings(
+            tmp_path, moto_endpoint, flipping.endpoint, block_size_mb=1, pipe_max_mb=0
+        )
         settings = settings.model_copy(
-            update={"azure": settings.azure.model_copy(update={"direct": False})}
+            update={
+                "azure": settings.azure.model_copy(update={"direct": direct, "block_check": check})
+            }
         )
         status, [row] = await copy(settings, f"s3://{bucket}/obj.bin", f"az://{container}/o.bin")
     assert status == "done", row.error

@@ -4,10 +4,11 @@ Put Block List commits them in order.
 
 A block's bytes live in one buffer, from the ranged GET that fills it until Azure has
 acknowledged it; its size is reserved in the shared Budget first, and at most
-block_concurrency blocks of one object are in flight. Blocks an earlier run staged are
-found in Azure's block list and not read again (resume). The object is proven against
-S3's ETag or checksum in one in-order pass over the bytes (verify.py); a block that
-arrived damaged from S3 is read and staged again.
+block_concurrency blocks of one object are in flight. Azure checks each block against
+its MD5 or CRC64 (blockcheck.py). Blocks an earlier run staged are found in Azure's
+block list and not read again (resume). The object is proven against S3's ETag or
+checksum in one in-order pass over the bytes (verify.py); a block that arrived damaged
+from S3 is read and staged again.
 """
 
 from __future__ import annotations
@@ -18,13 +19,14 @@ from functools import partial
 import structlog
 
 from daemon.addresses import AzAddress
+from daemon.blockcheck import Kind, compute_off_loop
 from daemon.errors import Interrupted, VerificationError
 from daemon.layout import Block, Plan, earlier_plan, plan_blocks
 from daemon.objects import ObjectInfo
 from daemon.outcome import Outcome, Progress, Status, unwatched
 from daemon.retry import retrying
 from daemon.routes.base import Handoff, Route, first_error
-from daemon.verify import Checksum, InOrderDigest, md5_off_loop, proof
+from daemon.verify import Checksum, InOrderDigest, proof
 
 log = structlog.get_logger("blobferry.transfer")
 
@@ -48,6 +50,7 @@ class Blocks(Route):
         plan, staged, cleared = await self.staged(
             cut, dst, lambda prefix: earlier_plan(prefix, cut, info, part_sizes, "stream")
         )
+        # Each block's fingerprint (blockcheck.py): from its ID when staged before.
         md5s: list[bytes | None] = [staged.get(b.index) for b in plan.blocks]
         reused = sum(m is not None for m in md5s)
         todo = [b for b in plan.blocks if md5s[b.index] is None]
@@ -63,8 +66,9 @@ class Blocks(Route):
         # through here.
         one_pass = plan.parts == len(plan.blocks) and checksum is None
         wanted = self._settings.content_md5 or not one_pass
+        whole = self._settings.content_md5 or not plan.parts
         digest = (
-            InOrderDigest(plan, checksum)
+            InOrderDigest(plan, checksum, whole)
             if not reused and self._settings.verify and wanted
             else None
         )
@@ -105,7 +109,7 @@ class Blocks(Route):
         log.warning("verification failed, reading again", error=str(e))
         first = list(md5s)
         if digest is not None:  # a fresh one: a checksum's state cannot be rewound
-            digest = InOrderDigest(plan, Checksum.for_object(info))
+            digest = InOrderDigest(plan, Checksum.for_object(info), digest.computes_whole)
         await self._stage_all(info, dst, plan, list(plan.blocks), md5s, digest, unwatched, first)
         damaged = sum(a != b for a, b in zip(first, md5s, strict=True))
         verified, md5 = proof(info, plan, md5s, digest, reused)
@@ -178,20 +182,20 @@ class Blocks(Route):
             self._settings.retry,
             f"read {info.address} block {block.index}",
         )
-        md5 = await md5_off_loop(data)
-        block_id = plan.block_id(block.index, md5)
+        check = await compute_off_loop(Kind.of(plan, self._settings.azure.block_check), data)
+        block_id = plan.block_id(block.index, check.fingerprint)
         async with asyncio.TaskGroup() as both:
-            if md5 != known:
+            if check.fingerprint != known:
                 both.create_task(
                     retrying(
-                        lambda: self._sink.stage(dst, block_id, data, md5),
+                        lambda: self._sink.stage(dst, block_id, data, check),
                         self._settings.retry,
                         f"stage {dst} block {block.index}",
                     )
                 )
             if digest is not None:
-                both.create_task(digest.feed(block, data, md5))
-        md5s[block.index] = md5
+                both.create_task(digest.feed(block, data, check.md5))
+        md5s[block.index] = check.fingerprint
         progress(block.length)
 
     def _block_done(self, n: int, lanes: asyncio.Semaphore, _: object = None) -> None:

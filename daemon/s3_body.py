@@ -1,0 +1,300 @@
+"""Ranged GETs of S3 payload read straight into the block's one buffer, around aiohttp.
+
+Why, measured with py-spy on the wan-256 benchmark: aiohttp copies each byte of a body
+twice on its way to the caller (its parser slices every read into a new bytes object,
+and readany joins what has piled up), and a fifth of the daemon's CPU went to those
+copies and to the allocations behind them. Here the kernel writes each read into the
+block's buffer (asyncio.BufferedProtocol: recv_into), and Python runs once per read.
+
+Only what a presigned ranged GET needs: HTTP/1.1 with keep-alive, over TCP or TLS,
+straight to the endpoint. Through an egress proxy, or under a bandwidth cap (which
+paces each chunk), S3Reader reads through aiohttp as before. A response it cannot read
+here (chunked, or not the range asked for) is an error like any other: retried.
+tests/test_s3_body.py holds it to aiohttp's behaviour on the same requests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from collections.abc import Mapping
+from typing import cast
+from urllib.parse import urlsplit
+
+from daemon.errors import RetryableError, StallError
+
+_HEAD_MAX = 16 * 1024  # a response's status line and headers; S3's are 1-3 KiB
+_ERROR_MAX = 1024 * 1024  # an error's body (XML) is read whole up to this
+_IDLE_S = 15.0  # S3 closes an idle keep-alive connection after about 20 s
+
+
+class Headers(dict[str, str]):
+    """A response's headers, names in lower case; ``get`` takes any case."""
+
+    def get(self, key: str, default: str | None = None) -> str | None:  # type: ignore[override]
+        return super().get(key.lower(), default)
+
+
+class Response:
+    """The status and headers of a response; ``body`` its bytes once read."""
+
+    def __init__(self, status: int, headers: Headers, body: bytearray | None = None) -> None:
+        self.status = status
+        self.headers = headers
+        self.body = body
+
+    async def read(self) -> bytes:  # raise_for reads an error's body so
+        return bytes(self.body or b"")
+
+
+class _Connection(asyncio.BufferedProtocol):
+    """One keep-alive connection; one request on it at a time."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self.transport: asyncio.Transport | None = None
+        self._head = bytearray(_HEAD_MAX)
+        self._got = 0  # bytes of the head so far
+        self._body: memoryview | None = None  # where the body goes, once the head is in
+        self._filled = 0
+        self._want = 0
+        self._until_eof = False  # an error body with no length: to the close
+        self.response: Response | None = None
+        self._target: memoryview | None = None  # the caller's buffer for a 2xx body
+        self._waiter: asyncio.Future[None] | None = None
+        self.progress = 0.0  # the loop's time of the last bytes received
+        self.reusable = False
+        self.received = False  # any byte of a response at all
+        self.idle_since = 0.0
+
+    # -- the caller's side ------------------------------------------------------------
+
+    def send(self, request: bytes, target: memoryview) -> asyncio.Future[None]:
+        assert self.transport is not None
+        self._got = self._filled = self._want = 0
+        self._body = None
+        self._until_eof = False
+        self.response = None
+        self.received = False
+        self._target = target
+        self.reusable = False
+        self._waiter = self._loop.create_future()
+        self.progress = self._loop.time()
+        self.transport.write(request)
+        return self._waiter
+
+    def close(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.cancel()  # its caller has gone: nobody is left to tell
+        if self.transport is not None:
+            self.transport.close()
+
+    # -- the protocol -----------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.reusable = False
+        if self._until_eof and self._body is not None:
+            self._finish()
+            return
+        why = f"connection closed ({exc})" if exc else "connection closed"
+        self._fail(RetryableError(why))
+        self.transport = None
+
+    def eof_received(self) -> bool:
+        return False  # close
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        if self._body is not None:
+            return self._body[self._filled :]
+        return memoryview(self._head)[self._got :]
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.received = True
+        self.progress = self._loop.time()
+        if self._waiter is None or self._waiter.done():
+            self._fail(RetryableError("bytes arrived with no request outstanding"))
+            return
+        if self._body is not None:
+            self._filled += nbytes
+            if self._filled == self._want and not self._until_eof:
+                self._finish()
+            elif self._filled == len(self._body):
+                self._fail(RetryableError("the response's body is larger than it said"))
+            return
+        self._got += nbytes
+        end = self._head.find(b"\r\n\r\n", 0, self._got)
+        if end < 0:
+            if self._got == len(self._head):
+                self._fail(RetryableError("the response's headers are too large"))
+            return
+        try:
+            self._start_body(end)
+        except RetryableError as e:
+            self._fail(e)
+
+    def _start_body(self, end: int) -> None:
+        lines = bytes(self._head[:end]).decode("latin-1").split("\r\n")
+        version, _, rest = lines[0].partition(" ")
+        code = rest[:3]
+        if not version.startswith("HTTP/1.") or not code.isdigit():
+            raise RetryableError(f"not an HTTP/1.1 response: {lines[0][:60]!r}")
+        headers = Headers()
+        for line in lines[1:]:
+            name, sep, value = line.partition(":")
+            if not sep:
+                raise RetryableError("a malformed header in the response")
+            headers[name.strip().lower()] = value.strip()
+        status = int(code)
+        self.response = Response(status, headers)
+        if "chunked" in (headers.get("transfer-encoding") or "").lower():
+            raise RetryableError("a chunked response, which this reader does not take")
+        length = headers.get("content-length")
+        self.reusable = (
+            version == "HTTP/1.1" and (headers.get("connection") or "").lower() != "close"
+        )
+        target = self._target
+        assert target is not None
+        if 200 <= status < 300:
+            if length is None or int(length) != len(target):
+                raise RetryableError(f"a body of {length} bytes, not the {len(target)} asked for")
+            self._body, self._want = target, len(target)
+        elif length is not None:
+            self._want = min(int(length), _ERROR_MAX)
+            self._body = memoryview(bytearray(self._want))
+        else:  # an error with no length: its body ends with the connection
+            self._until_eof = True
+            self.reusable = False
+            self._body = memoryview(bytearray(_ERROR_MAX))
+        extra = self._got - end - 4
+        if extra > len(self._body):
+            raise RetryableError("the response's body is larger than it said")
+        self._body[:extra] = self._head[end + 4 : self._got]
+        self._filled = extra
+        self._got = 0  # the head is used up: what comes next goes to the body
+        if self._filled == self._want and not self._until_eof:
+            self._finish()
+
+    def _finish(self) -> None:
+        assert self.response is not None and self._body is not None
+        if not (200 <= self.response.status < 300):
+            self.response.body = bytearray(self._body[: self._filled])
+        self._body = None
+        self._target = None
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    def _fail(self, error: Exception) -> None:
+        self.reusable = False
+        self._body = None
+        self._target = None
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_exception(error)
+        if self.transport is not None:
+            self.transport.close()
+
+
+class BodyReader:
+    """Keep-alive connections to S3 endpoints, and ranged GETs read into buffers."""
+
+    def __init__(self, connect_timeout_s: float, stall_s: float, max_connections: int) -> None:
+        self._connect_s = connect_timeout_s
+        self._stall_s = stall_s
+        self._idle: dict[tuple[str, str, int], list[_Connection]] = {}
+        self._slots = asyncio.Semaphore(max_connections)
+        self._ssl: ssl.SSLContext | None = None
+
+    def close(self) -> None:
+        for conns in self._idle.values():
+            for c in conns:
+                c.close()
+        self._idle.clear()
+
+    async def get(
+        self, url: str, headers: Mapping[str, str], into: memoryview, what: str
+    ) -> Response:
+        """GET ``url``; a 2xx body of exactly ``len(into)`` bytes lands in ``into``,
+        another status's body in the response."""
+        parts = urlsplit(url)
+        tls = parts.scheme == "https"
+        host = parts.hostname or ""
+        port = parts.port or (443 if tls else 80)
+        target = parts.path or "/"
+        if parts.query:
+            target += "?" + parts.query
+        lines = [f"GET {target} HTTP/1.1", f"Host: {parts.netloc}", "Accept: */*"]
+        lines += [f"{k}: {v}" for k, v in headers.items()]
+        request = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+        key = (parts.scheme, host, port)
+        async with self._slots:
+            for attempt in (1, 2):
+                conn, reused = await self._connection(key, tls, host, port, what)
+                try:
+                    await self._wait(conn, conn.send(request, into), what)
+                except StallError:
+                    conn.close()
+                    raise
+                except RetryableError as e:
+                    conn.close()
+                    # A kept-alive connection the server closed as it went idle: the
+                    # request never reached it, and goes again on a new one at once.
+                    if reused and not conn.received and attempt == 1:
+                        continue
+                    raise RetryableError(f"{what}: {e}") from None
+                except BaseException:
+                    conn.close()  # cancelled mid-body: the connection is in no state to reuse
+                    raise
+                response = conn.response
+                assert response is not None
+                if conn.reusable:
+                    conn.idle_since = asyncio.get_running_loop().time()
+                    self._idle.setdefault(key, []).append(conn)
+                else:
+                    conn.close()
+                return response
+        raise AssertionError("unreachable")
+
+    async def _connection(
+        self, key: tuple[str, str, int], tls: bool, host: str, port: int, what: str
+    ) -> tuple[_Connection, bool]:
+        loop = asyncio.get_running_loop()
+        idle = self._idle.get(key, [])
+        while idle:
+            conn = idle.pop()
+            fresh = loop.time() - conn.idle_since < _IDLE_S
+            if fresh and conn.transport is not None and not conn.transport.is_closing():
+                return conn, True
+            conn.close()
+        context = None
+        if tls:
+            if self._ssl is None:
+                self._ssl = ssl.create_default_context()
+            context = self._ssl
+        try:
+            async with asyncio.timeout(self._connect_s):
+                _, protocol = await loop.create_connection(
+                    lambda: _Connection(loop),
+                    host,
+                    port,
+                    ssl=context,
+                    server_hostname=host if tls else None,
+                )
+        except TimeoutError:
+            raise RetryableError(f"{what}: no connection within {self._connect_s:g} s") from None
+        except OSError as e:
+            raise RetryableError(f"{what}: cannot connect: {e.strerror or e}") from None
+        return protocol, False
+
+    async def _wait(self, conn: _Connection, done: asyncio.Future[None], what: str) -> None:
+        """Until the response is in; a StallError after stall_s without a byte."""
+        loop = asyncio.get_running_loop()
+        while True:
+            left = conn.progress + self._stall_s - loop.time()
+            if left <= 0:
+                raise StallError(what, self._stall_s)
+            finished, _ = await asyncio.wait([done], timeout=left)
+            if finished:
+                done.result()
+                return

@@ -1,0 +1,283 @@
+"""The ranged GETs read around aiohttp (s3_body.py): the same bytes and the same errors
+as aiohttp's reading of the same requests, on the strict S3 front; and the faults a
+plain HTTP/1.1 server can commit, from a real socket server here: a kept-alive
+connection closed while idle, a stall, a chunked or short or long body, a cancel."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import os
+import ssl
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from daemon.addresses import S3Address
+from daemon.errors import PermanentError, RetryableError, SourceChangedError, StallError
+from daemon.objects import ObjectInfo
+from daemon.s3 import S3Reader
+from daemon.s3_body import BodyReader
+from daemon.settings import Settings
+from tests.test_identity import self_signed
+
+Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+
+@contextlib.asynccontextmanager
+async def server(handler: Handler) -> AsyncIterator[tuple[str, list[int]]]:
+    """A real HTTP/1.1 server on a free port; yields its URL and a count of connections."""
+    accepted = [0]
+
+    async def serve(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        accepted[0] += 1
+        try:
+            await handler(r, w)
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            w.close()
+
+    srv = await asyncio.start_server(serve, "127.0.0.1", 0)
+    port = srv.sockets[0].getsockname()[1]
+    try:
+        yield f"http://127.0.0.1:{port}/bkt/key?X-Amz-Signature=abc", accepted
+    finally:
+        srv.close()
+
+
+async def _request(r: asyncio.StreamReader) -> bytes:
+    return await r.readuntil(b"\r\n\r\n")
+
+
+def _answer(body: bytes, status: str = "206 Partial Content", extra: str = "") -> bytes:
+    head = f"HTTP/1.1 {status}\r\nContent-Length: {len(body)}\r\n{extra}\r\n"
+    return head.encode() + body
+
+
+async def _get(url: str, n: int, stall_s: float = 5.0, reader: BodyReader | None = None) -> Any:
+    reader = reader or BodyReader(2.0, stall_s, 4)
+    buf = bytearray(n)
+    resp = await reader.get(url, {"Range": f"bytes=0-{n - 1}"}, memoryview(buf), "GET k")
+    return resp, bytes(buf)
+
+
+async def test_a_body_lands_in_the_buffer_and_the_connection_is_kept() -> None:
+    body = os.urandom(300_000)
+
+    async def handler(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        while True:
+            req = await _request(r)
+            assert b"Range: bytes=0-299999\r\n" in req
+            assert req.startswith(b"GET /bkt/key?X-Amz-Signature=abc HTTP/1.1\r\nHost: 127.0.0.1:")
+            # The body in pieces, the first one with the head: as a socket delivers it.
+            w.write(_answer(body)[:1000])
+            await w.drain()
+            await asyncio.sleep(0.01)
+            w.write(_answer(body)[1000:])
+            await w.drain()
+
+    async with server(handler) as (url, accepted):
+        reader = BodyReader(2.0, 5.0, 4)
+        for _ in range(3):
+            resp, got = await _get(url, len(body), reader=reader)
+            assert resp.status == 206 and got == body
+        reader.close()
+    assert accepted[0] == 1
+
+
+async def test_a_kept_connection_the_server_closed_while_idle_is_replaced_at_once() -> None:
+    body = b"x" * 1000
+
+    async def handler(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        await _request(r)
+        w.write(_answer(body))  # no Connection: close, and closes all the same
+        await w.drain()
+
+    async with server(handler) as (url, accepted):
+        reader = BodyReader(2.0, 5.0, 4)
+        for _ in range(3):
+            _, got = await _get(url, len(body), reader=reader)
+            assert got == body
+            await asyncio.sleep(0.05)  # the close reaches the idle connection
+        reader.close()
+    assert accepted[0] == 3
+
+
+async def test_a_request_the_server_drops_unanswered_on_a_kept_connection_goes_again() -> None:
+    body = b"y" * 1000
+    served = 0
+
+    async def handler(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        nonlocal served
+        while True:
+            await _request(r)
+            served += 1
+            if served == 2:
+                return  # the race S3's idle timeout makes: closed as the request arrives
+            w.write(_answer(body))
+            await w.drain()
+
+    async with server(handler) as (url, accepted):
+        reader = BodyReader(2.0, 5.0, 4)
+        for _ in range(2):
+            _, got = await _get(url, len(body), reader=reader)
+            assert got == body
+        reader.close()
+    assert accepted[0] == 2 and served == 3
+
+
+async def test_a_stalled_body_raises_after_the_stall_timeout_not_before() -> None:
+    async def handler(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        await _request(r)
+        w.write(_answer(b"z" * 1000)[:500])
+        await w.drain()
+        await asyncio.sleep(10)
+
+    async with server(handler) as (url, _):
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        with pytest.raises(StallError, match=r"no byte received for 0\.5 s"):
+            await _get(url, 1000, stall_s=0.5)
+        assert 0.5 <= loop.time() - t0 < 2
+
+
+async def test_a_slow_body_that_keeps_coming_is_no_stall() -> None:
+    body = os.urandom(20_000)
+
+    async def handler(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        await _request(r)
+        raw = _answer(body)
+        for at in range(0, len(raw), 2000):  # 1.1 s in all, never 0.5 s without a byte
+            w.write(raw[at : at + 2000])
+            await w.drain()
+            await asyncio.sleep(0.1)
+
+    async with server(handler) as (url, _):
+        _, got = await _get(url, len(body), stall_s=0.5)
+    assert got == body
+
+
+@pytest.mark.parametrize(
+    ("answer", "error"),
+    [
+        (b"HTTP/1.1 206 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n", "chunked"),
+        (_answer(b"a" * 999), "not the 1000 asked for"),
+        (b"HTTP/1.1 206 OK\r\nContent-Length: 1000\r\n\r\n" + b"a" * 500, "connection closed"),
+        (b"SSH-2.0-OpenSSH\r\n\r\n", "not an HTTP/1.1 response"),
+        (b"HTTP/1.1 206 OK\r\n" + b"X-Big: " + b"a" * 20_000, "headers are too large"),
+    ],
+)
+async def test_a_response_it_cannot_take_is_a_retryable_error(answer: bytes, error: str) -> None:
+    async def handler(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        await _request(r)
+        w.write(answer)
+        await w.drain()
+
+    async with server(handler) as (url, _):
+        with pytest.raises(RetryableError, match=error):
+            await _get(url, 1000)
+
+
+async def test_an_error_answer_comes_back_with_its_body_and_the_connection_is_kept() -> None:
+    xml = b"<Error><Code>PreconditionFailed</Code><Message>m</Message></Error>"
+
+    async def handler(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        await _request(r)
+        w.write(_answer(xml, "412 Precondition Failed", "Date: x\r\n"))
+        await _request(r)
+        w.write(_answer(b"ok"))
+        await w.drain()
+
+    async with server(handler) as (url, accepted):
+        reader = BodyReader(2.0, 5.0, 4)
+        resp, _ = await _get(url, 2, reader=reader)
+        assert resp.status == 412 and await resp.read() == xml
+        assert resp.headers.get("DATE") == "x"
+        _, got = await _get(url, 2, reader=reader)
+        assert got == b"ok" and accepted[0] == 1
+        reader.close()
+
+
+async def test_a_cancelled_read_closes_its_connection_and_leaves_nothing_behind() -> None:
+    async def handler(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        await _request(r)
+        w.write(_answer(b"q" * 1000)[:300])
+        await w.drain()
+        await asyncio.sleep(10)
+
+    async with server(handler) as (url, _):
+        reader = BodyReader(2.0, 5.0, 4)
+        task = asyncio.create_task(_get(url, 1000, reader=reader))
+        await asyncio.sleep(0.2)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await asyncio.sleep(0.05)
+        assert not any(reader._idle.values())  # nothing half-read goes back to the pool
+
+
+# -- against aiohttp, on the strict S3 front -------------------------------------------
+
+
+async def _both(settings: Settings, info: ObjectInfo, start: int, n: int) -> list[Any]:
+    """What each reader made of one ranged GET: its bytes, or its error's type and text."""
+    out: list[Any] = []
+    for bandwidth in (0.0, 1e9):  # a bandwidth cap sends reads through aiohttp
+        s = settings.model_copy(update={"bandwidth_mb_s": bandwidth})
+        async with S3Reader(s) as reader:
+            assert reader.bandwidth.on == bool(bandwidth)
+            try:
+                out.append(b"".join(await reader.read_range(info, start, n)))
+            except Exception as e:
+                out.append((type(e), str(e)))
+    return out
+
+
+async def test_the_same_bytes_and_the_same_errors_as_aiohttps(
+    settings: Settings, s3_client: Any, bucket: str, tmp_path: Path
+) -> None:
+    body = os.urandom(3 * 1024 * 1024 + 17)
+    key = "dir/odd key+ü.bin"
+    s3_client.put_object(Bucket=bucket, Key=key, Body=body)
+    async with S3Reader(settings) as reader:
+        info = await reader.head(S3Address(bucket, key))
+    direct, through_aiohttp = await _both(settings, info, 1000, len(body) - 1000)
+    assert direct == through_aiohttp == body[1000:]
+    # Refusals, each read as aiohttp's reading reads it.
+    changed = dataclasses.replace(info, etag='"0123"')
+    a, b = await _both(settings, changed, 0, 10)
+    assert a == b and a[0] is SourceChangedError
+    gone = dataclasses.replace(info, key="missing")
+    a, b = await _both(settings, gone, 0, 10)
+    assert a == b and a[0] is PermanentError and "NoSuchKey" in a[1]
+
+
+async def test_over_tls_the_certificate_is_checked(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cert, key = self_signed(tmp_path)
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert, key)
+    body = os.urandom(200_000)
+
+    async def serve(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError, ssl.SSLError):
+            await _request(r)
+            w.write(_answer(body))
+            await w.drain()
+        w.close()
+
+    srv = await asyncio.start_server(serve, "127.0.0.1", 0, ssl=context)
+    url = f"https://127.0.0.1:{srv.sockets[0].getsockname()[1]}/bkt/key"
+    try:
+        with pytest.raises(RetryableError, match="CERTIFICATE_VERIFY_FAILED"):
+            await _get(url, len(body))  # an authority this host does not trust
+        monkeypatch.setenv("SSL_CERT_FILE", str(cert))  # as a systemd unit would set it
+        _, got = await _get(url, len(body))
+        assert got == body
+    finally:
+        srv.close()
