@@ -268,16 +268,19 @@ class S3Reader:
                 raise RetryableError(f"{what}: {connection_failed(e)}") from None
             yield resp
 
-    async def read_range(self, info: ObjectInfo, start: int, length: int) -> Chunks:
+    async def read_range(
+        self, info: ObjectInfo, start: int, length: int, into: bytearray | None = None
+    ) -> Chunks:
         """Exactly ``length`` bytes from ``start`` of the version ``info`` describes, in
-        one buffer."""
+        one buffer: ``into``, when given, of ``length`` bytes."""
         headers = {"Range": f"bytes={start}-{start + length - 1}", "If-Match": info.etag}
         what = f"GET {info.address} bytes {start}-{start + length - 1}"
         url = await self.presign(info.address)
         if self._bodies is not None and not self.bandwidth.on and self._proxies.route(url) is None:
             # Straight into the block's buffer (s3_body.py says why); through a proxy, or
             # paced by the bandwidth cap, aiohttp reads it.
-            buf = bytearray(length)
+            buf = bytearray(length) if into is None else into
+            assert len(buf) == length
             try:
                 resp = await self._bodies.get(url, headers, memoryview(buf), what)
             except TimeoutError:

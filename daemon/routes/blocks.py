@@ -20,12 +20,16 @@ import structlog
 
 from daemon.addresses import AzAddress
 from daemon.blockcheck import Kind, compute_off_loop
+from daemon.budget import Budget
+from daemon.buffers import Buffers
 from daemon.errors import Interrupted, VerificationError
 from daemon.layout import Block, Plan, earlier_plan, plan_blocks
 from daemon.objects import ObjectInfo
 from daemon.outcome import Outcome, Progress, Status, unwatched
 from daemon.retry import retrying
 from daemon.routes.base import Handoff, Route, first_error
+from daemon.seams import BlobSink, ObjectSource
+from daemon.settings import Settings
 from daemon.verify import Checksum, InOrderDigest, proof
 
 log = structlog.get_logger("blobferry.transfer")
@@ -33,6 +37,17 @@ log = structlog.get_logger("blobferry.transfer")
 
 class Blocks(Route):
     name = "blocks"
+
+    def __init__(
+        self,
+        settings: Settings,
+        source: ObjectSource,
+        sink: BlobSink,
+        budget: Budget,
+        stopping: asyncio.Event,
+    ) -> None:
+        super().__init__(settings, source, sink, budget, stopping)
+        self._buffers = Buffers(budget)
 
     async def copy(self, h: Handoff) -> Outcome:
         info, spec, progress = h.known, h.spec, h.progress
@@ -142,15 +157,17 @@ class Blocks(Route):
                         lanes.release()
                         raise
                     if self._stopping.is_set():
-                        self._block_done(block.length, lanes)
+                        self._block_done(block.length, lanes, None)
                         interrupted = True
                         break
+                    buf = self._buffers.take(block.length)
                     task = tg.create_task(
                         self._one_block(
                             info,
                             dst,
                             plan,
                             block,
+                            buf,
                             md5s,
                             digest,
                             progress,
@@ -159,7 +176,7 @@ class Blocks(Route):
                     )
                     # Given back when the task ends however it ends: a task cancelled
                     # before its first step (a job cancelled) never runs a finally.
-                    task.add_done_callback(partial(self._block_done, block.length, lanes))
+                    task.add_done_callback(partial(self._block_done, block.length, lanes, buf))
         except BaseExceptionGroup as eg:
             raise first_error(eg) from None
         if interrupted:
@@ -172,13 +189,14 @@ class Blocks(Route):
         dst: AzAddress,
         plan: Plan,
         block: Block,
+        buf: bytearray,
         md5s: list[bytes | None],
         digest: InOrderDigest | None,
         progress: Progress,
         known: bytes | None,
     ) -> None:
         data = await retrying(
-            lambda: self._source.read_range(info, block.start, block.length),
+            lambda: self._source.read_range(info, block.start, block.length, buf),
             self._settings.retry,
             f"read {info.address} block {block.index}",
         )
@@ -198,7 +216,13 @@ class Blocks(Route):
         md5s[block.index] = check.fingerprint
         progress(block.length)
 
-    def _block_done(self, n: int, lanes: asyncio.Semaphore, _: object = None) -> None:
-        """A block's budget share and lane, given back (its task's done callback)."""
+    def _block_done(
+        self, n: int, lanes: asyncio.Semaphore, buf: bytearray | None, _: object = None
+    ) -> None:
+        """A block's buffer, budget share and lane, given back (its task's done
+        callback). Nothing holds the buffer by now: the block's task and the requests it
+        made have ended, and a request abandoned mid-body closed its connection."""
+        if buf is not None:
+            self._buffers.give(buf)
         self._budget.release(n)
         lanes.release()
