@@ -609,6 +609,9 @@ def summary(results: list[Result], scenarios: list[Scenario], tools: list[str]) 
             "Targets (issue 5): the daemon's medians against rclone's, same run.",
             *verdicts,
         ]
+    verdicts = cpu_targets(per_scenario)
+    if verdicts:
+        lines += ["", "Targets (issue 23): medians against rclone's, same run.", *verdicts]
     return "\n".join(lines)
 
 
@@ -667,6 +670,57 @@ def targets(per_scenario: dict[str, dict[str, dict[str, float]]]) -> list[str]:
     if cpu and max(cpu)[0] <= CPU_MAX_X:
         x, where = max(cpu)
         lines.append(f"  CPU s/GiB x <= {CPU_MAX_X}, every scenario: {x:.2f} ({where})  met")
+    return lines
+
+
+# Issue 23: CPU per byte on the large objects, per object on the many; the speed of one
+# large object over the far link; objects/s of the daemon and of the one-shot copy.
+BYTE_SCENARIOS = ("large", "huge", "wan-large", "wan-256", "wan-huge")
+OBJECT_SCENARIOS = ("many", "wan-many")
+FAR_ONE_X = {"wan-256": 2.0, "wan-huge": 2.0}
+DAEMON_OBJ_X, BOUND_SHARE, COPY_OBJ_X = 1.5, 0.9, 1.2
+
+
+def cpu_targets(per_scenario: dict[str, dict[str, dict[str, float]]]) -> list[str]:
+    lines = []
+
+    def verdict(what: str, got: float, want: float, at_most: bool = False) -> str:
+        ok = got <= want if at_most else got >= want
+        sign = "<=" if at_most else ">="
+        miss = "met" if ok else f"MISSED by {abs(got - want):.2f}"
+        return f"  {what:<38} {sign} {want:<4} {got:5.2f}  {miss}"
+
+    for name, med in per_scenario.items():
+        bf, copy, base = med.get("blobferry"), med.get("bf-copy"), med.get("rclone")
+        if bf is None or base is None:
+            continue
+        if name in BYTE_SCENARIOS:
+            lines.append(verdict(f"{name}: daemon CPU s/GiB x", bf["cpu"] / base["cpu"], 1.0, True))
+            if copy is not None:  # its start-up counted: shown, not a target
+                lines.append(
+                    f"  {name}: one-shot copy CPU s/GiB x (start-up in)  {copy['cpu'] / base['cpu']:5.2f}"
+                )
+        if name in FAR_ONE_X:
+            lines.append(
+                verdict(f"{name}: daemon MB/s x", bf["mbps"] / base["mbps"], FAR_ONE_X[name])
+            )
+        if name in OBJECT_SCENARIOS:
+            lines.append(
+                verdict(f"{name}: daemon CPU per object x", bf["cpu"] / base["cpu"], 1.0, True)
+            )
+            x = bf["objps"] / base["objps"]
+            bounds = [med[t]["objps"] for t in BOUNDS if t in med]
+            share = bf["objps"] / min(bounds) if bounds else 0.0
+            ok = x >= DAEMON_OBJ_X or share >= BOUND_SHARE
+            of_bound = f", {share:.0%} of the bound ({min(bounds):.0f} obj/s)" if bounds else ""
+            what = f"{name}: daemon obj/s x >= {DAEMON_OBJ_X}, or >= {BOUND_SHARE:.0%} of the bound"
+            lines.append(f"  {what:<60} {x:5.2f}{of_bound}  {'met' if ok else 'MISSED'}")
+            if copy is not None:
+                lines.append(
+                    verdict(
+                        f"{name}: one-shot copy obj/s x", copy["objps"] / base["objps"], COPY_OBJ_X
+                    )
+                )
     return lines
 
 

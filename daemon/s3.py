@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import AsyncExitStack, asynccontextmanager
 from datetime import UTC, datetime
 from types import TracebackType
@@ -276,29 +276,54 @@ class S3Reader:
         headers = {"Range": f"bytes={start}-{start + length - 1}", "If-Match": info.etag}
         what = f"GET {info.address} bytes {start}-{start + length - 1}"
         url = await self.presign(info.address)
-        if self._bodies is not None and not self.bandwidth.on and self._proxies.route(url) is None:
-            # Straight into the block's buffer (s3_body.py says why); through a proxy, or
-            # paced by the bandwidth cap, aiohttp reads it.
+        if self._reads_directly(url):
             buf = bytearray(length) if into is None else into
             assert len(buf) == length
-            try:
-                resp = await self._bodies.get(url, headers, memoryview(buf), what)
-            except TimeoutError:
-                raise StallError(what, self._settings.retry.stall_timeout_s) from None
-            if resp.status != 206:
-                await raise_for(resp, info.address, what)
-            _check_range(resp.headers.get("Content-Range"), start, length, what)
+            said = await self._read_into(url, headers, buf, info.address, what, 206)
+            _check_range(said.get("Content-Range"), start, length, what)
             return Chunks.of(buf)
-        async with self._get(info.address, headers, what, 206, url) as aio:
-            _check_range(aio.headers.get("Content-Range"), start, length, what)
-            return await self._read_exactly(aio, length, what)
+        async with self._get(info.address, headers, what, 206, url) as resp:
+            _check_range(resp.headers.get("Content-Range"), start, length, what)
+            return await self._read_exactly(resp, length, what)
 
     async def read_object(self, listed: Listed, address: S3Address) -> tuple[ObjectInfo, Chunks]:
         """A whole small object in one GET, its headers standing in for a HEAD."""
         what = f"GET {address}"
-        async with self._get(address, {"If-Match": listed.etag}, what, 200) as resp:
+        headers = {"If-Match": listed.etag}
+        url = await self.presign(address)
+        if self._reads_directly(url):
+            buf = bytearray(listed.size)  # If-Match: the version listed, of the size listed
+            said = await self._read_into(url, headers, buf, address, what, 200)
+            return info_from_headers(address.bucket, address.key, said), Chunks.of(buf)
+        async with self._get(address, headers, what, 200, url) as resp:
             info = info_from_headers(address.bucket, address.key, resp.headers)
             return info, await self._read_exactly(resp, info.size, what)
+
+    def _reads_directly(self, url: str) -> bool:
+        """Whether a GET of ``url`` is read by s3_body.py (which says why): not through
+        an egress proxy, and not paced by the bandwidth cap, where aiohttp reads it."""
+        return (
+            self._settings.s3.direct_reads
+            and self._bodies is not None
+            and not self.bandwidth.on
+            and not self._proxies.route(url)
+        )
+
+    async def _read_into(
+        self,
+        url: str,
+        headers: dict[str, str],
+        buf: bytearray,
+        address: S3Address,
+        what: str,
+        status: int,
+    ) -> Mapping[str, str]:
+        """A GET answered ``status``, its body read into ``buf``; its headers."""
+        assert self._bodies is not None
+        resp = await self._bodies.get(url, headers, memoryview(buf), what, status)
+        if resp.status != status:
+            await raise_for(resp, address, what)
+        return resp.headers
 
     @asynccontextmanager
     async def open_object(self, info: ObjectInfo) -> AsyncIterator[AsyncIterator[bytes]]:

@@ -16,12 +16,15 @@ tests/test_s3_body.py holds it to aiohttp's behaviour on the same requests.
 from __future__ import annotations
 
 import asyncio
+import os
+import socket
 import ssl
 from collections.abc import Mapping
 from typing import cast
 from urllib.parse import urlsplit
 
 from daemon.errors import RetryableError, StallError
+from daemon.sigv4 import sent_host
 
 _HEAD_MAX = 16 * 1024  # a response's status line and headers; S3's are 1-3 KiB
 _ERROR_MAX = 1024 * 1024  # an error's body (XML) is read whole up to this
@@ -60,7 +63,8 @@ class _Connection(asyncio.BufferedProtocol):
         self._want = 0
         self._until_eof = False  # an error body with no length: to the close
         self.response: Response | None = None
-        self._target: memoryview | None = None  # the caller's buffer for a 2xx body
+        self._target: memoryview | None = None  # the caller's buffer for the body
+        self._expect = 0  # the status whose body goes there
         self._waiter: asyncio.Future[None] | None = None
         self.progress = 0.0  # the loop's time of the last bytes received
         self.reusable = False
@@ -69,7 +73,7 @@ class _Connection(asyncio.BufferedProtocol):
 
     # -- the caller's side ------------------------------------------------------------
 
-    def send(self, request: bytes, target: memoryview) -> asyncio.Future[None]:
+    def send(self, request: bytes, target: memoryview, expect: int) -> asyncio.Future[None]:
         assert self.transport is not None
         self._got = self._filled = self._want = 0
         self._body = None
@@ -77,6 +81,7 @@ class _Connection(asyncio.BufferedProtocol):
         self.response = None
         self.received = False
         self._target = target
+        self._expect = expect
         self.reusable = False
         self._waiter = self._loop.create_future()
         self.progress = self._loop.time()
@@ -119,10 +124,10 @@ class _Connection(asyncio.BufferedProtocol):
             return
         if self._body is not None:
             self._filled += nbytes
-            if self._filled == self._want and not self._until_eof:
+            # get_buffer hands out no more than the body's room: full is done (an error's
+            # body with no length is kept to its first MiB).
+            if self._filled == len(self._body):
                 self._finish()
-            elif self._filled == len(self._body):
-                self._fail(RetryableError("the response's body is larger than it said"))
             return
         self._got += nbytes
         end = self._head.find(b"\r\n\r\n", 0, self._got)
@@ -136,7 +141,8 @@ class _Connection(asyncio.BufferedProtocol):
             self._fail(e)
 
     def _start_body(self, end: int) -> None:
-        lines = bytes(self._head[:end]).decode("latin-1").split("\r\n")
+        # As aiohttp decodes them: S3 sends metadata as the uploader's UTF-8 bytes.
+        lines = bytes(self._head[:end]).decode("utf-8", "surrogateescape").split("\r\n")
         version, _, rest = lines[0].partition(" ")
         code = rest[:3]
         if not version.startswith("HTTP/1.") or not code.isdigit():
@@ -157,21 +163,28 @@ class _Connection(asyncio.BufferedProtocol):
         )
         target = self._target
         assert target is not None
-        if 200 <= status < 300:
+        skip = False
+        if status == self._expect:
             if length is None or int(length) != len(target):
                 raise RetryableError(f"a body of {length} bytes, not the {len(target)} asked for")
             self._body, self._want = target, len(target)
-        elif length is not None:
-            self._want = min(int(length), _ERROR_MAX)
+        elif length is not None and int(length) <= _ERROR_MAX:
+            self._want = int(length)
             self._body = memoryview(bytearray(self._want))
+        elif length is not None:  # a whole object where a range was asked for, say
+            self.reusable = False  # its body is not read: the connection goes
+            self._body, self._want = memoryview(bytearray(0)), 0
+            skip = True
         else:  # an error with no length: its body ends with the connection
             self._until_eof = True
             self.reusable = False
             self._body = memoryview(bytearray(_ERROR_MAX))
         extra = self._got - end - 4
-        if extra > len(self._body):
+        if self._until_eof or skip:
+            extra = min(extra, len(self._body))
+        elif extra > self._want:
             raise RetryableError("the response's body is larger than it said")
-        self._body[:extra] = self._head[end + 4 : self._got]
+        self._body[:extra] = self._head[end + 4 : end + 4 + extra]
         self._filled = extra
         self._got = 0  # the head is used up: what comes next goes to the body
         if self._filled == self._want and not self._until_eof:
@@ -179,7 +192,7 @@ class _Connection(asyncio.BufferedProtocol):
 
     def _finish(self) -> None:
         assert self.response is not None and self._body is not None
-        if not (200 <= self.response.status < 300):
+        if self.response.status != self._expect:
             self.response.body = bytearray(self._body[: self._filled])
         self._body = None
         self._target = None
@@ -196,6 +209,16 @@ class _Connection(asyncio.BufferedProtocol):
             self.transport.close()
 
 
+def _refused(e: OSError, host: str, port: int) -> str:
+    """A failed connection worded as errors.connection_failed words aiohttp's: the OS's
+    reason, plainly (asyncio's own words are "Connect call failed (...)")."""
+    if isinstance(e, ssl.SSLError | socket.gaierror) or not e.errno:
+        reason = str(e)
+    else:
+        reason = os.strerror(e.errno)
+    return f"connection failed ({type(e).__name__}: {host}:{port}: {reason})"
+
+
 class BodyReader:
     """Keep-alive connections to S3 endpoints, and ranged GETs read into buffers."""
 
@@ -205,6 +228,7 @@ class BodyReader:
         self._idle: dict[tuple[str, str, int], list[_Connection]] = {}
         self._slots = asyncio.Semaphore(max_connections)
         self._ssl: ssl.SSLContext | None = None
+        self.made = 0  # connections opened, for the tests
 
     def close(self) -> None:
         for conns in self._idle.values():
@@ -213,10 +237,10 @@ class BodyReader:
         self._idle.clear()
 
     async def get(
-        self, url: str, headers: Mapping[str, str], into: memoryview, what: str
+        self, url: str, headers: Mapping[str, str], into: memoryview, what: str, expect: int = 206
     ) -> Response:
-        """GET ``url``; a 2xx body of exactly ``len(into)`` bytes lands in ``into``,
-        another status's body in the response."""
+        """GET ``url``; answered ``expect``, its body of exactly ``len(into)`` bytes lands
+        in ``into``; another status's body (up to 1 MiB) comes in the response."""
         parts = urlsplit(url)
         tls = parts.scheme == "https"
         host = parts.hostname or ""
@@ -224,7 +248,10 @@ class BodyReader:
         target = parts.path or "/"
         if parts.query:
             target += "?" + parts.query
-        lines = [f"GET {target} HTTP/1.1", f"Host: {parts.netloc}", "Accept: */*"]
+        # The URL is sent as it stands, and its Host as aiohttp sends it: S3 checks the
+        # signature over both as they arrive.
+        host_header = sent_host(parts.scheme, parts.netloc)
+        lines = [f"GET {target} HTTP/1.1", f"Host: {host_header}", "Accept: */*"]
         lines += [f"{k}: {v}" for k, v in headers.items()]
         request = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
         key = (parts.scheme, host, port)
@@ -232,7 +259,7 @@ class BodyReader:
             for attempt in (1, 2):
                 conn, reused = await self._connection(key, tls, host, port, what)
                 try:
-                    await self._wait(conn, conn.send(request, into), what)
+                    await self._wait(conn, conn.send(request, into, expect), what)
                 except StallError:
                     conn.close()
                     raise
@@ -284,7 +311,8 @@ class BodyReader:
         except TimeoutError:
             raise RetryableError(f"{what}: no connection within {self._connect_s:g} s") from None
         except OSError as e:
-            raise RetryableError(f"{what}: cannot connect: {e.strerror or e}") from None
+            raise RetryableError(f"{what}: {_refused(e, host, port)}") from None
+        self.made += 1
         return protocol, False
 
     async def _wait(self, conn: _Connection, done: asyncio.Future[None], what: str) -> None:

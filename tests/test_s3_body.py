@@ -18,7 +18,7 @@ import pytest
 
 from daemon.addresses import S3Address
 from daemon.errors import PermanentError, RetryableError, SourceChangedError, StallError
-from daemon.objects import ObjectInfo
+from daemon.objects import Listed, ObjectInfo
 from daemon.s3 import S3Reader
 from daemon.s3_body import BodyReader
 from daemon.settings import Settings
@@ -224,17 +224,38 @@ async def test_a_cancelled_read_closes_its_connection_and_leaves_nothing_behind(
 
 
 async def _both(settings: Settings, info: ObjectInfo, start: int, n: int) -> list[Any]:
-    """What each reader made of one ranged GET: its bytes, or its error's type and text."""
+    """What each reader made of one ranged GET and of one whole GET: the bytes and the
+    object's description, or the error's type and text."""
     out: list[Any] = []
-    for bandwidth in (0.0, 1e9):  # a bandwidth cap sends reads through aiohttp
-        s = settings.model_copy(update={"bandwidth_mb_s": bandwidth})
-        async with S3Reader(s) as reader:
-            assert reader.bandwidth.on == bool(bandwidth)
+    for direct in (True, False):
+        s3 = settings.s3.model_copy(update={"direct_reads": direct})
+        async with S3Reader(settings.model_copy(update={"s3": s3})) as reader:
+            assert reader._bodies is not None
+            made = reader._bodies.made
             try:
-                out.append(b"".join(await reader.read_range(info, start, n)))
+                ranged = b"".join(await reader.read_range(info, start, n))
+                listed = Listed(info.key, info.size, info.etag, None)
+                whole, data = await reader.read_object(listed, info.address)
+                out.append((ranged, whole, b"".join(data)))
             except Exception as e:
                 out.append((type(e), str(e)))
+            assert (reader._bodies.made > made) == direct  # each GET read by the one asked
+
     return out
+
+
+async def test_a_whole_object_where_a_range_was_asked_for_is_not_read() -> None:
+    async def handler(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        await _request(r)
+        w.write(b"HTTP/1.1 200 OK\r\nContent-Length: 5000000\r\n\r\n" + b"w" * 100_000)
+        await w.drain()
+        await asyncio.sleep(10)  # the rest would take long: it is never waited for
+
+    async with server(handler) as (url, _):
+        reader = BodyReader(2.0, 5.0, 4)
+        resp, _ = await asyncio.wait_for(_get(url, 1000, reader=reader), 2)
+        assert resp.status == 200 and await resp.read() == b""
+        assert not any(reader._idle.values())  # its connection is not used again
 
 
 async def test_the_same_bytes_and_the_same_errors_as_aiohttps(
@@ -242,11 +263,21 @@ async def test_the_same_bytes_and_the_same_errors_as_aiohttps(
 ) -> None:
     body = os.urandom(3 * 1024 * 1024 + 17)
     key = "dir/odd key+ü.bin"
-    s3_client.put_object(Bucket=bucket, Key=key, Body=body)
+    s3_client.put_object(
+        Bucket=bucket,
+        Key=key,
+        Body=body,
+        ContentType="text/x-odd; charset=utf-8",
+        ContentDisposition='attachment; filename="a b.txt"',
+        Metadata={"Owner": "ops", "run-id": "42"},
+    )
     async with S3Reader(settings) as reader:
         info = await reader.head(S3Address(bucket, key))
     direct, through_aiohttp = await _both(settings, info, 1000, len(body) - 1000)
-    assert direct == through_aiohttp == body[1000:]
+    assert direct == through_aiohttp
+    ranged, whole, data = direct
+    assert ranged == body[1000:] and data == body
+    assert whole.metadata == {"owner": "ops", "run-id": "42"} and whole.etag == info.etag
     # Refusals, each read as aiohttp's reading reads it.
     changed = dataclasses.replace(info, etag='"0123"')
     a, b = await _both(settings, changed, 0, 10)
