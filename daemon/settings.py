@@ -436,8 +436,12 @@ def load_settings(config: Path | None = None, **overrides: Any) -> Settings:
         raise ConfigError(f"configuration error: {path}: {e}") from None
     if settings.azure.connection_string is None and settings.azure.account_url is None:
         env_cs = os.environ.get("AZURE_STORAGE_CONNECTION_STRING")
-        if env_cs:
-            settings.azure = AzureSettings(connection_string=SecretStr(env_cs))
+        if env_cs:  # the credential only: every other [azure] setting stays
+            given = {**settings.azure.model_dump(), "connection_string": SecretStr(env_cs)}
+            try:
+                settings.azure = AzureSettings(**given)
+            except ValidationError as e:
+                raise ConfigError(_describe(e)) from None
     return settings
 
 

@@ -23,9 +23,13 @@ def test_environment_nested_and_toml(tmp_path: Path, monkeypatch: pytest.MonkeyP
 
 def test_connection_string_from_azure_variable(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("AZURE_STORAGE_CONNECTION_STRING", "AccountName=a;AccountKey=sekrit")
+    monkeypatch.setenv("BLOBFERRY_AZURE__BLOCK_CHECK", "md5")
+    monkeypatch.setenv("BLOBFERRY_AZURE__CREATE_CONTAINERS", "true")
     s = load_settings()
     assert s.azure.connection_string is not None
     assert "sekrit" not in repr(s) and "sekrit" not in str(s.model_dump())
+    # The variable gives the credential; the other [azure] settings stay as given.
+    assert s.azure.block_check == "md5" and s.azure.create_containers
 
 
 @pytest.mark.parametrize(
