@@ -46,10 +46,10 @@ from daemon.proxies import Proxies, refused_by_proxy
 from daemon.seams import ExistingBlob, Precondition
 
 # aiohttp warns about any raw-bytes body over 1 MiB: the SDK's Put Block List of tens of
-# thousands of blocks is one (its XML, a few MiB). The direct path's bodies over 256 KiB
+# thousands of blocks is one (its XML, a few MiB). The direct path's bodies over 1 MiB
 # go as the chunks they arrived in instead.
 warnings.filterwarnings("ignore", "Sending a large body directly", ResourceWarning)
-_PIECE = 256 * 1024
+_PIECE = 1024 * 1024
 
 
 class Direct:
@@ -267,7 +267,7 @@ def _body(data: Chunks) -> bytes | bytearray | Chunks:
 
 
 async def _pieces(data: Chunks) -> AsyncIterator[memoryview]:
-    """A block's chunks in pieces of at most 256 KiB (views, not copies): aiohttp asks
+    """A block's chunks in pieces of at most 1 MiB (views, not copies): aiohttp asks
     for the next one only when the socket took the last, so each piece is progress."""
     for chunk in data:
         view = memoryview(chunk)
