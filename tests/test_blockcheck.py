@@ -5,6 +5,7 @@ earlier blobferry staged under MD5 IDs are taken up by one that sends CRC64s."""
 from __future__ import annotations
 
 import base64
+import hashlib
 from typing import Any
 
 import pytest
@@ -31,17 +32,19 @@ def test_the_crc_is_crc64_nvme_sent_little_endian() -> None:
 
 
 @pytest.mark.parametrize(
-    ("layout", "block_check", "sent", "verified"),
+    ("layout", "block_check", "content_md5", "sent", "verified"),
     [
-        ("single-part", "crc64", {Kind.CRC64}, "etag"),
-        ("single-part", "md5", {Kind.MD5}, "etag"),
-        ("multipart", "crc64", {Kind.MD5}, "multipart-etag"),  # one block per part
-        ("multipart-split", "crc64", {Kind.CRC64}, "multipart-etag"),  # parts cut in blocks
+        ("single-part", "crc64", True, {Kind.CRC64}, "etag"),
+        ("single-part", "md5", True, {Kind.MD5}, "etag"),
+        ("multipart", "crc64", True, {Kind.MD5}, "multipart-etag"),  # one block per part
+        ("multipart-split", "crc64", True, {Kind.CRC64}, "multipart-etag"),  # parts cut
+        ("multipart-split", "crc64", False, {Kind.CRC64}, "multipart-etag"),  # no whole MD5
     ],
 )
 async def test_each_block_carries_the_check_that_costs_least(
     layout: str,
     block_check: str,
+    content_md5: bool,
     sent: set[Kind],
     verified: str,
     settings: Settings,
@@ -66,12 +69,17 @@ async def test_each_block_carries_the_check_that_costs_least(
 
     monkeypatch.setattr(AzureWriter, "stage", seen)
     azure = settings.azure.model_copy(update={"block_check": block_check})
-    tuned = settings.model_copy(update={"azure": azure, "block_size_mb": 1, "pipe_max_mb": 0})
+    tuned = settings.model_copy(
+        update={"azure": azure, "block_size_mb": 1, "pipe_max_mb": 0, "content_md5": content_md5}
+    )
     status, [row] = await copy(tuned, f"s3://{bucket}/o.bin", f"az://{container}/o.bin")
     assert status == "done", row.error
     assert set(kinds) == sent and len(kinds) > 2
     assert row.detail["verified"] == verified
     assert blob_bytes(blob_service, container, "o.bin") == body
+    stored = blob_service.get_blob_client(container, "o.bin").get_blob_properties()
+    md5 = stored.content_settings.content_md5
+    assert (bytes(md5) if md5 else None) == (hashlib.md5(body).digest() if content_md5 else None)
 
 
 async def test_blocks_an_earlier_run_staged_under_md5_ids_are_taken_up(
