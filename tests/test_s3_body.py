@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import uvloop
 
 from daemon.addresses import S3Address
 from daemon.errors import PermanentError, RetryableError, SourceChangedError, StallError
@@ -290,16 +291,32 @@ async def test_the_same_bytes_and_the_same_errors_as_aiohttps(
 async def test_over_tls_the_certificate_is_checked(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    await _over_tls(tmp_path, monkeypatch)
+
+
+def test_over_tls_on_uvloop_as_the_daemon_runs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The daemon runs on uvloop, whose TLS transport feeds a BufferedProtocol its own way.
+    uvloop.run(_over_tls(tmp_path, monkeypatch))
+
+
+async def _over_tls(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     cert, key = self_signed(tmp_path)
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.load_cert_chain(cert, key)
     body = os.urandom(200_000)
 
+    connections = 0
+
     async def serve(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        nonlocal connections
+        connections += 1
         with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError, ssl.SSLError):
-            await _request(r)
-            w.write(_answer(body))
-            await w.drain()
+            while True:
+                await _request(r)
+                w.write(_answer(body))
+                await w.drain()
         w.close()
 
     srv = await asyncio.start_server(serve, "127.0.0.1", 0, ssl=context)
@@ -308,7 +325,11 @@ async def test_over_tls_the_certificate_is_checked(
         with pytest.raises(RetryableError, match="CERTIFICATE_VERIFY_FAILED"):
             await _get(url, len(body))  # an authority this host does not trust
         monkeypatch.setenv("SSL_CERT_FILE", str(cert))  # as a systemd unit would set it
-        _, got = await _get(url, len(body))
-        assert got == body
+        reader = BodyReader(2.0, 5.0, 4)
+        for _ in range(2):
+            _, got = await _get(url, len(body), reader=reader)
+            assert got == body
+        reader.close()
+        assert connections == 1  # one kept for both (the refused handshake never got here)
     finally:
         srv.close()
