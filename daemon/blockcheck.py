@@ -37,7 +37,7 @@ class Kind(StrEnum):
     def of(cls, plan: Plan, otherwise: str = "crc64") -> Kind:
         """MD5 where the plan's block MD5s prove the object, else ``otherwise``
         (azure.block_check)."""
-        if plan.parts and plan.parts == len(plan.blocks):
+        if plan.one_block_per_part:
             return cls.MD5
         return cls(otherwise)
 

@@ -58,6 +58,11 @@ class Plan:
     parts: int  # the S3 parts the blocks are aligned to; 0 when not aligned
     id_prefix: str
 
+    @property
+    def one_block_per_part(self) -> bool:
+        """Whether each of S3's parts is one block: the block MD5s are the part MD5s."""
+        return bool(self.parts) and self.parts == len(self.blocks)
+
     def block_id(self, index: int, md5: bytes | None) -> str:
         assert md5 is not None, "every block has been staged before its ID is needed"
         return f"{self.id_prefix}{index:06d}{md5.hex()}"

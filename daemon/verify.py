@@ -100,10 +100,6 @@ class InOrderDigest:
         self._next = 0
         self._turn = asyncio.Condition()
 
-    @property
-    def computes_whole(self) -> bool:
-        return self.whole is not None
-
     async def feed(self, block: Block, data: Chunks, block_md5: bytes | None) -> None:
         """``block``'s bytes, in their turn; ``block_md5`` when the block's check was
         its MD5 (which is then its part's, where the part is this one block)."""
@@ -190,7 +186,7 @@ def proof(
     if digest is not None:
         whole = digest.whole.digest() if digest.whole is not None else None
         return verify(info, whole, digest.part_digests, digest.checksum), whole
-    if plan.parts and plan.parts == len(plan.blocks):
+    if plan.one_block_per_part:
         # One block per part: the part MD5s are the block MD5s, from the block IDs.
         return verify(info, None, [m for m in md5s if m is not None]), None
     if reused:

@@ -79,7 +79,7 @@ class Blocks(Route):
         # copy alone, so without content_md5 each byte is hashed once and no block waits
         # for another. A full in-order pass is only possible when every block passes
         # through here.
-        one_pass = plan.parts == len(plan.blocks) and checksum is None
+        one_pass = plan.one_block_per_part and checksum is None
         wanted = self._settings.content_md5 or not one_pass
         whole = self._settings.content_md5 or not plan.parts
         digest = (
@@ -124,7 +124,7 @@ class Blocks(Route):
         log.warning("verification failed, reading again", error=str(e))
         first = list(md5s)
         if digest is not None:  # a fresh one: a checksum's state cannot be rewound
-            digest = InOrderDigest(plan, Checksum.for_object(info), digest.computes_whole)
+            digest = InOrderDigest(plan, Checksum.for_object(info), digest.whole is not None)
         await self._stage_all(info, dst, plan, list(plan.blocks), md5s, digest, unwatched, first)
         damaged = sum(a != b for a, b in zip(first, md5s, strict=True))
         verified, md5 = proof(info, plan, md5s, digest, reused)
