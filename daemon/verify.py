@@ -28,7 +28,7 @@ AZURE_CHECKED = "etag: Azure checked the bytes against S3's MD5 as they arrived"
 SERVER_SIDE_CHECKED = "etag: Azure checked the bytes it fetched from S3 against S3's MD5"
 
 
-def _md5(data: Chunks) -> bytes:
+def md5_of(data: Chunks) -> bytes:
     h = hashlib.md5()
     for chunk in data:
         h.update(chunk)
@@ -38,8 +38,8 @@ def _md5(data: Chunks) -> bytes:
 async def md5_off_loop(data: Chunks) -> bytes:
     # hashlib releases the GIL on large buffers: a thread keeps the loop serving sockets.
     if data.size < 256 * 1024:
-        return _md5(data)
-    return await asyncio.to_thread(_md5, data)
+        return md5_of(data)
+    return await asyncio.to_thread(md5_of, data)
 
 
 class Checksum:
