@@ -13,6 +13,7 @@ import os
 import re
 import socket
 import sqlite3
+import ssl
 
 import aiohttp
 
@@ -36,13 +37,19 @@ def connection_failed(e: BaseException) -> str:
     refused port, too many open files. The class name alone hid which. Both sides'
     requests word their connection failures with it."""
     if isinstance(e, aiohttp.ClientConnectorError):
-        os_error = e.os_error
-        # asyncio words a refusal "Connect call failed (...)"; the errno says it plainly.
-        errno = 0 if isinstance(os_error, socket.gaierror) else os_error.errno or 0
-        reason = os.strerror(errno) if errno > 0 else os_error.strerror
-        return f"connection failed ({type(e).__name__}: {e.host}:{e.port}: {reason})"
+        return os_refusal(e, e.os_error, e.host, e.port)
     detail = str(e)
     return f"connection failed ({type(e).__name__}{': ' + detail if detail else ''})"
+
+
+def os_refusal(e: BaseException, os_error: OSError, host: str, port: int | None) -> str:
+    """A connection to ``host:port`` that ``os_error`` stopped, named as ``e`` and worded
+    plainly: asyncio words a refusal "Connect call failed (...)", the errno says it.
+    A resolver's or TLS's error carries its own words (a TLS errno is no OS errno)."""
+    own_words = isinstance(os_error, socket.gaierror | ssl.SSLError)
+    errno = 0 if own_words else os_error.errno or 0
+    reason = os.strerror(errno) if errno > 0 else os_error.strerror or str(os_error)
+    return f"connection failed ({type(e).__name__}: {host}:{port}: {reason})"
 
 
 class BlobferryError(Exception):

@@ -18,14 +18,12 @@ tests/test_s3_body.py holds it to aiohttp's behaviour on the same requests.
 from __future__ import annotations
 
 import asyncio
-import os
-import socket
 import ssl
 from collections.abc import Mapping
 from typing import cast
 from urllib.parse import urlsplit
 
-from daemon.errors import RetryableError, StallError
+from daemon.errors import RetryableError, StallError, os_refusal
 from daemon.sigv4 import sent_host
 
 _HEAD_MAX = 16 * 1024  # a response's status line and headers; S3's are 1-3 KiB
@@ -211,16 +209,6 @@ class _Connection(asyncio.BufferedProtocol):
             self.transport.close()
 
 
-def _refused(e: OSError, host: str, port: int) -> str:
-    """A failed connection worded as errors.connection_failed words aiohttp's: the OS's
-    reason, plainly (asyncio's own words are "Connect call failed (...)")."""
-    if isinstance(e, ssl.SSLError | socket.gaierror) or not e.errno:
-        reason = str(e)
-    else:
-        reason = os.strerror(e.errno)
-    return f"connection failed ({type(e).__name__}: {host}:{port}: {reason})"
-
-
 class BodyReader:
     """Keep-alive connections to S3 endpoints, and ranged GETs read into buffers."""
 
@@ -313,7 +301,7 @@ class BodyReader:
         except TimeoutError:
             raise RetryableError(f"{what}: no connection within {self._connect_s:g} s") from None
         except OSError as e:
-            raise RetryableError(f"{what}: {_refused(e, host, port)}") from None
+            raise RetryableError(f"{what}: {os_refusal(e, e, host, port)}") from None
         self.made += 1
         return protocol, False
 
