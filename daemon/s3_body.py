@@ -60,7 +60,6 @@ class _Connection(asyncio.BufferedProtocol):
         self._got = 0  # bytes of the head so far
         self._body: memoryview | None = None  # where the body goes, once the head is in
         self._filled = 0
-        self._want = 0
         self._until_eof = False  # an error body with no length: to the close
         self.response: Response | None = None
         self._target: memoryview | None = None  # the caller's buffer for the body
@@ -75,7 +74,7 @@ class _Connection(asyncio.BufferedProtocol):
 
     def send(self, request: bytes, target: memoryview, expect: int) -> asyncio.Future[None]:
         assert self.transport is not None
-        self._got = self._filled = self._want = 0
+        self._got = self._filled = 0
         self._body = None
         self._until_eof = False
         self.response = None
@@ -167,13 +166,12 @@ class _Connection(asyncio.BufferedProtocol):
         if status == self._expect:
             if length is None or int(length) != len(target):
                 raise RetryableError(f"a body of {length} bytes, not the {len(target)} asked for")
-            self._body, self._want = target, len(target)
+            self._body = target
         elif length is not None and int(length) <= _ERROR_MAX:
-            self._want = int(length)
-            self._body = memoryview(bytearray(self._want))
+            self._body = memoryview(bytearray(int(length)))
         elif length is not None:  # a whole object where a range was asked for, say
             self.reusable = False  # its body is not read: the connection goes
-            self._body, self._want = memoryview(bytearray(0)), 0
+            self._body = memoryview(bytearray(0))
             skip = True
         else:  # an error with no length: its body ends with the connection
             self._until_eof = True
@@ -182,12 +180,12 @@ class _Connection(asyncio.BufferedProtocol):
         extra = self._got - end - 4
         if self._until_eof or skip:
             extra = min(extra, len(self._body))
-        elif extra > self._want:
+        elif extra > len(self._body):
             raise RetryableError("the response's body is larger than it said")
         self._body[:extra] = self._head[end + 4 : end + 4 + extra]
         self._filled = extra
         self._got = 0  # the head is used up: what comes next goes to the body
-        if self._filled == self._want and not self._until_eof:
+        if self._filled == len(self._body):  # full is done, as in buffer_updated
             self._finish()
 
     def _finish(self) -> None:

@@ -14,13 +14,12 @@ from S3 is read and staged again.
 from __future__ import annotations
 
 import asyncio
-from functools import partial
+from functools import cached_property, partial
 
 import structlog
 
 from daemon.addresses import AzAddress
 from daemon.blockcheck import Kind, compute_off_loop
-from daemon.budget import Budget
 from daemon.buffers import Buffers
 from daemon.errors import Interrupted, VerificationError
 from daemon.layout import Block, Plan, earlier_plan, plan_blocks
@@ -28,8 +27,6 @@ from daemon.objects import ObjectInfo
 from daemon.outcome import Outcome, Progress, Status, unwatched
 from daemon.retry import retrying
 from daemon.routes.base import Handoff, Route, first_error
-from daemon.seams import BlobSink, ObjectSource
-from daemon.settings import Settings
 from daemon.verify import Checksum, InOrderDigest, proof
 
 log = structlog.get_logger("blobferry.transfer")
@@ -38,16 +35,10 @@ log = structlog.get_logger("blobferry.transfer")
 class Blocks(Route):
     name = "blocks"
 
-    def __init__(
-        self,
-        settings: Settings,
-        source: ObjectSource,
-        sink: BlobSink,
-        budget: Budget,
-        stopping: asyncio.Event,
-    ) -> None:
-        super().__init__(settings, source, sink, budget, stopping)
-        self._buffers = Buffers(budget)
+    @cached_property
+    def _buffers(self) -> Buffers:
+        """The blocks' buffers, used again (buffers.py), within the route's budget."""
+        return Buffers(self._budget)
 
     async def copy(self, h: Handoff) -> Outcome:
         info, spec, progress = h.known, h.spec, h.progress
