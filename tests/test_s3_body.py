@@ -54,6 +54,18 @@ async def _request(r: asyncio.StreamReader) -> bytes:
     return await r.readuntil(b"\r\n\r\n")
 
 
+def _then_silence(raw: bytes) -> Handler:
+    """A server that answers a request with ``raw``, then sends nothing more."""
+
+    async def handler(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        await _request(r)
+        w.write(raw)
+        await w.drain()
+        await asyncio.sleep(10)
+
+    return handler
+
+
 def _answer(body: bytes, status: str = "206 Partial Content", extra: str = "") -> bytes:
     head = f"HTTP/1.1 {status}\r\nContent-Length: {len(body)}\r\n{extra}\r\n"
     return head.encode() + body
@@ -132,13 +144,7 @@ async def test_a_request_the_server_drops_unanswered_on_a_kept_connection_goes_a
 
 
 async def test_a_stalled_body_raises_after_the_stall_timeout_not_before() -> None:
-    async def handler(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
-        await _request(r)
-        w.write(_answer(b"z" * 1000)[:500])
-        await w.drain()
-        await asyncio.sleep(10)
-
-    async with server(handler) as (url, _):
+    async with server(_then_silence(_answer(b"z" * 1000)[:500])) as (url, _):
         loop = asyncio.get_running_loop()
         t0 = loop.time()
         with pytest.raises(StallError, match=r"no byte received for 0\.5 s"):
@@ -204,13 +210,7 @@ async def test_an_error_answer_comes_back_with_its_body_and_the_connection_is_ke
 
 
 async def test_a_cancelled_read_closes_its_connection_and_leaves_nothing_behind() -> None:
-    async def handler(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
-        await _request(r)
-        w.write(_answer(b"q" * 1000)[:300])
-        await w.drain()
-        await asyncio.sleep(10)
-
-    async with server(handler) as (url, _):
+    async with server(_then_silence(_answer(b"q" * 1000)[:300])) as (url, _):
         reader = BodyReader(2.0, 5.0, 4)
         task = asyncio.create_task(_get(url, 1000, reader=reader))
         await asyncio.sleep(0.2)
@@ -246,13 +246,10 @@ async def _both(settings: Settings, info: ObjectInfo, start: int, n: int) -> lis
 
 
 async def test_a_whole_object_where_a_range_was_asked_for_is_not_read() -> None:
-    async def handler(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
-        await _request(r)
-        w.write(b"HTTP/1.1 200 OK\r\nContent-Length: 5000000\r\n\r\n" + b"w" * 100_000)
-        await w.drain()
-        await asyncio.sleep(10)  # the rest would take long: it is never waited for
-
-    async with server(handler) as (url, _):
+    # 5 MB said, 100 kB sent: the rest would take long, and is never waited for.
+    async with server(
+        _then_silence(b"HTTP/1.1 200 OK\r\nContent-Length: 5000000\r\n\r\n" + b"w" * 100_000)
+    ) as (url, _):
         reader = BodyReader(2.0, 5.0, 4)
         resp, _ = await asyncio.wait_for(_get(url, 1000, reader=reader), 2)
         assert resp.status == 200 and await resp.read() == b""
