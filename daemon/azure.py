@@ -42,6 +42,7 @@ from daemon.errors import (
     PermanentError,
     SourceUnreachableError,
 )
+from daemon.http1 import Connections
 from daemon.latency import RoundTrips
 from daemon.properties import BlobHeaders
 from daemon.proxies import Proxies
@@ -102,9 +103,19 @@ class AzureWriter:
         direct = Direct(self._service, transport, policy)
         self._sas_expiry = direct.sas_expiry
         if a.direct:
-            stall = self._settings.retry.stall_timeout_s
+            r = self._settings.retry
+            conns = None
+            if a.direct_writes:
+                conns = Connections(r.connect_timeout_s, r.stall_timeout_s, a.max_connections)
+                self._stack.callback(conns.close)
             self._path = DirectPath(
-                direct, session, self._proxies, stall, self._timeout, self.round_trips
+                direct,
+                session,
+                conns,
+                self._proxies,
+                r.stall_timeout_s,
+                self._timeout,
+                self.round_trips,
             )
         return self
 

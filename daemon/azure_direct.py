@@ -3,7 +3,8 @@ or per block: Put Blob, Put Block and Get Blob Properties.
 
 Why: the SDK's client objects and policy pipeline cost about 2 ms of CPU per request,
 half the daemon's work on small objects (measured with py-spy on the benchmark's many
-scenario). These go straight to aiohttp, authorized by the SDK's own credential policy,
+scenario). These go straight to aiohttp, or with a body from a block's buffer, to
+http1.py (which says why), authorized by the SDK's own credential policy,
 so what Azure sees is what the SDK would send: the shared-key signature byte for byte,
 the SAS token, or an Azure AD bearer token from the SDK's token policy, which caches it
 and asks the credential for a new one five minutes before it expires (so a transfer of
@@ -34,12 +35,14 @@ from azure.core.pipeline.policies import AsyncBearerTokenCredentialPolicy
 from azure.core.pipeline.transport import AioHttpTransport, HttpRequest
 from azure.storage.blob._shared.authentication import SharedKeyCredentialPolicy
 from azure.storage.blob.aio import BlobServiceClient
+from yarl import URL
 
 from daemon.addresses import AzAddress
 from daemon.azure_errors import failure, sas_expiry, translate
 from daemon.blockcheck import BlockCheck
 from daemon.chunks import Chunks
 from daemon.errors import RetryableError, connection_failed
+from daemon.http1 import Connections
 from daemon.latency import RoundTrips
 from daemon.properties import BlobHeaders
 from daemon.proxies import Proxies, refused_by_proxy
@@ -122,12 +125,15 @@ class Direct:
 
 
 class DirectPath:
-    """Put Blob, Put Block and Get Blob Properties, sent by aiohttp as the SDK would."""
+    """Put Blob, Put Block and Get Blob Properties, sent as the SDK would: a body from
+    a block's buffer by ``conns`` (unless None, or through an egress proxy), the rest
+    by aiohttp."""
 
     def __init__(
         self,
         direct: Direct,
         session: aiohttp.ClientSession,
+        conns: Connections | None,
         proxies: Proxies,
         stall_s: float,
         timeout: aiohttp.ClientTimeout,
@@ -135,6 +141,7 @@ class DirectPath:
     ) -> None:
         self._direct = direct
         self._session = session
+        self._conns = conns
         self._proxies = proxies
         self._stall_s = stall_s
         self._timeout = timeout
@@ -156,8 +163,7 @@ class DirectPath:
     async def put(
         self, dst: AzAddress, body: Chunks | AsyncIterable[bytes], headers: dict[str, str]
     ) -> None:
-        sent = _body(body) if isinstance(body, Chunks) else body
-        await self._send("PUT", dst, "put blob", headers=headers, body=sent)
+        await self._send("PUT", dst, "put blob", headers=headers, body=body)
 
     async def stage(self, dst: AzAddress, block_id: str, data: Chunks, check: BlockCheck) -> None:
         await self._send(
@@ -171,7 +177,7 @@ class DirectPath:
                 "Content-Length": str(data.size),
                 **check.headers(),
             },
-            body=_body(data),
+            body=data,
         )
 
     async def _send(
@@ -181,7 +187,7 @@ class DirectPath:
         what: str,
         query: dict[str, str] | None = None,
         headers: dict[str, str] | None = None,
-        body: Any = None,
+        body: Chunks | AsyncIterable[bytes] | None = None,
         ok: tuple[int, ...] = (201,),
         missing_ok: bool = False,
     ) -> Mapping[str, str] | None:
@@ -192,6 +198,34 @@ class DirectPath:
         except AzureError as e:  # the identity gave no token
             raise translate(e, dst, what, self.sas_expiry) from None
         again = self._direct.refused_before(headers)
+        said: Mapping[str, str]
+        if isinstance(body, Chunks) and self._conns is not None and not self._proxies.route(url):
+            # The URL as aiohttp sends it (yarl requotes the path), which is the form
+            # Azure's signature check has taken from the SDK all along.
+            answer = await self._conns.put(str(URL(url)), headers, body, f"{dst}: {what}")
+            status, said = answer.status, answer.headers
+        else:
+            status, said = await self._by_aiohttp(method, url, headers, body, dst, what)
+        if status in ok:
+            return said
+        code = said.get("x-ms-error-code") or ""
+        if missing_ok and status == 404 and code in ("BlobNotFound", ""):
+            return None  # a HEAD's 404 has no body; Azure still names the code in a header
+        if status == 401 and not again and self._direct.drop_token(headers):
+            # A bearer token refused (expired early, revoked): try again with a new one.
+            # The same token handed back and refused again is the failure below.
+            raise RetryableError(f"{dst}: {what}: Azure refused the token ({code or 401})")
+        raise failure(status, code, dst, what, self.sas_expiry, said.get("Date"))
+
+    async def _by_aiohttp(
+        self,
+        method: str,
+        url: str,
+        headers: dict[str, str],
+        body: Chunks | AsyncIterable[bytes] | None,
+        dst: AzAddress,
+        what: str,
+    ) -> tuple[int, Mapping[str, str]]:
         stall = self._stall_s
         try:
             # aiohttp has no write timeout: a peer that stops reading a block's body
@@ -199,40 +233,34 @@ class DirectPath:
             # of the body handed to the socket, so it fires only after ``stall``
             # seconds without progress (the response itself is under sock_read).
             async with asyncio.timeout(stall) as deadline:
+                sent: Any = body
                 if isinstance(body, Chunks):
-                    body = _pieces(body)
-                if isinstance(body, AsyncIterable):
-                    body = _paced(body, deadline, stall)
+                    sent = _body(body)
+                    if isinstance(sent, Chunks):
+                        sent = _pieces(sent)
+                if isinstance(sent, AsyncIterable):
+                    sent = _paced(sent, deadline, stall)
                 t0 = time.monotonic()
                 async with self._session.request(
                     method,
                     url,
                     headers=headers,
                     proxy=self._proxies.route(url),
-                    data=body,
+                    data=sent,
                     timeout=self._timeout,
                     skip_auto_headers=("Content-Type",),  # it is signed: nothing may add one
                 ) as r:
                     deadline.reschedule(None)
                     if method == "HEAD":
                         self.round_trips.record(time.monotonic() - t0)
-                    if r.status in ok:
-                        return r.headers
                     await r.read()
-                    code = r.headers.get("x-ms-error-code", "")
+                    return r.status, r.headers
         except TimeoutError:
             raise RetryableError(f"{dst}: {what}: no progress for {stall:g} s") from None
         except aiohttp.ClientHttpProxyError as e:
             raise refused_by_proxy(e.status, f"{dst}: {what}") from None
         except aiohttp.ClientError as e:
             raise RetryableError(f"{dst}: {what}: {connection_failed(e)}") from None
-        if missing_ok and r.status == 404 and code in ("BlobNotFound", ""):
-            return None  # a HEAD's 404 has no body; Azure still names the code in a header
-        if r.status == 401 and not again and self._direct.drop_token(headers):
-            # A bearer token refused (expired early, revoked): try again with a new one.
-            # The same token handed back and refused again is the failure below.
-            raise RetryableError(f"{dst}: {what}: Azure refused the token ({code or 401})")
-        raise failure(r.status, code, dst, what, self.sas_expiry, r.headers.get("Date"))
 
 
 def put_headers(

@@ -1,4 +1,4 @@
-"""A block's bytes: one buffer the socket filled (s3_body.py), or, read through aiohttp
+"""A block's bytes: one buffer the socket filled (http1.py), or, read through aiohttp
 (an egress proxy, a bandwidth cap), the chunks it allocated, kept as they are.
 
 Hashing and uploading walk the list, so no payload byte is copied into another buffer

@@ -37,11 +37,11 @@ from daemon.errors import (
     StallError,
     connection_failed,
 )
+from daemon.http1 import Connections
 from daemon.latency import RoundTrips
 from daemon.objects import CONTENT_RANGE, Listed, ObjectInfo, info_from_headers
 from daemon.proxies import Proxies, refused_by_proxy
 from daemon.retry import retrying
-from daemon.s3_body import BodyReader
 from daemon.s3_errors import explain, no_credentials, raise_for
 from daemon.s3_signing import QuerySigner
 from daemon.settings import Settings
@@ -68,7 +68,7 @@ class S3Reader:
         self._signer: QuerySigner | None = None
         self.round_trips = RoundTrips()  # of HEADs: how near S3 is
         self.bandwidth = Bandwidth(settings.bandwidth)
-        self._bodies: BodyReader | None = None
+        self._bodies: Connections | None = None
 
     async def __aenter__(self) -> S3Reader:
         try:
@@ -93,7 +93,7 @@ class S3Reader:
                 skip_auto_headers=("Accept-Encoding",),
             )
         )
-        self._bodies = BodyReader(
+        self._bodies = Connections(
             s.retry.connect_timeout_s, s.retry.stall_timeout_s, s.s3.max_connections
         )
         self._stack.callback(self._bodies.close)
@@ -300,7 +300,7 @@ class S3Reader:
             return info, await self._read_exactly(resp, info.size, what)
 
     def _reads_directly(self, url: str) -> bool:
-        """Whether a GET of ``url`` is read by s3_body.py (which says why): not through
+        """Whether a GET of ``url`` is read by http1.py (which says why): not through
         an egress proxy, and not paced by the bandwidth cap, where aiohttp reads it."""
         return (
             self._settings.s3.direct_reads

@@ -80,7 +80,7 @@ async def explain(
 
 
 class Refusal(Protocol):
-    """A payload GET's response, from aiohttp or from s3_body.py."""
+    """A payload GET's response, from aiohttp or from http1.py."""
 
     @property
     def status(self) -> int: ...

@@ -58,10 +58,10 @@ async def test_with_both_detours_off_every_route_copies(
     assert status == "done" and {r.status for r in rows} == {"skipped"}
 
 
-@pytest.mark.parametrize("direct", [False, True], ids=["sdk", "direct"])
+@pytest.mark.parametrize("path", ["sdk", "aiohttp", "http1"])
 @pytest.mark.parametrize("check", ["crc64", "md5"])
-async def test_azure_refuses_damaged_bytes_by_either_check_on_either_path(
-    direct: bool,
+async def test_azure_refuses_damaged_bytes_by_either_check_on_every_path(
+    path: str,
     check: str,
     tmp_path: Path,
     moto_endpoint: str,
@@ -72,8 +72,8 @@ async def test_azure_refuses_damaged_bytes_by_either_check_on_either_path(
     container: str,
 ) -> None:
     """A byte flipped on the way to Azure: Put Block carries the block's CRC64 or MD5
-    (azure.block_check), through the SDK or not, Azure refuses it, and the block is sent
-    again."""
+    (azure.block_check), through the SDK, aiohttp or http1.py, Azure refuses it, and the
+    block is sent again."""
     s3_client.put_object(Bucket=bucket, Key="obj.bin", Body=payload(3 * MiB, seed=7))
     async with FaultProxy(azurite_endpoint, Faults(upload_flip_at=MiB + 10)) as flipping:
         settings = make_settings(
@@ -81,7 +81,13 @@ async def test_azure_refuses_damaged_bytes_by_either_check_on_either_path(
         )
         settings = settings.model_copy(
             update={
-                "azure": settings.azure.model_copy(update={"direct": direct, "block_check": check})
+                "azure": settings.azure.model_copy(
+                    update={
+                        "direct": path != "sdk",
+                        "direct_writes": path == "http1",
+                        "block_check": check,
+                    }
+                )
             }
         )
         status, [row] = await copy(settings, f"s3://{bucket}/obj.bin", f"az://{container}/o.bin")

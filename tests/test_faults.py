@@ -708,7 +708,7 @@ async def test_an_azure_endpoint_that_refuses_connections_is_named_with_the_reas
 async def test_an_s3_read_that_cannot_connect_is_named_with_the_reason(
     tmp_path: Path, moto_endpoint: str, azurite_endpoint: str, s3_client: Any, bucket: str
 ) -> None:
-    """The presigned GETs go out by aiohttp or s3_body.py, not botocore. One whose connection was
+    """The presigned GETs go out by aiohttp or http1.py, not botocore. One whose connection was
     refused read "ClientConnectorError: Cannot connect to host ... [Connect call failed
     (...)]". It is worded as Azure's are now: where, and the OS's reason. (S3 goes away
     after the reader has learnt the bucket; a refusal at the start is botocore's, which
@@ -723,7 +723,7 @@ async def test_an_s3_read_that_cannot_connect_is_named_with_the_reason(
             await proxy.__aexit__(None, None, None)  # nothing listens there any more
             with pytest.raises(RetryableError) as e:
                 await s3.read_object(listed, address)
-    # Read around aiohttp (s3_body.py), the OS's words are the same.
+    # Read around aiohttp (http1.py), the OS's words are the same.
     assert str(e.value) == (
         f"GET s3://{bucket}/k: connection failed (ConnectionRefusedError: 127.0.0.1:{port}: "
         "Connection refused)"
@@ -789,7 +789,9 @@ async def test_a_refusal_as_existing_is_believed_when_the_blob_is_not_this_copy(
     assert blob_names(blob_service, container) == []
 
 
+@pytest.mark.parametrize("writes", ["http1", "aiohttp"])
 async def test_an_upload_that_stalls_is_cut_and_sent_again(
+    writes: str,
     settings: Settings,
     moto_endpoint: str,
     azurite_endpoint: str,
@@ -800,16 +802,19 @@ async def test_an_upload_that_stalls_is_cut_and_sent_again(
 ) -> None:
     body = payload(64 * MiB, seed=13)
     s3_client.put_object(Bucket=bucket, Key="up.bin", Body=body)
-    # The second connection to Azure (the first block upload; the first lists blocks)
-    # stops being read after 1 MiB. A 32 MiB block is more than the sockets' buffers
-    # hold, so the sender itself blocks: only a deadline on progress can see it.
-    faults = Faults(upload_stall_at=2, upload_stall_after=1 * MiB)
+    # The first connection to Azure that uploads 1 MiB (a block's) stops being read
+    # there. A 32 MiB block is more than the sockets' buffers hold, so the sender itself
+    # blocks: only a deadline on progress can see it.
+    faults = Faults(upload_stall_at=-1, upload_stall_after=1 * MiB)
     async with FaultProxy(azurite_endpoint, faults) as azp:
         tuned = through(
             settings,
             azp,
             s3={"endpoint_url": moto_endpoint},
-            azure={"connection_string": SecretStr(connection_string(azp.endpoint))},
+            azure={
+                "connection_string": SecretStr(connection_string(azp.endpoint)),
+                "direct_writes": writes == "http1",
+            },
             retry={"stall_timeout_s": 1.0},
             block_size_mb=32,
         )

@@ -1,7 +1,9 @@
-"""The ranged GETs read around aiohttp (s3_body.py): the same bytes and the same errors
-as aiohttp's reading of the same requests, on the strict S3 front; and the faults a
-plain HTTP/1.1 server can commit, from a real socket server here: a kept-alive
-connection closed while idle, a stall, a chunked or short or long body, a cancel."""
+"""The payload requests sent around aiohttp (http1.py): S3's ranged GETs and Azure's
+Put Blob and Put Block. The same bytes and the same errors as aiohttp's on the same
+requests, on the strict S3 front and on Azurite; and the faults a plain HTTP/1.1
+server can commit, from a real socket server here: a kept-alive connection closed
+while idle, a stall either way, a chunked or short or long body, an answer before the
+body is sent, a cancel."""
 
 from __future__ import annotations
 
@@ -16,13 +18,20 @@ from typing import Any
 
 import pytest
 import uvloop
+from azure.storage.blob import BlobServiceClient
 
-from daemon.addresses import S3Address
+from daemon.addresses import AzAddress, S3Address
+from daemon.azure import AzureWriter
+from daemon.blockcheck import Kind, compute
+from daemon.chunks import Chunks
 from daemon.errors import PermanentError, RetryableError, SourceChangedError, StallError
+from daemon.http1 import Connections
 from daemon.objects import Listed, ObjectInfo
+from daemon.properties import BlobHeaders
 from daemon.s3 import S3Reader
-from daemon.s3_body import BodyReader
+from daemon.seams import ANYTHING
 from daemon.settings import Settings
+from daemon.verify import md5_of
 from tests.test_identity import self_signed
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
@@ -71,8 +80,8 @@ def _answer(body: bytes, status: str = "206 Partial Content", extra: str = "") -
     return head.encode() + body
 
 
-async def _get(url: str, n: int, stall_s: float = 5.0, reader: BodyReader | None = None) -> Any:
-    reader = reader or BodyReader(2.0, stall_s, 4)
+async def _get(url: str, n: int, stall_s: float = 5.0, reader: Connections | None = None) -> Any:
+    reader = reader or Connections(2.0, stall_s, 4)
     buf = bytearray(n)
     resp = await reader.get(url, {"Range": f"bytes=0-{n - 1}"}, memoryview(buf), "GET k")
     return resp, bytes(buf)
@@ -94,7 +103,7 @@ async def test_a_body_lands_in_the_buffer_and_the_connection_is_kept() -> None:
             await w.drain()
 
     async with server(handler) as (url, accepted):
-        reader = BodyReader(2.0, 5.0, 4)
+        reader = Connections(2.0, 5.0, 4)
         for _ in range(3):
             resp, got = await _get(url, len(body), reader=reader)
             assert resp.status == 206 and got == body
@@ -111,7 +120,7 @@ async def test_a_kept_connection_the_server_closed_while_idle_is_replaced_at_onc
         await w.drain()
 
     async with server(handler) as (url, accepted):
-        reader = BodyReader(2.0, 5.0, 4)
+        reader = Connections(2.0, 5.0, 4)
         for _ in range(3):
             _, got = await _get(url, len(body), reader=reader)
             assert got == body
@@ -135,7 +144,7 @@ async def test_a_request_the_server_drops_unanswered_on_a_kept_connection_goes_a
             await w.drain()
 
     async with server(handler) as (url, accepted):
-        reader = BodyReader(2.0, 5.0, 4)
+        reader = Connections(2.0, 5.0, 4)
         for _ in range(2):
             _, got = await _get(url, len(body), reader=reader)
             assert got == body
@@ -200,7 +209,7 @@ async def test_an_error_answer_comes_back_with_its_body_and_the_connection_is_ke
         await w.drain()
 
     async with server(handler) as (url, accepted):
-        reader = BodyReader(2.0, 5.0, 4)
+        reader = Connections(2.0, 5.0, 4)
         resp, _ = await _get(url, 2, reader=reader)
         assert resp.status == 412 and await resp.read() == xml
         assert resp.headers.get("DATE") == "x"
@@ -211,7 +220,7 @@ async def test_an_error_answer_comes_back_with_its_body_and_the_connection_is_ke
 
 async def test_a_cancelled_read_closes_its_connection_and_leaves_nothing_behind() -> None:
     async with server(_then_silence(_answer(b"q" * 1000)[:300])) as (url, _):
-        reader = BodyReader(2.0, 5.0, 4)
+        reader = Connections(2.0, 5.0, 4)
         task = asyncio.create_task(_get(url, 1000, reader=reader))
         await asyncio.sleep(0.2)
         task.cancel()
@@ -250,7 +259,7 @@ async def test_a_whole_object_where_a_range_was_asked_for_is_not_read() -> None:
     async with server(
         _then_silence(b"HTTP/1.1 200 OK\r\nContent-Length: 5000000\r\n\r\n" + b"w" * 100_000)
     ) as (url, _):
-        reader = BodyReader(2.0, 5.0, 4)
+        reader = Connections(2.0, 5.0, 4)
         resp, _ = await asyncio.wait_for(_get(url, 1000, reader=reader), 2)
         assert resp.status == 200 and await resp.read() == b""
         assert not any(reader._idle.values())  # its connection is not used again
@@ -322,7 +331,7 @@ async def _over_tls(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
         with pytest.raises(RetryableError, match="CERTIFICATE_VERIFY_FAILED"):
             await _get(url, len(body))  # an authority this host does not trust
         monkeypatch.setenv("SSL_CERT_FILE", str(cert))  # as a systemd unit would set it
-        reader = BodyReader(2.0, 5.0, 4)
+        reader = Connections(2.0, 5.0, 4)
         for _ in range(2):
             _, got = await _get(url, len(body), reader=reader)
             assert got == body
@@ -330,3 +339,175 @@ async def _over_tls(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
         assert connections == 1  # one kept for both (the refused handshake never got here)
     finally:
         srv.close()
+
+
+# -- PUTs: Azure's Put Blob and Put Block bodies, sent from their buffers ---------------
+
+
+async def _read_put(r: asyncio.StreamReader) -> tuple[bytes, bytes]:
+    head = await _request(r)
+    length = int(
+        next(x for x in head.split(b"\r\n") if x.lower().startswith(b"content-length")).split(b":")[
+            1
+        ]
+    )
+    return head, await r.readexactly(length)
+
+
+async def test_a_put_body_goes_whole_in_its_chunks_and_the_connection_is_kept() -> None:
+    chunks = [os.urandom(100), os.urandom(2 * 1024 * 1024 + 7), os.urandom(3000)]
+    seen: list[tuple[bytes, bytes]] = []
+
+    async def handler(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        while True:
+            seen.append(await _read_put(r))
+            w.write(b'HTTP/1.1 201 Created\r\nContent-Length: 0\r\nETag: "0x1"\r\n\r\n')
+            await w.drain()
+
+    async with server(handler) as (url, accepted):
+        conns = Connections(2.0, 5.0, 4)
+        length = sum(map(len, chunks))
+        for _ in range(2):
+            resp = await conns.put(url, {"Content-Length": str(length)}, chunks, "put")
+            assert resp.status == 201 and resp.headers.get("ETag") == '"0x1"'
+            assert resp.body == b""
+        conns.close()
+    assert accepted[0] == 1
+    for head, body in seen:
+        assert head.startswith(b"PUT /bkt/key?X-Amz-Signature=abc HTTP/1.1\r\nHost: 127.0.0.1:")
+        assert body == b"".join(chunks)
+
+
+async def test_an_answer_before_the_whole_body_ends_the_put_and_its_connection() -> None:
+    """Azure may refuse a request from its head (a bad signature, say) without reading
+    the body: the refusal comes back as an answer, its chunked XML decoded, and the
+    connection, whose request was cut short, is not used again."""
+    xml = b"<?xml version='1.0'?><Error><Code>AuthorizationFailure</Code></Error>"
+
+    async def handler(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        await _request(r)
+        w.write(
+            b"HTTP/1.1 403 Forbidden\r\nTransfer-Encoding: chunked\r\n"
+            b"x-ms-error-code: AuthorizationFailure\r\n\r\n"
+            + f"{20:x}\r\n".encode()
+            + xml[:20]
+            + b"\r\n"
+            + f"{len(xml) - 20:x};ext=1\r\n".encode()
+            + xml[20:]
+            + b"\r\n0\r\n\r\n"
+        )
+        await w.drain()
+        await asyncio.sleep(10)  # the body is never read
+
+    async with server(handler) as (url, accepted):
+        conns = Connections(2.0, 5.0, 4)
+        body = [bytearray(16 * 1024 * 1024)]  # more than the sockets hold
+        for n in (1, 2):
+            resp = await asyncio.wait_for(
+                conns.put(url, {"Content-Length": str(len(body[0]))}, body, "put"), 5
+            )
+            assert resp.status == 403 and resp.body == xml
+            assert resp.headers.get("X-MS-Error-Code") == "AuthorizationFailure"
+            assert accepted[0] == n and not any(conns._idle.values())
+
+
+async def test_a_put_whose_body_the_peer_stops_reading_stalls() -> None:
+    async def handler(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        await _request(r)
+        await r.readexactly(100_000)
+        await asyncio.sleep(10)  # and no more
+
+    async with server(handler) as (url, _):
+        conns = Connections(2.0, 0.5, 4)
+        body = [bytearray(32 * 1024 * 1024)]
+        t0 = asyncio.get_running_loop().time()
+        with pytest.raises(StallError, match=r"no byte received for 0\.5 s"):
+            await conns.put(url, {"Content-Length": str(len(body[0]))}, body, "put")
+        assert 0.5 <= asyncio.get_running_loop().time() - t0 < 3
+        assert not any(conns._idle.values())
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        b"HTTP/1.1 400 Bad\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+        b"HTTP/1.1 400 Bad\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nab",
+    ],
+    ids=["malformed", "cut-short"],
+)
+async def test_a_chunked_answer_it_cannot_read_is_a_retryable_error(answer: bytes) -> None:
+    async def handler(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        await _read_put(r)
+        w.write(answer)
+        await w.drain()
+
+    async with server(handler) as (url, _):
+        with pytest.raises(RetryableError, match=r"malformed chunked|connection closed"):
+            await Connections(2.0, 5.0, 4).put(url, {"Content-Length": "3"}, [b"abc"], "put")
+
+
+async def test_the_same_blobs_and_the_same_errors_as_aiohttps(
+    settings: Settings, blob_service: BlobServiceClient, container: str
+) -> None:
+    """Put Blob and Put Block sent from their buffers (azure.direct_writes) and by
+    aiohttp, on Azurite: the same blobs, properties and refusals."""
+    name = "dir/odd name+ü 50% #1 ~x=y&z;'(1)!*@$,.bin"
+    data = os.urandom(3 * 1024 * 1024 + 5)
+    blocks = [data[: 2 * 1024 * 1024], data[2 * 1024 * 1024 :]]
+    headers = BlobHeaders(content_type="text/x-odd", cache_control="no-cache")
+
+    async def run(writes: bool) -> list[Any]:
+        s = settings.model_copy(
+            update={"azure": settings.azure.model_copy(update={"direct_writes": writes})}
+        )
+        out: list[Any] = []
+        async with AzureWriter(s) as w:
+            dst = AzAddress(container, f"{writes}/{name}")
+            await w.put(
+                dst,
+                Chunks.of(bytearray(data)),
+                md5_of(Chunks.of(bytearray(data))),
+                headers,
+                {"owner": "ops"},
+                ANYTHING,
+            )
+            big = AzAddress(container, f"{writes}/blocks/{name}")
+            ids = []
+            for n, block in enumerate(blocks):
+                ids.append(f"{n:04d}")
+                chunks = Chunks.of(bytearray(block))
+                await w.stage(big, ids[-1], chunks, compute(Kind.CRC64, chunks))
+            await w.commit(big, ids, None, headers, {}, ANYTHING)
+            for bad in (
+                lambda: w.put(
+                    AzAddress("no-such-ctr", "b"),
+                    Chunks.of(bytearray(b"x")),
+                    md5_of(Chunks.of(bytearray(b"x"))),
+                    headers,
+                    {},
+                    ANYTHING,
+                ),
+                lambda: w.put(dst, Chunks.of(bytearray(b"x")), b"\0" * 16, headers, {}, ANYTHING),
+                lambda: w.stage(
+                    big,
+                    "0009",
+                    Chunks.of(bytearray(b"xy")),
+                    compute(Kind.MD5, Chunks.of(bytearray(b"yx"))),
+                ),
+            ):
+                with pytest.raises(Exception) as e:
+                    await bad()
+                out.append((type(e.value), str(e.value).replace(f"{writes}/", "")))
+        return out
+
+    assert await run(True) == await run(False)
+    for writes in (True, False):
+        for blob in (f"{writes}/{name}", f"{writes}/blocks/{name}"):
+            props = blob_service.get_blob_client(container, blob).get_blob_properties()
+            assert props.content_settings.content_type == "text/x-odd"
+            assert props.content_settings.cache_control == "no-cache"
+        got = blob_service.get_blob_client(container, f"{writes}/{name}")
+        assert got.download_blob().readall() == data
+        assert got.get_blob_properties().metadata == {"owner": "ops"}
+        big = blob_service.get_blob_client(container, f"{writes}/blocks/{name}")
+        assert big.download_blob().readall() == data
