@@ -10,9 +10,12 @@ the SAS token, or an Azure AD bearer token from the SDK's token policy, which ca
 and asks the credential for a new one five minutes before it expires (so a transfer of
 days outlives any one token). Everything else goes through the SDK.
 
-It leans on private parts of azure-storage-blob (the service's ``_query_str`` and the
-bearer policy's ``_token``); tests/test_azure_direct.py fails when an upgrade changes
-them or the URLs the SDK writes. ``azure.direct = false`` sends these requests through
+A shared key signs here, by the SDK's rules but with the order of the x-ms- headers
+kept per set of names: the SDK's policy sorts them with a per-character collation in
+Python, 40 of the 50 us it spends a request. It leans on private parts of
+azure-storage-blob (the service's ``_query_str``, the bearer policy's ``_token``, the
+collation); tests/test_azure_direct.py fails when an upgrade changes them, the
+signatures or the URLs the SDK writes. ``azure.direct = false`` sends these requests through
 the SDK instead (azure.py).
 """
 
@@ -20,20 +23,22 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import functools
 import hashlib
+import hmac
 import time
 import warnings
 from collections.abc import AsyncIterable, AsyncIterator, Mapping
 from email.utils import formatdate
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote, unquote, urlsplit
 
 import aiohttp
 from azure.core.exceptions import AzureError
 from azure.core.pipeline import PipelineContext, PipelineRequest
 from azure.core.pipeline.policies import AsyncBearerTokenCredentialPolicy
 from azure.core.pipeline.transport import AioHttpTransport, HttpRequest
-from azure.storage.blob._shared.authentication import SharedKeyCredentialPolicy
+from azure.storage.blob._shared.authentication import SharedKeyCredentialPolicy, compare
 from azure.storage.blob.aio import BlobServiceClient
 from yarl import URL
 
@@ -53,6 +58,54 @@ from daemon.seams import ExistingBlob, Precondition
 # go as the chunks they arrived in instead.
 warnings.filterwarnings("ignore", "Sending a large body directly", ResourceWarning)
 _PIECE = 1024 * 1024
+# The standard headers a shared key signs, in order ("byte_range" is the SDK's: never sent).
+_SIGNED = (
+    "content-encoding",
+    "content-language",
+    "content-length",
+    "content-md5",
+    "content-type",
+    "date",
+    "if-modified-since",
+    "if-match",
+    "if-none-match",
+    "if-unmodified-since",
+    "byte_range",
+)
+
+
+@functools.lru_cache(maxsize=1024)
+def _collated(names: tuple[str, ...]) -> tuple[str, ...]:
+    """x-ms- header names in the order the service sorts them (the SDK's collation)."""
+    return tuple(sorted(names, key=functools.cmp_to_key(compare)))
+
+
+def shared_key(account: str, key: bytes, method: str, url: str, headers: Mapping[str, str]) -> str:
+    """The Authorization header SharedKeyCredentialPolicy writes for this request, sent
+    by aiohttp (whose requoting of the path the canonical resource follows)."""
+    lower = {k.lower(): v for k, v in headers.items() if v}
+    if lower.get("content-length") == "0":
+        del lower["content-length"]
+    ms = {k.lower(): v for k, v in headers.items() if k.startswith("x-ms-")}
+    parts = urlsplit(url)
+    query = sorted(
+        {p[0]: p[-1] for p in (q.partition("=") for q in parts.query.split("&"))}.items()
+        if parts.query
+        else ()
+    )
+    text = "".join(
+        (
+            method,
+            "\n",
+            "\n".join(lower.get(x, "") for x in _SIGNED),
+            "\n",
+            "".join(f"{k}:{ms[k]}\n" for k in _collated(tuple(sorted(ms)))),
+            f"/{account}{URL(parts.path)}",
+            "".join(f"\n{k.lower()}:{unquote(v)}" for k, v in query),
+        )
+    )
+    digest = hmac.digest(key, text.encode(), "sha256")
+    return f"SharedKey {account}:{base64.b64encode(digest).decode()}"
 
 
 class Direct:
@@ -70,6 +123,9 @@ class Direct:
         self.sas_expiry = sas_expiry(self._sas)
         self._version = service.api_version
         self._policy = policy
+        self._key: tuple[str, bytes] | None = None
+        if isinstance(policy, SharedKeyCredentialPolicy):
+            self._key = (policy.account_name, base64.b64decode(policy.account_key))
         self._context = PipelineContext(transport)
         self._date = ("", 0)
         self._dropped: set[str] = set()  # digests of bearer tokens Azure refused
@@ -88,7 +144,9 @@ class Direct:
         url = self.url(dst, query)
         headers["x-ms-version"] = self._version
         headers["x-ms-date"] = self._now()
-        if self._policy is not None:
+        if self._key is not None:
+            headers["Authorization"] = shared_key(*self._key, method, url, headers)
+        elif self._policy is not None:
             request = HttpRequest(method, url, headers=headers)
             signing = PipelineRequest(request, self._context)
             if isinstance(self._policy, AsyncBearerTokenCredentialPolicy):
