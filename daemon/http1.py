@@ -111,10 +111,14 @@ class _Connection(asyncio.BufferedProtocol):
     def close(self, flush: bool = True) -> None:
         if self._waiter is not None and not self._waiter.done():
             self._waiter.cancel()  # its caller has gone: nobody is left to tell
-        if self.transport is not None:
+        if self.transport is None:
+            return
+        if flush:
+            self.transport.close()
+        else:
             # A body cut short is not sent on: a half-sent request must not be finished
             # from a buffer that is about to hold another block.
-            self.transport.close() if flush else self.transport.abort()
+            self.transport.abort()
 
     # -- the protocol -----------------------------------------------------------------
 
@@ -282,7 +286,7 @@ class _Connection(asyncio.BufferedProtocol):
             self._waiter.set_exception(error)
         self._wake_writer()
         if self.transport is not None:
-            self.transport.close()
+            self.transport.abort()  # nothing more is sent from the caller's buffers
 
     def _wake_writer(self) -> None:
         if self._writable is not None and not self._writable.done():
@@ -351,7 +355,6 @@ class Connections:
         async with self._slots:
             for attempt in (1, 2):
                 conn, reused = await self._connection(key, tls, host, port, what)
-                whole = True
                 try:
                     done = conn.send(request, into, expect)
                     whole = await self._send_body(conn, body, done, what)
