@@ -308,10 +308,14 @@ def test_over_tls_on_uvloop_as_the_daemon_runs(
 
 
 async def _over_tls(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """GETs, then PUTs whose bodies the server reads slowly (so the TLS transport
+    pauses the writer and resumes it), all on one kept connection."""
     cert, key = self_signed(tmp_path)
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.load_cert_chain(cert, key)
     body = os.urandom(200_000)
+    upload = [os.urandom(3 * 1024 * 1024 + 1), os.urandom(5 * 1024 * 1024)]
+    received: list[bytes] = []
 
     connections = 0
 
@@ -320,8 +324,17 @@ async def _over_tls(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
         connections += 1
         with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError, ssl.SSLError):
             while True:
-                await _request(r)
-                w.write(_answer(body))
+                head = await _request(r)
+                if head.startswith(b"PUT "):
+                    length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+                    got = bytearray()
+                    while len(got) < length:
+                        got += await r.read(min(256 * 1024, length - len(got)))
+                        await asyncio.sleep(0.002)
+                    received.append(bytes(got))
+                    w.write(b"HTTP/1.1 201 Created\r\nContent-Length: 0\r\n\r\n")
+                else:
+                    w.write(_answer(body))
                 await w.drain()
         w.close()
 
@@ -335,8 +348,13 @@ async def _over_tls(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
         for _ in range(2):
             _, got = await _get(url, len(body), reader=reader)
             assert got == body
+        size = str(sum(map(len, upload)))
+        for _ in range(2):
+            resp = await reader.put(url, {"Content-Length": size}, upload, "put")
+            assert resp.status == 201
+        assert received == [b"".join(upload)] * 2
         reader.close()
-        assert connections == 1  # one kept for both (the refused handshake never got here)
+        assert connections == 1  # one kept for all (the refused handshake never got here)
     finally:
         srv.close()
 
