@@ -6,15 +6,16 @@ Why, measured: aiohttp copies each byte of a GET's body twice on its way to the 
 piled up), and a fifth of the daemon's CPU on wan-256 went to those copies and to the
 allocations behind them (py-spy; 3.44 -> 3.00 CPU s/GiB with one MD5 pass). Here the
 kernel writes each read into the block's buffer (asyncio.BufferedProtocol: recv_into),
-and Python runs once per read. A Put through aiohttp costs about 300 us of CPU beyond
-the request itself (a 48 KiB Put Blob on Azurite: 350 us against 90 us framed here),
-a fifth of the daemon's CPU per object on `many`.
+and Python runs once per read. A 48 KiB Put Blob on Azurite cost the daemon 355 us of
+CPU sent by aiohttp and 215 us sent here (the SDK's signing included; the bare
+benchmarks/ceiling.py client: 90-110 us): 9.08 -> 8.07 CPU s/GiB on `many`, with the
+signing of azure_direct.py.
 
 Only what these requests need: HTTP/1.1 with keep-alive, over TCP or TLS, straight to
 the endpoint, a body of known length each way. Through an egress proxy, under S3's
 bandwidth cap (which paces each chunk), or for a piped body, aiohttp carries the
-request as before. A response it cannot read here (chunked, or not the range asked
-for) is an error like any other: retried. tests/test_http1.py holds it to aiohttp's
+request as before. A response it cannot read here (a chunked body where a range was
+asked for, say) is an error like any other: retried. tests/test_http1.py holds it to aiohttp's
 behaviour on the same requests, on the strict S3 front and on Azurite. Over the
 house's 400 lines, and kept whole: one connection's state machine serves both sides.
 """
