@@ -12,7 +12,7 @@ days outlives any one token). Everything else goes through the SDK.
 
 A shared key signs here, by the SDK's rules but with the order of the x-ms- headers
 kept per set of names: the SDK's policy sorts them with a per-character collation in
-Python, 40 of the 50 us it spends a request. It leans on private parts of
+Python (signing here: 19 us a request, against the policy's 49). It leans on private parts of
 azure-storage-blob (the service's ``_query_str``, the bearer policy's ``_token``, the
 collation); tests/test_azure_direct.py fails when an upgrade changes them, the
 signatures or the URLs the SDK writes. ``azure.direct = false`` sends these requests through
@@ -81,8 +81,9 @@ def _collated(names: tuple[str, ...]) -> tuple[str, ...]:
 
 
 def shared_key(account: str, key: bytes, method: str, url: str, headers: Mapping[str, str]) -> str:
-    """The Authorization header SharedKeyCredentialPolicy writes for this request, sent
-    by aiohttp (whose requoting of the path the canonical resource follows)."""
+    """The Authorization header SharedKeyCredentialPolicy writes for this request. The
+    canonical resource is the path as yarl requotes it, which is how aiohttp sends the
+    URL and how DirectPath hands it to http1.py."""
     lower = {k.lower(): v for k, v in headers.items() if v}
     if lower.get("content-length") == "0":
         del lower["content-length"]
