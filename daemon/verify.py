@@ -98,17 +98,22 @@ class InOrderDigest:
         self.part_digests: list[bytes] = []
         self._part: hashlib._Hash | None = None
         self._next = 0
-        self._turn = asyncio.Condition()
+        # The blocks waiting for their turn, by index: each is woken once, by the one
+        # before it (a Condition's notify_all woke every waiter for every block).
+        self._waiting: dict[int, asyncio.Future[None]] = {}
 
     async def feed(self, block: Block, data: Chunks, block_md5: bytes | None) -> None:
         """``block``'s bytes, in their turn; ``block_md5`` when the block's check was
         its MD5 (which is then its part's, where the part is this one block)."""
-        async with self._turn:
-            await self._turn.wait_for(lambda: self._next == block.index)
+        if block.index != self._next:
+            turn = asyncio.get_running_loop().create_future()
+            self._waiting[block.index] = turn
+            await turn
         await asyncio.to_thread(self._update, block, data, block_md5)
-        async with self._turn:
-            self._next += 1
-            self._turn.notify_all()
+        self._next += 1
+        after = self._waiting.pop(self._next, None)
+        if after is not None and not after.done():
+            after.set_result(None)
 
     def _update(self, block: Block, data: Chunks, block_md5: bytes | None) -> None:
         if self.whole is not None:

@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import random
 from typing import Any
 
 import pytest
 from azure.storage.blob import BlobServiceClient
 
+from daemon.chunks import Chunks
+from daemon.layout import Block, plan_layout
+from daemon.objects import ObjectInfo
 from daemon.settings import Settings
-from daemon.verify import AZURE_CHECKED
+from daemon.verify import AZURE_CHECKED, InOrderDigest
 from tests.helpers import MiB, blob_bytes, blob_names, copy, multipart_object, payload
 from tests.proxy import FaultProxy, Faults
 from tests.test_faults import through
@@ -249,3 +253,32 @@ def s3_client_kms_key(s3_client: Any) -> str:
 
     kms = boto3.client("kms", endpoint_url=s3_client.meta.endpoint_url, region_name="us-east-1")
     return str(kms.create_key()["KeyMetadata"]["KeyId"])
+
+
+async def test_blocks_arriving_in_any_order_are_hashed_in_object_order() -> None:
+    """The in-order pass, fed as blocks land (in any order, each waiting for its turn):
+    the whole MD5 and each part's MD5 as if read front to back."""
+    parts = [17 * MiB + 3, 18 * MiB, 2 * MiB - 1]  # over 16 MiB, a part is cut in blocks
+    data = payload(sum(parts), seed=4)
+    info = ObjectInfo("b", "k.bin", len(data), '"' + "cd" * 16 + '-3"')
+    plan = plan_layout(info, 4 * MiB, parts)
+    assert len(plan.blocks) > len(parts)
+    digest = InOrderDigest(plan)
+    order = list(plan.blocks)
+    random.Random(7).shuffle(order)
+
+    async def land(block: Block, delay: float) -> None:
+        await asyncio.sleep(delay)
+        chunk = bytearray(data[block.start : block.start + block.length])
+        await digest.feed(block, Chunks.of(chunk), None)
+
+    async with asyncio.TaskGroup() as tg:
+        for n, block in enumerate(order):
+            tg.create_task(land(block, n * 0.002))
+    assert digest.whole is not None and digest.whole.digest() == hashlib.md5(data).digest()
+    at = 0
+    wanted = []
+    for size in parts:
+        wanted.append(hashlib.md5(data[at : at + size]).digest())
+        at += size
+    assert digest.part_digests == wanted
