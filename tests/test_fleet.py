@@ -80,7 +80,7 @@ def _fleet(tmp: Path, config: Path, azurite: str, n: int, slow_first: bool = Fal
                 AZURE_STORAGE_CONNECTION_STRING=connection_string(azurite),
             )
             if slow_first and i == 0:  # mid-object whenever it is killed
-                env["BLOBFERRY_BANDWIDTH_MB_S"] = "1"
+                env["BLOBFERRY_BANDWIDTH_MB_S"] = "0.5"
                 env["BLOBFERRY_PROGRESS_INTERVAL_S"] = "0.3"
             log = open(home / "log.jsonl", "wb")  # noqa: SIM115 (the process's)
             logs.append(log)
@@ -121,20 +121,20 @@ async def _ready(tmp: Path, n: int) -> None:
     )
 
 
-def _running_big(tmp: Path, i: int) -> bool:
-    """Daemon ``i`` is half-way through a multi-block object."""
+def _running(tmp: Path, i: int, at_least: int = 0) -> set[str]:
+    """The sources daemon ``i`` is copying, with ``at_least`` bytes of each done."""
     db = tmp / f"d{i}" / "state" / "blobferry.sqlite3"
     if not db.exists():
-        return False
+        return set()
     try:
         with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=1) as c:
-            row = c.execute(
-                "SELECT COUNT(*) FROM transfers WHERE status = 'running' AND bytes_done >= ?",
-                (MiB,),
-            ).fetchone()
+            rows = c.execute(
+                "SELECT source FROM transfers WHERE status = 'running' AND bytes_done >= ?",
+                (at_least,),
+            ).fetchall()
     except sqlite3.Error:
-        return False
-    return bool(row and row[0])
+        return set()
+    return {r[0] for r in rows}
 
 
 def _md5s(svc: BlobServiceClient, container: str, prefix: str) -> dict[str, bytes]:
@@ -194,11 +194,13 @@ async def test_three_daemons_one_queue_kill_overwrite_poison(
             first, second = order[:150], order[150:]
             await asyncio.to_thread(produce, first)
             # Daemon 0 (bandwidth-capped) is killed once it is half-way through one.
-            await until(lambda: _running_big(tmp_path, 0), 60, "daemon 0 mid-object")
+            await until(lambda: _running(tmp_path, 0, MiB), 60, "daemon 0 mid-object")
             procs[0].send_signal(signal.SIGKILL)
             procs[0].wait()
-            # Written over while copying: three versions in quick succession.
-            for key in sorted(big)[:5]:
+            # Written over while copying: three versions in quick succession, of keys
+            # the dead daemon was not copying (its are to be resumed, as they were).
+            held = {s.rsplit("/", 1)[1] for s in _running(tmp_path, 0)}
+            for key in [k for k in sorted(big) if k not in held][:5]:
                 for v in (1, 2):
                     await asyncio.to_thread(put, key, payload(2 * MiB + v, seed=1000 + v))
             for garbage in ("not json", '{"what": "ever"}', "[1, 2]"):
