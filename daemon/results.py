@@ -26,7 +26,7 @@ from daemon.properties import BlobHeaders
 from daemon.retry import retrying
 from daemon.s3 import S3Reader
 from daemon.seams import ANYTHING, BlobSink
-from daemon.settings import RetrySettings
+from daemon.service_settings import RetrySettings
 
 WriteReport = Callable[[IO[str]], object]
 

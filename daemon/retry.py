@@ -19,7 +19,7 @@ from typing import TypeVar
 import structlog
 
 from daemon.errors import RetriesExhaustedError, RetryableError
-from daemon.settings import RetrySettings
+from daemon.service_settings import RetrySettings
 
 T = TypeVar("T")
 log = structlog.get_logger("blobferry.retry")

@@ -518,7 +518,7 @@ async def test_account_url_with_key_or_sas_token(
     from azure.storage.blob import AccountSasPermissions, ResourceTypes, generate_account_sas
     from pydantic import SecretStr
 
-    from daemon.settings import AzureSettings
+    from daemon.service_settings import AzureSettings
     from tests.emulators import AZURITE_KEY
 
     s3_client.put_object(Bucket=bucket, Key="k.bin", Body=payload(5 * MiB, seed=9))
@@ -557,7 +557,7 @@ async def test_an_expired_sas_token_is_named_as_the_reason(
     from azure.storage.blob import AccountSasPermissions, ResourceTypes, generate_account_sas
     from pydantic import SecretStr
 
-    from daemon.settings import AzureSettings
+    from daemon.service_settings import AzureSettings
     from tests.emulators import AZURITE_KEY
 
     s3_client.put_object(Bucket=bucket, Key="k.bin", Body=payload(size))
@@ -597,7 +597,7 @@ async def test_a_write_only_sas_copies_every_route_with_overwrite_always(
     from azure.storage.blob import ContainerSasPermissions, generate_container_sas
     from pydantic import SecretStr
 
-    from daemon.settings import AzureSettings
+    from daemon.service_settings import AzureSettings
     from tests.emulators import AZURITE_KEY
 
     sas = generate_container_sas(

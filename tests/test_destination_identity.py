@@ -27,7 +27,8 @@ from daemon.addresses import parse_azure
 from daemon.azure import AzureWriter
 from daemon.errors import JobFileError, PermanentError
 from daemon.jobs import parse_job
-from daemon.settings import AzureSettings, Settings
+from daemon.service_settings import AzureSettings
+from daemon.settings import Settings
 from tests.conftest import make_settings, running_daemon
 from tests.emulators import AZURITE_KEY
 from tests.helpers import MiB, blob_bytes, copy, payload

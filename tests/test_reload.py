@@ -22,7 +22,8 @@ from structlog.testing import capture_logs
 from daemon.errors import ConfigError
 from daemon.logs import set_level
 from daemon.reload import Reloader, changed
-from daemon.settings import AzureSettings, Settings
+from daemon.service_settings import AzureSettings
+from daemon.settings import Settings
 from tests.conftest import running_daemon
 from tests.emulators import free_port
 from tests.helpers import MiB, blob_bytes, payload

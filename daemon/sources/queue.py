@@ -34,7 +34,7 @@ from daemon.metrics import Metrics
 from daemon.outcome import JobStatus
 from daemon.results import Results
 from daemon.routing import Routes
-from daemon.settings import SqsSettings
+from daemon.service_settings import SqsSettings
 from daemon.sources.base import ClaimedJob, Ending, first_of
 from daemon.sqs import Message, Queue
 
