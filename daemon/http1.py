@@ -257,10 +257,7 @@ class _Connection(asyncio.BufferedProtocol):
                     break  # trailers still coming
                 self._chunked = None
                 self.response.body = body
-                self._body = None
-                if self._waiter is not None and not self._waiter.done():
-                    self._waiter.set_result(None)
-                self._wake_writer()
+                self._resolve()
                 return
             if len(raw) < eol + 4 + size:
                 break
@@ -273,6 +270,10 @@ class _Connection(asyncio.BufferedProtocol):
         assert self.response is not None and self._body is not None
         if not self._into_target:
             self.response.body = bytearray(self._body[: self._filled])
+        self._resolve()
+
+    def _resolve(self) -> None:
+        """The response is in: its caller, and a body still being sent, are told."""
         self._body = None
         self._target = None
         if self._waiter is not None and not self._waiter.done():
