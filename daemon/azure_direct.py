@@ -47,7 +47,7 @@ from daemon.azure_errors import failure, sas_expiry, translate
 from daemon.blockcheck import BlockCheck
 from daemon.chunks import Chunks
 from daemon.errors import RetryableError, connection_failed
-from daemon.http1 import Connections
+from daemon.http1 import PIECE, Connections, pieces
 from daemon.latency import RoundTrips
 from daemon.properties import BlobHeaders
 from daemon.proxies import Proxies, refused_by_proxy
@@ -57,7 +57,7 @@ from daemon.seams import ExistingBlob, Precondition
 # thousands of blocks is one (its XML, a few MiB). The direct path's bodies over 1 MiB
 # go as the chunks they arrived in instead.
 warnings.filterwarnings("ignore", "Sending a large body directly", ResourceWarning)
-_PIECE = 1024 * 1024
+
 # The standard headers a shared key signs, in order ("byte_range" is the SDK's: never sent).
 _SIGNED = (
     "content-encoding",
@@ -347,8 +347,8 @@ def put_headers(
 
 def _body(data: Chunks) -> bytes | bytearray | Chunks:
     """A small body in one piece, a large one as the chunks it arrived in (no copy),
-    which ``_send`` paces."""
-    if data.size <= _PIECE:
+    which ``_by_aiohttp`` paces."""
+    if data.size <= PIECE:
         return data[0] if len(data) == 1 else data.join()
     return data
 
@@ -356,10 +356,8 @@ def _body(data: Chunks) -> bytes | bytearray | Chunks:
 async def _pieces(data: Chunks) -> AsyncIterator[memoryview]:
     """A block's chunks in pieces of at most 1 MiB (views, not copies): aiohttp asks
     for the next one only when the socket took the last, so each piece is progress."""
-    for chunk in data:
-        view = memoryview(chunk)
-        for at in range(0, len(view), _PIECE):
-            yield view[at : at + _PIECE]
+    for piece in pieces(data):
+        yield piece
 
 
 async def _paced(
