@@ -45,9 +45,9 @@ from yarl import URL
 from daemon.addresses import AzAddress
 from daemon.azure_errors import failure, sas_expiry, translate
 from daemon.blockcheck import BlockCheck
-from daemon.chunks import Chunks
+from daemon.chunks import PIECE, Chunks, pieces
 from daemon.errors import RetryableError, connection_failed
-from daemon.http1 import PIECE, Connections, pieces
+from daemon.http1 import Connections
 from daemon.latency import RoundTrips
 from daemon.properties import BlobHeaders
 from daemon.proxies import Proxies, refused_by_proxy

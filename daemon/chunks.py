@@ -8,6 +8,18 @@ the Azure writer sends it, verification hashes it.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
+
+PIECE = 1024 * 1024  # a body goes to a socket in views of this size: each one sent is progress
+
+
+def pieces(body: Iterable[bytes | bytearray | memoryview]) -> Iterator[memoryview]:
+    """A body's chunks as views of at most PIECE bytes, not copies."""
+    for chunk in body:
+        view = memoryview(chunk)
+        for at in range(0, len(view), PIECE):
+            yield view[at : at + PIECE]
+
 
 class Chunks(list[bytes | bytearray]):
     """A block's bytes as received: a list of chunks, and their total size."""

@@ -24,25 +24,17 @@ from __future__ import annotations
 
 import asyncio
 import ssl
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Mapping
 from typing import cast
 from urllib.parse import urlsplit
 
+from daemon.chunks import pieces
 from daemon.errors import RetryableError, StallError, os_refusal
 from daemon.sigv4 import sent_host
 
 _HEAD_MAX = 16 * 1024  # a response's status line and headers; S3's are 1-3 KiB
 _ERROR_MAX = 1024 * 1024  # an error's body (XML) is read whole up to this
 _IDLE_S = 15.0  # S3 closes an idle keep-alive connection after about 20 s
-PIECE = 1024 * 1024  # a body goes to the socket in views of this size: each one sent is progress
-
-
-def pieces(body: Iterable[bytes | bytearray | memoryview]) -> Iterator[memoryview]:
-    """A body's chunks as views of at most PIECE bytes, not copies."""
-    for chunk in body:
-        view = memoryview(chunk)
-        for at in range(0, len(view), PIECE):
-            yield view[at : at + PIECE]
 
 
 class Headers(dict[str, str]):
