@@ -14,7 +14,9 @@ filed as failed, status "cancelled"; one still waiting is filed so without runni
 Shutdown has two phases. ``stop`` is set (by a signal handler, or by a test): no new
 job is claimed, no new transfer or block starts, and the blocks in flight finish
 within ``grace_s``; jobs not finished stay in ``processing/`` and resume on the next
-start. Past the grace period, or when ``force`` is set, what is left is cancelled.
+start. Past the grace period what is left is cancelled, but for jobs already filing
+(their report, or their message handed back to a queue), which finish; ``force`` cuts
+those too.
 """
 
 from __future__ import annotations
@@ -200,19 +202,34 @@ class Supervisor:
         if not jobs:
             return
         log.info("draining", jobs=len(jobs), grace_s=self._grace_s)
+        await self._until_done(jobs, self._grace_s)
+        # Past the grace, what still runs is cancelled. A job already filing (its report
+        # being written, or its message handed back) finishes, as a cancel request lets
+        # it: cut there, a queue's message would stay hidden for its visibility timeout.
+        # Only force cuts it short.
+        filing = {e.task for e in self._jobs.values() if e.phase == "filing"}
+        left = [t for t in jobs if self._force.is_set() or t not in filing]
+        if left:
+            log.warning("cancelling what is left", jobs=len(left))
+            for task in left:
+                task.cancel()
+        await self._until_done(jobs, None)
+        for task in list(jobs):  # forced while filing
+            task.cancel()
+
+    async def _until_done(self, jobs: set[asyncio.Task[None]], within: float | None) -> None:
+        """Until every job in ``jobs`` has ended, ``force`` is set, or ``within`` s pass."""
+        if not jobs or self._force.is_set():
+            return
         all_done = asyncio.ensure_future(asyncio.wait(set(jobs)))
         force = asyncio.ensure_future(self._force.wait())
         try:
             await asyncio.wait(
-                {all_done, force}, timeout=self._grace_s, return_when=asyncio.FIRST_COMPLETED
+                {all_done, force}, timeout=within, return_when=asyncio.FIRST_COMPLETED
             )
         finally:
             all_done.cancel()
             force.cancel()
-        if jobs:
-            log.warning("cancelling what is left", jobs=len(jobs))
-            for task in list(jobs):
-                task.cancel()
 
     async def _take_cancel_requests(self, source: JobSource) -> None:
         async with aclosing(source.cancel_requests(self._stop)) as names:
