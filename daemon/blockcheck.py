@@ -2,10 +2,11 @@
 CRC-64/NVME (the ``x-ms-content-crc64`` header, 8 bytes little-endian in base64).
 
 The MD5 only where it is itself the proof: a multipart object cut one block per part,
-whose block MD5s are the part MD5s S3's composite ETag is made of. Everywhere else the
-in-order pass (verify.py) proves the object, and a CRC, about a twelfth of an MD5's CPU
-(awscrt, hardware accelerated: 0.11 against 1.39 CPU s/GiB here), guards the block on
-its way: each byte is hashed with MD5 once, not twice.
+whose block MD5s are the part MD5s S3's composite ETag is made of. Everywhere else a
+CRC, about a twelfth of an MD5's CPU (awscrt, hardware accelerated: 0.11 against 1.39
+CPU s/GiB here), guards the block on its way; the blocks' CRCs put together are S3's
+CRC64NVME of the object, where S3 keeps one (verify.py), and otherwise the in-order
+pass proves it: each byte is hashed with MD5 at most once.
 
 A block's fingerprint is 16 bytes either way, as its ID holds it (layout.py): the MD5,
 or the CRC's 8 bytes followed by 8 zero bytes. Which one a plan's blocks carry follows
@@ -53,6 +54,14 @@ class BlockCheck:
     @property
     def md5(self) -> bytes | None:
         return self.fingerprint if self.kind is Kind.MD5 else None
+
+
+def crc64_of(fingerprint: bytes | None) -> int | None:
+    """The block's CRC64 where its fingerprint holds one; None for an MD5 (a block an
+    earlier blobferry staged under its MD5) or an unknown block."""
+    if fingerprint is None or fingerprint[8:] != _PAD:
+        return None
+    return int.from_bytes(fingerprint[:8], "little")
 
 
 def compute(kind: Kind, data: Chunks) -> BlockCheck:

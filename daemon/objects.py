@@ -14,6 +14,7 @@ from daemon.errors import PermanentError
 
 # Storage classes whose objects cannot be read until someone restores them.
 ARCHIVE_CLASSES = ("GLACIER", "DEEP_ARCHIVE")
+CHECKSUMS = ("crc64nvme", "crc32c", "crc32", "sha1", "sha256")  # S3's additional checksums
 _MD5_HEX = re.compile(r"[0-9a-f]{32}\Z")
 CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
 
@@ -39,6 +40,10 @@ class ObjectInfo:
     sse_customer: bool = False
     checksums: dict[str, str] = field(default_factory=dict)  # algorithm -> base64 value
     checksum_type: str | None = None  # FULL_OBJECT or COMPOSITE
+
+    def full_checksum(self, algorithm: str) -> str | None:
+        """S3's checksum of the whole object by ``algorithm``, if it holds one (base64)."""
+        return None if self.checksum_type == "COMPOSITE" else self.checksums.get(algorithm)
 
     @property
     def etag_is_md5(self) -> bool:
@@ -115,7 +120,7 @@ def info_from_headers(bucket: str, key: str, headers: Mapping[str, str]) -> Obje
         checksums={
             k[15:]: v
             for k, v in h.items()
-            if k.startswith("x-amz-checksum-") and k != "x-amz-checksum-type"
+            if k.startswith("x-amz-checksum-") and k[15:] in CHECKSUMS
         },
         checksum_type=h.get("x-amz-checksum-type"),
     )

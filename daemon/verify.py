@@ -1,12 +1,12 @@
 """Where a copy is verified: checksums, the in-order digest, and the proof against the
 ETag.
 
-Every byte passes Azure's own check on the way in (a Content-MD5 on each Put Block and
-Put Blob, which Azure compares with what arrived). What is proven here is that the
-bytes are the source's: against S3's MD5 ETag, its multipart composite ETag (the MD5
-of the parts' MD5s, rebuilt in one in-order pass or from the block IDs), or one of S3's
-additional full-object checksums. Where none can serve, the report says so ("size: ...").
-"""
+Every byte passes Azure's own check on the way in (a Content-MD5 or CRC64 on each Put
+Block and Put Blob, which Azure compares with what arrived). What is proven here is
+that the bytes are the source's: against S3's full-object CRC64NVME put together from
+the blocks' CRC64s, a CRC S3 holds, its MD5 ETag, its multipart composite ETag (the MD5
+of the parts' MD5s, rebuilt in one in-order pass or from the block IDs), or a SHA where
+the ETag cannot serve. Where none can, the report says so ("size: ...")."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from awscrt import checksums as awscrt_checksums
 from daemon.chunks import Chunks
 from daemon.errors import VerificationError
 from daemon.layout import Block, Plan
-from daemon.objects import ObjectInfo
+from daemon.objects import CHECKSUMS, ObjectInfo
 
 AZURE_CHECKED = "etag: Azure checked the bytes against S3's MD5 as they arrived"
 SERVER_SIDE_CHECKED = "etag: Azure checked the bytes it fetched from S3 against S3's MD5"
@@ -47,7 +47,7 @@ class Checksum:
 
     # Cheapest first. CRC32 from zlib; CRC32C and CRC64NVME from awscrt (hardware
     # accelerated); SHA-1 and SHA-256 from hashlib.
-    ALGORITHMS = ("crc64nvme", "crc32c", "crc32", "sha1", "sha256")
+    ALGORITHMS = CHECKSUMS
     _CRCS: ClassVar[dict[str, tuple[Callable[[bytes | bytearray, int], int], int]]] = {
         "crc32": (zlib.crc32, 4),
         "crc32c": (awscrt_checksums.crc32c, 4),
@@ -60,13 +60,36 @@ class Checksum:
         self._hash = None if algorithm in self._CRCS else hashlib.new(algorithm)
 
     @classmethod
-    def for_object(cls, info: ObjectInfo) -> Checksum | None:
-        if info.etag_is_md5 or info.checksum_type == "COMPOSITE":
+    def for_object(cls, info: ObjectInfo, over_md5: bool = False) -> Checksum | None:
+        """S3's full-object checksum to compute, if one is to be: where the ETag cannot
+        prove the copy, the cheapest S3 holds; with ``over_md5``, also where it can, if a
+        CRC is held (a twelfth of an MD5's CPU and more: the ETag is then the blob's
+        Content-MD5 with no byte hashed for it)."""
+        if info.etag_is_md5 and not over_md5:
             return None
         for algorithm in cls.ALGORITHMS:
-            if algorithm in info.checksums:
+            if info.etag_is_md5 and algorithm not in cls._CRCS:
+                continue  # SHA-1 or SHA-256 costs as much as the MD5 it would save
+            if info.full_checksum(algorithm) is not None:
                 return cls(algorithm)
         return None
+
+    @classmethod
+    def of_blocks(cls, info: ObjectInfo, plan: Plan, crcs: list[int | None]) -> Checksum | None:
+        """The object's CRC64NVME put together from its blocks' own CRC64s (Azure checked
+        each as it arrived: blockcheck.py), in object order, with no byte read again:
+        blocks an earlier run staged count too. None unless S3 holds a full-object
+        CRC64NVME and every block's CRC64 is known."""
+        if info.full_checksum("crc64nvme") is None:
+            return None
+        crc = 0
+        for block, own in zip(plan.blocks, crcs, strict=True):
+            if own is None:
+                return None
+            crc = awscrt_checksums.combine_crc64nvme(crc, own, block.length)
+        combined = cls("crc64nvme")
+        combined._crc = crc
+        return combined
 
     def update(self, data: Chunks) -> None:
         if self._hash is not None:
@@ -90,17 +113,25 @@ class InOrderDigest:
     the blocks arrive in. A block waits for its turn holding its buffer, which its
     budget reservation already accounts for."""
 
-    def __init__(self, plan: Plan, checksum: Checksum | None = None, whole: bool = True) -> None:
+    def __init__(
+        self, plan: Plan, checksum: Checksum | None = None, whole: bool = True, parts: bool = True
+    ) -> None:
         self._plan = plan
         self.checksum = checksum
         # The whole object's MD5: a single-part object's proof, or the blob's Content-MD5.
         self.whole = hashlib.md5() if whole else None
+        self.parts = parts and bool(plan.parts)  # each part's MD5: the composite ETag's
         self.part_digests: list[bytes] = []
         self._part: hashlib._Hash | None = None
         self._next = 0
         # The blocks waiting for their turn, by index: each is woken once, by the one
         # before it (a Condition's notify_all woke every waiter for every block).
         self._waiting: dict[int, asyncio.Future[None]] = {}
+
+    def fresh(self) -> InOrderDigest:
+        """One that computes the same, from the start: a checksum cannot be rewound."""
+        checksum = Checksum(self.checksum.algorithm) if self.checksum is not None else None
+        return InOrderDigest(self._plan, checksum, self.whole is not None, self.parts)
 
     async def feed(self, block: Block, data: Chunks, block_md5: bytes | None) -> None:
         """``block``'s bytes, in their turn; ``block_md5`` when the block's check was
@@ -121,7 +152,7 @@ class InOrderDigest:
                 self.whole.update(chunk)
         if self.checksum is not None:
             self.checksum.update(data)
-        if not self._plan.parts:
+        if not self.parts:
             return
         blocks = self._plan.blocks
         first = block.index == 0 or blocks[block.index - 1].part != block.part
@@ -186,11 +217,21 @@ def proof(
     md5s: list[bytes | None],
     digest: InOrderDigest | None,
     reused: int,
+    crcs: list[int | None] | None = None,
 ) -> tuple[str, bytes | None]:
-    """How the staged blocks prove the copy, and the blob's Content-MD5 if known."""
+    """How the staged blocks prove the copy, and the blob's Content-MD5 if known. With
+    ``crcs`` (the blocks' CRC64s), against S3's CRC64NVME put together from them."""
+    whole = digest.whole.digest() if digest is not None and digest.whole is not None else None
+    if crcs is not None:
+        checksum = Checksum.of_blocks(info, plan, crcs)
+    else:
+        checksum = digest.checksum if digest is not None else None
+    if checksum is not None:
+        # The bytes are S3's: where its ETag is their MD5, that is the blob's Content-MD5.
+        return verify(info, None, None, checksum), whole or info.md5
     if digest is not None:
-        whole = digest.whole.digest() if digest.whole is not None else None
-        return verify(info, whole, digest.part_digests, digest.checksum), whole
+        parts = digest.part_digests if digest.parts else [m for m in md5s if m is not None]
+        return verify(info, whole, parts), whole
     if plan.one_block_per_part:
         # One block per part: the part MD5s are the block MD5s, from the block IDs.
         return verify(info, None, [m for m in md5s if m is not None]), None

@@ -71,9 +71,15 @@ async def copy(
     return status, rows
 
 
-def multipart_object(s3_client: Any, bucket: str, key: str, size: int, part: int) -> bytes:
+def multipart_object(
+    s3_client: Any, bucket: str, key: str, size: int, part: int, full: str | None = None
+) -> bytes:
+    """A multipart object of ``size`` bytes in parts of ``part``; with ``full`` (an
+    algorithm, "CRC64NVME" say), S3 keeps that full-object checksum of it."""
     body = payload(size, seed=size)
-    mpu = s3_client.create_multipart_upload(Bucket=bucket, Key=key)
+    algo = {"ChecksumAlgorithm": full} if full else {}
+    kind = {"ChecksumType": "FULL_OBJECT"} if full else {}
+    mpu = s3_client.create_multipart_upload(Bucket=bucket, Key=key, **algo, **kind)
     parts = []
     for n, start in enumerate(range(0, size, part), 1):
         r = s3_client.upload_part(
@@ -82,8 +88,10 @@ def multipart_object(s3_client: Any, bucket: str, key: str, size: int, part: int
             UploadId=mpu["UploadId"],
             PartNumber=n,
             Body=body[start : start + part],
+            **algo,
         )
-        parts.append({"ETag": r["ETag"], "PartNumber": n})
+        sums = {k: v for k, v in r.items() if k.startswith("Checksum") and k != "ChecksumType"}
+        parts.append({"ETag": r["ETag"], "PartNumber": n, **sums})
     s3_client.complete_multipart_upload(
         Bucket=bucket, Key=key, UploadId=mpu["UploadId"], MultipartUpload={"Parts": parts}
     )

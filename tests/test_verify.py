@@ -282,3 +282,178 @@ async def test_blocks_arriving_in_any_order_are_hashed_in_object_order() -> None
         wanted.append(hashlib.md5(data[at : at + size]).digest())
         at += size
     assert digest.part_digests == wanted
+
+
+@pytest.mark.parametrize(
+    ("layout", "content_md5", "md5_pass"),
+    [
+        ("single-part", True, False),  # the blob's Content-MD5 is the ETag: nothing hashed
+        ("multipart", False, False),
+        ("multipart", True, True),  # a multipart ETag is no MD5: Content-MD5 costs a pass
+    ],
+)
+async def test_s3s_crc64nvme_proves_the_copy_from_the_blocks_own_crcs(
+    layout: str,
+    content_md5: bool,
+    md5_pass: bool,
+    settings: Settings,
+    s3_client: Any,
+    blob_service: BlobServiceClient,
+    bucket: str,
+    container: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The CRC64NVME real S3 keeps of every object uploaded without a checksum of its
+    own since December 2024 (and of those uploaded with one), put together from the
+    CRC64s Azure checked each block against: no byte is hashed in object order."""
+    if layout == "single-part":
+        body = payload(9 * MiB + 5, seed=11)
+        s3_client.put_object(Bucket=bucket, Key="n.bin", Body=body, ChecksumAlgorithm="CRC64NVME")
+    else:  # parts over 16 MiB, so cut into blocks that carry CRC64s
+        body = multipart_object(s3_client, bucket, "n.bin", 45 * MiB, 20 * MiB, "CRC64NVME")
+    passes = _digests(monkeypatch)
+    tuned = settings.model_copy(
+        update={"block_size_mb": 4, "pipe_max_mb": 0, "content_md5": content_md5}
+    )
+    status, [row] = await copy(tuned, f"s3://{bucket}/n.bin", f"az://{container}/n.bin")
+    assert status == "done", row.error
+    assert (row.detail["route"], row.detail["verified"]) == ("blocks", "checksum-crc64nvme")
+    assert blob_bytes(blob_service, container, "n.bin") == body
+    assert [d.whole is not None for d in passes] == ([True] if md5_pass else [])
+    assert not any(d.checksum or d.parts for d in passes)
+    stored = blob_service.get_blob_client(container, "n.bin").get_blob_properties()
+    md5 = stored.content_settings.content_md5
+    assert (bytes(md5) if md5 else None) == (hashlib.md5(body).digest() if content_md5 else None)
+
+
+async def test_a_crc32_proves_a_single_part_copy_with_no_md5_computed(
+    settings: Settings,
+    s3_client: Any,
+    blob_service: BlobServiceClient,
+    bucket: str,
+    container: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An object uploaded with a CRC32 (boto3's default since 1.36): the in-order pass
+    computes that, a tenth of an MD5's CPU, and the ETag is the blob's Content-MD5."""
+    body = payload(9 * MiB, seed=12)
+    s3_client.put_object(Bucket=bucket, Key="c.bin", Body=body, ChecksumAlgorithm="CRC32")
+    passes = _digests(monkeypatch)
+    tuned = settings.model_copy(update={"block_size_mb": 4, "pipe_max_mb": 0})
+    status, [row] = await copy(tuned, f"s3://{bucket}/c.bin", f"az://{container}/c.bin")
+    assert status == "done", row.error
+    assert row.detail["verified"] == "checksum-crc32"
+    assert [(d.whole, d.checksum and d.checksum.algorithm) for d in passes] == [(None, "crc32")]
+    stored = blob_service.get_blob_client(container, "c.bin").get_blob_properties()
+    assert bytes(stored.content_settings.content_md5) == hashlib.md5(body).digest()
+    assert blob_bytes(blob_service, container, "c.bin") == body
+
+
+async def test_a_flipped_byte_is_caught_by_the_blocks_crcs_and_read_again(
+    settings: Settings,
+    moto_endpoint: str,
+    s3_client: Any,
+    blob_service: BlobServiceClient,
+    bucket: str,
+    container: str,
+) -> None:
+    body = payload(40 * MiB, seed=13)
+    s3_client.put_object(Bucket=bucket, Key="f.bin", Body=body, ChecksumAlgorithm="CRC64NVME")
+    async with FaultProxy(moto_endpoint, Faults(flip_at=3 * MiB)) as proxy:
+        status, [row] = await copy(
+            through(settings, proxy), f"s3://{bucket}/f.bin", f"az://{container}/f.bin"
+        )
+    assert proxy.flips == 1
+    assert status == "done", row.error
+    assert row.detail["verified"] == "checksum-crc64nvme"
+    assert row.detail["note"] == "1 block(s) arrived damaged from S3 and were read again"
+    assert blob_bytes(blob_service, container, "f.bin") == body
+
+
+async def test_a_resumed_copy_is_proven_by_the_crcs_of_blocks_staged_before(
+    settings: Settings,
+    s3_client: Any,
+    blob_service: BlobServiceClient,
+    bucket: str,
+    container: str,
+) -> None:
+    """Blocks an earlier run staged are not read again, and their CRC64s, kept in their
+    IDs, still count: the resumed copy is proven, where an MD5 could not be had."""
+    from daemon.addresses import AzAddress, S3Address
+    from daemon.azure import AzureWriter
+    from daemon.blockcheck import Kind, compute
+    from daemon.layout import plan_blocks
+    from daemon.s3 import S3Reader
+
+    body = payload(7 * MiB + 3, seed=14)
+    s3_client.put_object(Bucket=bucket, Key="r.bin", Body=body, ChecksumAlgorithm="CRC64NVME")
+    tuned = settings.model_copy(update={"block_size_mb": 1, "pipe_max_mb": 0})
+    dst = AzAddress(container, "r.bin")
+    async with S3Reader(tuned) as s3, AzureWriter(tuned) as az:
+        info = await s3.head(S3Address(bucket, "r.bin"))
+        plan = plan_blocks(info, tuned.block_size)
+        for block in plan.blocks[:3]:
+            data = await s3.read_range(info, block.start, block.length)
+            check = compute(Kind.CRC64, data)
+            await az.stage(dst, plan.block_id(block.index, check.fingerprint), data, check)
+    status, [row] = await copy(tuned, f"s3://{bucket}/r.bin", f"az://{container}/r.bin")
+    assert status == "done", row.error
+    assert (row.detail["blocks_reused"], row.detail["verified"]) == (3, "checksum-crc64nvme")
+    assert blob_bytes(blob_service, container, "r.bin") == body
+
+
+def test_the_blocks_crcs_put_together_are_the_objects_crc64nvme() -> None:
+    import base64
+
+    from awscrt import checksums
+
+    from daemon.blockcheck import Kind, compute, crc64_of
+    from daemon.errors import VerificationError
+    from daemon.verify import Checksum, verify
+
+    data = payload(3 * MiB + 12_345, seed=15)
+    info = ObjectInfo("b", "k", len(data), '"' + "ab" * 16 + '"')
+    plan = plan_layout(info, MiB, None)
+    crcs = [
+        crc64_of(
+            compute(
+                Kind.CRC64, Chunks.of(bytearray(data[b.start : b.start + b.length]))
+            ).fingerprint
+        )
+        for b in plan.blocks
+    ]
+    whole = base64.b64encode(checksums.crc64nvme(data).to_bytes(8, "big")).decode()
+    right = ObjectInfo(info.bucket, info.key, info.size, info.etag, checksums={"crc64nvme": whole})
+    combined = Checksum.of_blocks(right, plan, crcs)
+    assert combined is not None and combined.value() == whole
+    assert verify(right, None, None, combined) == "checksum-crc64nvme"
+    wrong = ObjectInfo(
+        info.bucket, info.key, info.size, info.etag, checksums={"crc64nvme": "A" * 11 + "="}
+    )
+    with pytest.raises(VerificationError, match="CRC64NVME of the bytes read"):
+        verify(wrong, None, None, Checksum.of_blocks(wrong, plan, crcs))
+    # Not put together: a block staged under its MD5, an unknown one, or S3's composite.
+    assert crc64_of(hashlib.md5(b"x").digest()) is None
+    assert Checksum.of_blocks(right, plan, [None, *crcs[1:]]) is None
+    composite = ObjectInfo(
+        info.bucket,
+        info.key,
+        info.size,
+        info.etag,
+        checksums={"crc64nvme": whole},
+        checksum_type="COMPOSITE",
+    )
+    assert Checksum.of_blocks(composite, plan, crcs) is None
+
+
+def _digests(monkeypatch: pytest.MonkeyPatch) -> list[InOrderDigest]:
+    """Each in-order pass a copy makes, as it is made."""
+    made: list[InOrderDigest] = []
+    init = InOrderDigest.__init__
+
+    def record(self: InOrderDigest, *args: Any, **kwargs: Any) -> None:
+        init(self, *args, **kwargs)
+        made.append(self)
+
+    monkeypatch.setattr(InOrderDigest, "__init__", record)
+    return made

@@ -101,11 +101,11 @@ class Route:
 
     async def head(self, src: S3Address) -> ObjectInfo:
         policy = self._settings.retry
-        info = await retrying(lambda: self._source.head(src), policy, f"HEAD {src}")
+        # S3's additional checksums too: where the ETag cannot prove the copy they are
+        # the proof, and where it can, a CRC among them is the cheaper one (verify.py).
+        checksums = self._settings.verify
+        info = await retrying(lambda: self._source.head(src, checksums), policy, f"HEAD {src}")
         info.raise_if_unreadable()
-        if not info.etag_is_md5 and self._settings.verify:
-            # Only now ask for S3's additional checksums: the ETag cannot prove the copy.
-            info = await retrying(lambda: self._source.head(src, True), policy, f"HEAD {src}")
         return info
 
     def landing(self, info: ObjectInfo, spec: TransferSpec, fp: str) -> Landing:

@@ -1,25 +1,27 @@
 """The blocks route: the object cut into blocks (layout.py), each read with a ranged
-GET, staged with Put Block and checked by Azure against its MD5, many at once; then one
-Put Block List commits them in order.
+GET, staged with Put Block and checked by Azure against its CRC64 or MD5, many at once;
+then one Put Block List commits them in order.
 
 A block's bytes live in one buffer, from the ranged GET that fills it until Azure has
 acknowledged it; its size is reserved in the shared Budget first, and at most
 block_concurrency blocks of one object are in flight. Azure checks each block against
 its MD5 or CRC64 (blockcheck.py). Blocks an earlier run staged are found in Azure's
-block list and not read again (resume). The object is proven against S3's ETag or
-checksum in one in-order pass over the bytes (verify.py); a block that arrived damaged
-from S3 is read and staged again.
+block list and not read again (resume). The object is proven by the cheapest means
+S3's metadata allows (``_Means``, verify.py): its CRC64NVME from the blocks' CRC64s, the
+part MD5s the blocks carry, or one in-order pass over the bytes; a block that arrived
+damaged from S3 is read and staged again.
 """
 
 from __future__ import annotations
 
 import asyncio
+from dataclasses import dataclass
 from functools import cached_property, partial
 
 import structlog
 
 from daemon.addresses import AzAddress
-from daemon.blockcheck import Kind, compute_off_loop
+from daemon.blockcheck import Kind, compute_off_loop, crc64_of
 from daemon.buffers import Buffers
 from daemon.errors import Interrupted, VerificationError
 from daemon.layout import Block, Plan, earlier_plan, plan_blocks
@@ -27,6 +29,7 @@ from daemon.objects import ObjectInfo
 from daemon.outcome import Outcome, Progress, Status, unwatched
 from daemon.retry import retrying
 from daemon.routes.base import Handoff, Route, first_error
+from daemon.settings import Settings
 from daemon.verify import Checksum, InOrderDigest, proof
 
 log = structlog.get_logger("blobferry.transfer")
@@ -62,30 +65,16 @@ class Blocks(Route):
         todo = [b for b in plan.blocks if md5s[b.index] is None]
         if reused:
             progress(sum(b.length for b in plan.blocks) - sum(b.length for b in todo), reused=True)
-        checksum = Checksum.for_object(info)
-        # The in-order pass over the bytes gives the whole object's MD5 (the blob's
-        # Content-MD5, and the proof of a single-part object), the MD5 of a part cut into
-        # several blocks, and S3's checksum. Where each part is one block (the common
-        # multipart case) the block MD5s Azure checks are the part MD5s: they prove the
-        # copy alone, so without content_md5 each byte is hashed once and no block waits
-        # for another. A full in-order pass is only possible when every block passes
-        # through here.
-        one_pass = plan.one_block_per_part and checksum is None
-        wanted = self._settings.content_md5 or not one_pass
-        whole = self._settings.content_md5 or not plan.parts
-        digest = (
-            InOrderDigest(plan, checksum, whole)
-            if not reused and self._settings.verify and wanted
-            else None
-        )
+        means = _Means.of(info, plan, md5s, self._settings)
+        digest = means.digest(plan) if not reused else None
         await self._stage_all(info, dst, plan, todo, md5s, digest, progress)
         note = None
         try:
-            verified, md5 = proof(info, plan, md5s, digest, reused)
+            verified, md5 = proof(info, plan, md5s, digest, reused, means.crcs(md5s))
         except VerificationError as e:
-            if reused and not one_pass:
-                raise  # the object's MD5 cannot be had without every block
-            verified, md5, note = await self._repair(e, info, dst, plan, md5s, digest, reused)
+            if reused and means.by_pass:
+                raise  # the in-order pass cannot be had without every block
+            verified, md5, note = await self._repair(e, info, dst, plan, md5s, digest, means)
         note = "; ".join(n for n in (cleared, note) if n) or None
         ids = [plan.block_id(b.index, m) for b, m in zip(plan.blocks, md5s, strict=True)]
         landing = await self.commit(info, h, ids, md5)
@@ -107,18 +96,18 @@ class Blocks(Route):
         plan: Plan,
         md5s: list[bytes | None],
         digest: InOrderDigest | None,
-        reused: int,
+        means: _Means,
     ) -> tuple[str, bytes | None, str]:
         """Something was damaged between S3 and here (Azure checked the rest): the whole
         object is read once more, and only blocks whose bytes differ are staged again.
         Returns the proof, the blob's MD5 and a note of how many were."""
         log.warning("verification failed, reading again", error=str(e))
         first = list(md5s)
-        if digest is not None:  # a fresh one: a checksum's state cannot be rewound
-            digest = InOrderDigest(plan, Checksum.for_object(info), digest.whole is not None)
+        if digest is not None:
+            digest = digest.fresh()
         await self._stage_all(info, dst, plan, list(plan.blocks), md5s, digest, unwatched, first)
         damaged = sum(a != b for a, b in zip(first, md5s, strict=True))
-        verified, md5 = proof(info, plan, md5s, digest, reused)
+        verified, md5 = proof(info, plan, md5s, digest, 0, means.crcs(md5s))
         return verified, md5, f"{damaged} block(s) arrived damaged from S3 and were read again"
 
     async def _stage_all(
@@ -217,3 +206,55 @@ class Blocks(Route):
             self._buffers.give(buf)
         self._budget.release(n)
         lanes.release()
+
+
+@dataclass(frozen=True, slots=True)
+class _Means:
+    """How an object's copy is proven, settled before its first block is read. Cheapest
+    first: S3's CRC64NVME put together from the blocks' own CRC64s (no byte hashed for
+    it); the part MD5s the blocks carry (one block per part); then an in-order pass over
+    the bytes for S3's CRC, the whole MD5 or the part MD5s. Where S3's ETag is the MD5
+    and a checksum proves the bytes, the ETag is the blob's Content-MD5 unhashed."""
+
+    by_blocks: bool
+    checksum: str | None  # S3's checksum, computed in the pass
+    whole: bool  # the whole MD5, in the pass: the proof, or the Content-MD5 asked for
+    parts: bool  # the part MD5s, in the pass (parts cut into several blocks)
+    by_pass: bool  # the proof is the in-order pass, which needs every block's bytes
+    verify: bool
+
+    @classmethod
+    def of(
+        cls, info: ObjectInfo, plan: Plan, staged: list[bytes | None], settings: Settings
+    ) -> _Means:
+        kind = Kind.of(plan, settings.azure.block_check)
+        by_blocks = (
+            kind is Kind.CRC64
+            and info.full_checksum("crc64nvme") is not None
+            and all(m is None or crc64_of(m) is not None for m in staged)
+        )
+        checksum = None
+        if not by_blocks and not plan.one_block_per_part:
+            found = Checksum.for_object(info, over_md5=True)
+            checksum = found.algorithm if found is not None else None
+        proven = by_blocks or plan.one_block_per_part or checksum is not None
+        md5_known = info.md5 is not None and (by_blocks or checksum is not None)
+        return cls(
+            by_blocks=by_blocks,
+            checksum=checksum,
+            whole=(settings.content_md5 and not md5_known) or not (proven or plan.parts),
+            parts=not proven and bool(plan.parts),
+            by_pass=not (by_blocks or plan.one_block_per_part),
+            verify=settings.verify,
+        )
+
+    def digest(self, plan: Plan) -> InOrderDigest | None:
+        if not self.verify or not (self.whole or self.parts or self.checksum):
+            return None
+        checksum = Checksum(self.checksum) if self.checksum is not None else None
+        return InOrderDigest(plan, checksum, self.whole, self.parts)
+
+    def crcs(self, fingerprints: list[bytes | None]) -> list[int | None] | None:
+        if not (self.verify and self.by_blocks):
+            return None
+        return [crc64_of(m) for m in fingerprints]
