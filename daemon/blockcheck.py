@@ -9,8 +9,9 @@ CRC64NVME of the object, where S3 keeps one (verify.py), and otherwise the in-or
 pass proves it: each byte is hashed with MD5 at most once.
 
 A block's fingerprint is 16 bytes either way, as its ID holds it (layout.py): the MD5,
-or the CRC's 8 bytes followed by 8 zero bytes. Which one a plan's blocks carry follows
-from the plan alone, so a resumed run reads the IDs it staged the same way.
+or the CRC's 8 bytes followed by 8 zero bytes, so a resumed run tells which its staged
+blocks carry. Where S3 keeps the object's CRC64NVME, every block carries its CRC64, one
+block per part too: put together, they are the proof (routes/blocks.py).
 """
 
 from __future__ import annotations

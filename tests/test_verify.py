@@ -10,6 +10,9 @@ from typing import Any
 import pytest
 from azure.storage.blob import BlobServiceClient
 
+from daemon.addresses import AzAddress
+from daemon.azure import AzureWriter
+from daemon.blockcheck import BlockCheck, Kind
 from daemon.chunks import Chunks
 from daemon.layout import Block, plan_layout
 from daemon.objects import ObjectInfo
@@ -288,8 +291,9 @@ async def test_blocks_arriving_in_any_order_are_hashed_in_object_order() -> None
     ("layout", "content_md5", "md5_pass"),
     [
         ("single-part", True, False),  # the blob's Content-MD5 is the ETag: nothing hashed
-        ("multipart", False, False),
+        ("multipart", False, False),  # parts of 20 MiB, cut into blocks
         ("multipart", True, True),  # a multipart ETag is no MD5: Content-MD5 costs a pass
+        ("one-block-per-part", False, False),  # CRC64s, not the part MD5s
     ],
 )
 async def test_s3s_crc64nvme_proves_the_copy_from_the_blocks_own_crcs(
@@ -309,9 +313,18 @@ async def test_s3s_crc64nvme_proves_the_copy_from_the_blocks_own_crcs(
     if layout == "single-part":
         body = payload(9 * MiB + 5, seed=11)
         s3_client.put_object(Bucket=bucket, Key="n.bin", Body=body, ChecksumAlgorithm="CRC64NVME")
-    else:  # parts over 16 MiB, so cut into blocks that carry CRC64s
-        body = multipart_object(s3_client, bucket, "n.bin", 45 * MiB, 20 * MiB, "CRC64NVME")
+    else:  # parts over 16 MiB are cut into blocks; smaller ones are a block each
+        part = 20 * MiB if layout == "multipart" else 8 * MiB
+        body = multipart_object(s3_client, bucket, "n.bin", 45 * MiB, part, "CRC64NVME")
     passes = _digests(monkeypatch)
+    kinds: list[Kind] = []
+    stage = AzureWriter.stage
+
+    async def seen(self: AzureWriter, dst: AzAddress, i: str, d: Chunks, c: BlockCheck) -> None:
+        kinds.append(c.kind)
+        await stage(self, dst, i, d, c)
+
+    monkeypatch.setattr(AzureWriter, "stage", seen)
     tuned = settings.model_copy(
         update={"block_size_mb": 4, "pipe_max_mb": 0, "content_md5": content_md5}
     )
@@ -319,6 +332,7 @@ async def test_s3s_crc64nvme_proves_the_copy_from_the_blocks_own_crcs(
     assert status == "done", row.error
     assert (row.detail["route"], row.detail["verified"]) == ("blocks", "checksum-crc64nvme")
     assert blob_bytes(blob_service, container, "n.bin") == body
+    assert set(kinds) == {Kind.CRC64} and len(kinds) > 2
     assert [d.whole is not None for d in passes] == ([True] if md5_pass else [])
     assert not any(d.checksum or d.parts for d in passes)
     stored = blob_service.get_blob_client(container, "n.bin").get_blob_properties()
@@ -379,9 +393,8 @@ async def test_a_resumed_copy_is_proven_by_the_crcs_of_blocks_staged_before(
 ) -> None:
     """Blocks an earlier run staged are not read again, and their CRC64s, kept in their
     IDs, still count: the resumed copy is proven, where an MD5 could not be had."""
-    from daemon.addresses import AzAddress, S3Address
-    from daemon.azure import AzureWriter
-    from daemon.blockcheck import Kind, compute
+    from daemon.addresses import S3Address
+    from daemon.blockcheck import compute
     from daemon.layout import plan_blocks
     from daemon.s3 import S3Reader
 
@@ -407,7 +420,7 @@ def test_the_blocks_crcs_put_together_are_the_objects_crc64nvme() -> None:
 
     from awscrt import checksums
 
-    from daemon.blockcheck import Kind, compute, crc64_of
+    from daemon.blockcheck import compute, crc64_of
     from daemon.errors import VerificationError
     from daemon.verify import Checksum, verify
 

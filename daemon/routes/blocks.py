@@ -67,7 +67,7 @@ class Blocks(Route):
             progress(sum(b.length for b in plan.blocks) - sum(b.length for b in todo), reused=True)
         means = _Means.of(info, plan, md5s, self._settings)
         digest = means.digest(plan) if not reused else None
-        await self._stage_all(info, dst, plan, todo, md5s, digest, progress)
+        await self._stage_all(info, dst, plan, todo, md5s, means.kind, digest, progress)
         note = None
         try:
             verified, md5 = proof(info, plan, md5s, digest, reused, means.crcs(md5s))
@@ -105,7 +105,8 @@ class Blocks(Route):
         first = list(md5s)
         if digest is not None:
             digest = digest.fresh()
-        await self._stage_all(info, dst, plan, list(plan.blocks), md5s, digest, unwatched, first)
+        again = list(plan.blocks)
+        await self._stage_all(info, dst, plan, again, md5s, means.kind, digest, unwatched, first)
         damaged = sum(a != b for a, b in zip(first, md5s, strict=True))
         verified, md5 = proof(info, plan, md5s, digest, 0, means.crcs(md5s))
         return verified, md5, f"{damaged} block(s) arrived damaged from S3 and were read again"
@@ -117,6 +118,7 @@ class Blocks(Route):
         plan: Plan,
         todo: list[Block],
         md5s: list[bytes | None],
+        kind: Kind,
         digest: InOrderDigest | None,
         progress: Progress,
         known: list[bytes | None] | None = None,
@@ -149,6 +151,7 @@ class Blocks(Route):
                             block,
                             buf,
                             md5s,
+                            kind,
                             digest,
                             progress,
                             known[block.index] if known else None,
@@ -171,6 +174,7 @@ class Blocks(Route):
         block: Block,
         buf: bytearray,
         md5s: list[bytes | None],
+        kind: Kind,
         digest: InOrderDigest | None,
         progress: Progress,
         known: bytes | None,
@@ -180,7 +184,7 @@ class Blocks(Route):
             self._settings.retry,
             f"read {info.address} block {block.index}",
         )
-        check = await compute_off_loop(Kind.of(plan, self._settings.azure.block_check), data)
+        check = await compute_off_loop(kind, data)
         block_id = plan.block_id(block.index, check.fingerprint)
         async with asyncio.TaskGroup() as both:
             if check.fingerprint != known:
@@ -216,6 +220,7 @@ class _Means:
     the bytes for S3's CRC, the whole MD5 or the part MD5s. Where S3's ETag is the MD5
     and a checksum proves the bytes, the ETag is the blob's Content-MD5 unhashed."""
 
+    kind: Kind  # what each block carries for Azure to check (blockcheck.py)
     by_blocks: bool
     checksum: str | None  # S3's checksum, computed in the pass
     whole: bool  # the whole MD5, in the pass: the proof, or the Content-MD5 asked for
@@ -227,12 +232,15 @@ class _Means:
     def of(
         cls, info: ObjectInfo, plan: Plan, staged: list[bytes | None], settings: Settings
     ) -> _Means:
-        kind = Kind.of(plan, settings.azure.block_check)
         by_blocks = (
-            kind is Kind.CRC64
+            settings.verify
+            and Kind(settings.azure.block_check) is Kind.CRC64
             and info.full_checksum("crc64nvme") is not None
             and all(m is None or crc64_of(m) is not None for m in staged)
         )
+        # With S3's CRC64NVME, CRC64s even where the blocks are the parts: their MD5s
+        # would prove the composite ETag, at twelve times the CPU.
+        kind = Kind.CRC64 if by_blocks else Kind.of(plan, settings.azure.block_check)
         checksum = None
         if not by_blocks and not plan.one_block_per_part:
             found = Checksum.for_object(info, over_md5=True)
@@ -240,6 +248,7 @@ class _Means:
         proven = by_blocks or plan.one_block_per_part or checksum is not None
         md5_known = info.md5 is not None and (by_blocks or checksum is not None)
         return cls(
+            kind=kind,
             by_blocks=by_blocks,
             checksum=checksum,
             whole=(settings.content_md5 and not md5_known) or not (proven or plan.parts),
