@@ -170,8 +170,10 @@ class Settings(BaseSettings):
     content_md5: bool = Field(
         default=True,
         description="Store each blob's MD5 as its Content-MD5, for downloaders to check. "
-        "For a multipart object whose parts are single blocks the part MD5s already "
-        "prove the copy, so false saves one MD5 pass (about 1.4 CPU s/GiB) there.",
+        "Where S3's ETag is the object's MD5 this costs nothing. A multipart object's "
+        "costs one MD5 pass (about 1.4 CPU s/GiB), which false saves where the copy is "
+        "proven without it: by S3's CRC64NVME, or by the part MD5s of parts that are "
+        "single blocks.",
     )
     archived: Literal["skip", "fail"] = Field(
         default="skip",
