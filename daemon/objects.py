@@ -42,8 +42,12 @@ class ObjectInfo:
     checksum_type: str | None = None  # FULL_OBJECT or COMPOSITE
 
     def full_checksum(self, algorithm: str) -> str | None:
-        """S3's checksum of the whole object by ``algorithm``, if it holds one (base64)."""
-        return None if self.checksum_type == "COMPOSITE" else self.checksums.get(algorithm)
+        """S3's checksum of the whole object by ``algorithm``, if it holds one (base64).
+        A composite one (of the parts' checksums) ends in "-N", with or without its type."""
+        value = self.checksums.get(algorithm)
+        if self.checksum_type == "COMPOSITE" or value is None or "-" in value:
+            return None
+        return value
 
     @property
     def etag_is_md5(self) -> bool:

@@ -457,6 +457,10 @@ def test_the_blocks_crcs_put_together_are_the_objects_crc64nvme() -> None:
         checksum_type="COMPOSITE",
     )
     assert Checksum.of_blocks(composite, plan, crcs) is None
+    untyped = ObjectInfo(
+        info.bucket, info.key, info.size, info.etag, checksums={"crc64nvme": whole + "-3"}
+    )
+    assert Checksum.of_blocks(untyped, plan, crcs) is None
 
 
 def _digests(monkeypatch: pytest.MonkeyPatch) -> list[InOrderDigest]:
