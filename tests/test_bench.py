@@ -7,7 +7,7 @@ import dataclasses
 import json
 from pathlib import Path
 
-from benchmarks.run import Result, resummarize, targets
+from benchmarks.run import Result, cpu_targets, resummarize, targets
 
 
 def fig(mbps: float, objps: float = 1.0, cpu: float = 1.0, rss: float = 100) -> dict[str, float]:
@@ -59,6 +59,19 @@ def test_memory_and_cpu_are_judged_in_every_scenario_with_or_without_a_speed_tar
 
     lines = targets({"huge": {"blobferry": fig(100, cpu=1.2, rss=120), "rclone": fig(100)}})
     assert lines[-1] == "  CPU s/GiB x <= 1.5, every scenario: 1.20 (huge)  met"
+
+
+def test_equal_cpu_medians_meet_an_at_most_one_target_and_a_hair_over_misses_it() -> None:
+    # 0.81 CPU s read as two counters' difference is 0.8100000000000005 in floats: per
+    # 0.25 GiB against rclone's 0.81, a ratio of 1.0000000000000004, not a miss.
+    cpu = ((0.82 + 3.99) - (0.82 + 3.99 - 0.81)) / 0.25
+    assert cpu / (0.81 / 0.25) > 1.0
+    even = {"blobferry": fig(48, cpu=cpu), "rclone": fig(48, cpu=0.81 / 0.25)}
+    (line, *_) = cpu_targets({"wan-256": even})
+    assert "daemon CPU s/GiB x" in line and line.endswith("1.00  met")
+    over = {"blobferry": fig(48, cpu=3.25), "rclone": fig(48, cpu=3.24)}
+    (line, *_) = cpu_targets({"wan-256": over})
+    assert line.endswith("1.00  MISSED by 0.00")
 
 
 def test_a_saved_run_is_summarized_again_with_its_verdicts(tmp_path: Path) -> None:

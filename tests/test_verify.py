@@ -363,6 +363,27 @@ async def test_a_crc32_proves_a_single_part_copy_with_no_md5_computed(
     assert blob_bytes(blob_service, container, "c.bin") == body
 
 
+async def test_a_crc32_of_the_whole_proves_a_multipart_copy_in_place_of_the_part_md5s(
+    settings: Settings,
+    s3_client: Any,
+    blob_service: BlobServiceClient,
+    bucket: str,
+    container: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Parts cut into blocks, and S3 holds a full-object CRC32: the pass computes that,
+    not the part MD5s the composite ETag would need (and no whole MD5, unasked)."""
+    body = multipart_object(s3_client, bucket, "m.bin", 45 * MiB, 20 * MiB, "CRC32")
+    passes = _digests(monkeypatch)
+    tuned = settings.model_copy(update={"block_size_mb": 4, "pipe_max_mb": 0, "content_md5": False})
+    status, [row] = await copy(tuned, f"s3://{bucket}/m.bin", f"az://{container}/m.bin")
+    assert status == "done", row.error
+    assert row.detail["verified"] == "checksum-crc32"
+    made = [(d.whole, d.parts, d.checksum and d.checksum.algorithm) for d in passes]
+    assert made == [(None, False, "crc32")]
+    assert blob_bytes(blob_service, container, "m.bin") == body
+
+
 async def test_a_flipped_byte_is_caught_by_the_blocks_crcs_and_read_again(
     settings: Settings,
     moto_endpoint: str,
