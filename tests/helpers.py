@@ -7,12 +7,19 @@ import json
 import os
 from typing import Any
 
+import pytest
 from azure.storage.blob import BlobServiceClient
 from pydantic import SecretStr
 
 from daemon import app
+from daemon.addresses import AzAddress, S3Address
+from daemon.azure import AzureWriter
+from daemon.blockcheck import BlockCheck, Kind, compute
+from daemon.chunks import Chunks
 from daemon.jobs import parse_job
+from daemon.layout import plan_blocks
 from daemon.records import TransferRow
+from daemon.s3 import S3Reader
 from daemon.settings import Settings
 from tests.emulators import connection_string
 
@@ -96,3 +103,31 @@ def multipart_object(
         Bucket=bucket, Key=key, UploadId=mpu["UploadId"], MultipartUpload={"Parts": parts}
     )
     return body
+
+
+def staged_kinds(monkeypatch: pytest.MonkeyPatch) -> list[Kind]:
+    """The check each block a copy stages carries (blockcheck.py), in staging order."""
+    kinds: list[Kind] = []
+    stage = AzureWriter.stage
+
+    async def seen(self: AzureWriter, dst: AzAddress, i: str, d: Chunks, c: BlockCheck) -> None:
+        kinds.append(c.kind)
+        await stage(self, dst, i, d, c)
+
+    monkeypatch.setattr(AzureWriter, "stage", seen)
+    return kinds
+
+
+async def stage_as_an_earlier_run(
+    settings: Settings, bucket: str, key: str, container: str, count: int, kind: Kind
+) -> None:
+    """Stage the first ``count`` blocks of s3://bucket/key at az://container/key, named
+    as blobferry names them, each carrying ``kind``: what a run cut short leaves."""
+    dst = AzAddress(container, key)
+    async with S3Reader(settings) as s3, AzureWriter(settings) as az:
+        info = await s3.head(S3Address(bucket, key))
+        plan = plan_blocks(info, settings.block_size)
+        for block in plan.blocks[:count]:
+            data = await s3.read_range(info, block.start, block.length)
+            check = compute(kind, data)
+            await az.stage(dst, plan.block_id(block.index, check.fingerprint), data, check)

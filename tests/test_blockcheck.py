@@ -11,14 +11,18 @@ from typing import Any
 import pytest
 from azure.storage.blob import BlobServiceClient
 
-from daemon.addresses import AzAddress, S3Address
-from daemon.azure import AzureWriter
-from daemon.blockcheck import BlockCheck, Kind, compute
+from daemon.blockcheck import Kind, compute
 from daemon.chunks import Chunks
-from daemon.layout import plan_blocks
-from daemon.s3 import S3Reader
 from daemon.settings import Settings
-from tests.helpers import MiB, blob_bytes, copy, multipart_object, payload
+from tests.helpers import (
+    MiB,
+    blob_bytes,
+    copy,
+    multipart_object,
+    payload,
+    stage_as_an_earlier_run,
+    staged_kinds,
+)
 
 
 def test_the_crc_is_crc64_nvme_sent_little_endian() -> None:
@@ -60,14 +64,7 @@ async def test_each_block_carries_the_check_that_costs_least(
     else:
         part = 8 * MiB if layout == "multipart" else 20 * MiB  # over 16 MiB: cut
         body = multipart_object(s3_client, bucket, "o.bin", 44 * MiB, part)
-    kinds: list[Kind] = []
-    stage = AzureWriter.stage
-
-    async def seen(self: AzureWriter, dst: AzAddress, i: str, d: Chunks, c: BlockCheck) -> None:
-        kinds.append(c.kind)
-        await stage(self, dst, i, d, c)
-
-    monkeypatch.setattr(AzureWriter, "stage", seen)
+    kinds = staged_kinds(monkeypatch)
     azure = settings.azure.model_copy(update={"block_check": block_check})
     tuned = settings.model_copy(
         update={"azure": azure, "block_size_mb": 1, "pipe_max_mb": 0, "content_md5": content_md5}
@@ -94,14 +91,7 @@ async def test_blocks_an_earlier_run_staged_under_md5_ids_are_taken_up(
     body = payload(6 * MiB, seed=9)
     s3_client.put_object(Bucket=bucket, Key="r.bin", Body=body)
     tuned = settings.model_copy(update={"block_size_mb": 1, "pipe_max_mb": 0})
-    dst = AzAddress(container, "r.bin")
-    async with S3Reader(tuned) as s3, AzureWriter(tuned) as az:
-        info = await s3.head(S3Address(bucket, "r.bin"))
-        plan = plan_blocks(info, tuned.block_size)
-        for block in plan.blocks[:2]:
-            data = await s3.read_range(info, block.start, block.length)
-            check = compute(Kind.MD5, data)
-            await az.stage(dst, plan.block_id(block.index, check.fingerprint), data, check)
+    await stage_as_an_earlier_run(tuned, bucket, "r.bin", container, 2, Kind.MD5)
     status, [row] = await copy(tuned, f"s3://{bucket}/r.bin", f"az://{container}/r.bin")
     assert status == "done", row.error
     assert row.detail["blocks_reused"] == 2

@@ -10,15 +10,22 @@ from typing import Any
 import pytest
 from azure.storage.blob import BlobServiceClient
 
-from daemon.addresses import AzAddress
-from daemon.azure import AzureWriter
-from daemon.blockcheck import BlockCheck, Kind
+from daemon.blockcheck import Kind
 from daemon.chunks import Chunks
 from daemon.layout import Block, plan_layout
 from daemon.objects import ObjectInfo
 from daemon.settings import Settings
 from daemon.verify import AZURE_CHECKED, InOrderDigest
-from tests.helpers import MiB, blob_bytes, blob_names, copy, multipart_object, payload
+from tests.helpers import (
+    MiB,
+    blob_bytes,
+    blob_names,
+    copy,
+    multipart_object,
+    payload,
+    stage_as_an_earlier_run,
+    staged_kinds,
+)
 from tests.proxy import FaultProxy, Faults
 from tests.test_faults import through
 
@@ -325,14 +332,7 @@ async def test_s3s_crc64nvme_proves_the_copy_from_the_blocks_own_crcs(
         part = 20 * MiB if layout == "multipart" else 8 * MiB
         body = multipart_object(s3_client, bucket, "n.bin", 45 * MiB, part, "CRC64NVME")
     passes = _digests(monkeypatch)
-    kinds: list[Kind] = []
-    stage = AzureWriter.stage
-
-    async def seen(self: AzureWriter, dst: AzAddress, i: str, d: Chunks, c: BlockCheck) -> None:
-        kinds.append(c.kind)
-        await stage(self, dst, i, d, c)
-
-    monkeypatch.setattr(AzureWriter, "stage", seen)
+    kinds = staged_kinds(monkeypatch)
     tuned = settings.model_copy(
         update={"block_size_mb": 4, "pipe_max_mb": 0, "content_md5": content_md5}
     )
@@ -401,22 +401,10 @@ async def test_a_resumed_copy_is_proven_by_the_crcs_of_blocks_staged_before(
 ) -> None:
     """Blocks an earlier run staged are not read again, and their CRC64s, kept in their
     IDs, still count: the resumed copy is proven, where an MD5 could not be had."""
-    from daemon.addresses import S3Address
-    from daemon.blockcheck import compute
-    from daemon.layout import plan_blocks
-    from daemon.s3 import S3Reader
-
     body = payload(7 * MiB + 3, seed=14)
     s3_client.put_object(Bucket=bucket, Key="r.bin", Body=body, ChecksumAlgorithm="CRC64NVME")
     tuned = settings.model_copy(update={"block_size_mb": 1, "pipe_max_mb": 0})
-    dst = AzAddress(container, "r.bin")
-    async with S3Reader(tuned) as s3, AzureWriter(tuned) as az:
-        info = await s3.head(S3Address(bucket, "r.bin"))
-        plan = plan_blocks(info, tuned.block_size)
-        for block in plan.blocks[:3]:
-            data = await s3.read_range(info, block.start, block.length)
-            check = compute(Kind.CRC64, data)
-            await az.stage(dst, plan.block_id(block.index, check.fingerprint), data, check)
+    await stage_as_an_earlier_run(tuned, bucket, "r.bin", container, 3, Kind.CRC64)
     status, [row] = await copy(tuned, f"s3://{bucket}/r.bin", f"az://{container}/r.bin")
     assert status == "done", row.error
     assert (row.detail["blocks_reused"], row.detail["verified"]) == (3, "checksum-crc64nvme")
