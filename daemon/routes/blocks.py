@@ -264,6 +264,6 @@ class _Means:
         return InOrderDigest(plan, checksum, self.whole, self.parts)
 
     def crcs(self, fingerprints: list[bytes | None]) -> list[int | None] | None:
-        if not (self.verify and self.by_blocks):
+        if not self.by_blocks:  # which holds only with verify on
             return None
         return [crc64_of(m) for m in fingerprints]
