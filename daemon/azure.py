@@ -34,7 +34,7 @@ from daemon.addresses import AzAddress
 from daemon.azure_auth import open_service
 from daemon.azure_direct import Direct, DirectPath, put_headers
 from daemon.azure_errors import error_code, translate
-from daemon.blockcheck import BlockCheck
+from daemon.blockcheck import BlockCheck, Kind
 from daemon.chunks import Chunks
 from daemon.errors import (
     BlobChangedError,
@@ -211,7 +211,7 @@ class AzureWriter:
             await self._sdk(dst).put(dst, data, md5, headers, metadata, when, tier)
             return
         self._check_account(dst)
-        sent = put_headers(data.size, md5, headers, metadata, when, tier)
+        sent = put_headers(data.size, BlockCheck(Kind.MD5, md5), headers, metadata, when, tier)
         await self._path.put(dst, data, sent)
 
     async def put_stream(
@@ -219,18 +219,19 @@ class AzureWriter:
         dst: AzAddress,
         body: AsyncIterable[bytes],
         size: int,
-        md5: bytes,
+        check: BlockCheck,
         headers: BlobHeaders,
         metadata: dict[str, str],
         when: Precondition,
         tier: str | None = None,
     ) -> None:
         """The whole blob in one Put Blob whose body streams from ``body`` as it comes:
-        Azure checks all ``size`` bytes against ``md5`` and stores nothing otherwise.
-        The direct path's only (``streams``): the SDK would hold the body whole."""
+        Azure checks all ``size`` bytes against ``check`` (S3's MD5 or CRC64NVME) and
+        stores nothing otherwise. The direct path's only (``streams``): the SDK would
+        hold the body whole."""
         assert self._path is not None, "a pipe is chosen only where the sink streams"
         self._check_account(dst)
-        sent = put_headers(size, md5, headers, metadata, when, tier)
+        sent = put_headers(size, check, headers, metadata, when, tier)
         await self._path.put(dst, body, sent)
 
     async def stage(self, dst: AzAddress, block_id: str, data: Chunks, check: BlockCheck) -> None:

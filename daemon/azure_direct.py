@@ -324,19 +324,22 @@ class DirectPath:
 
 def put_headers(
     size: int,
-    md5: bytes,
+    check: BlockCheck,
     headers: BlobHeaders,
     metadata: dict[str, str],
     when: Precondition,
     tier: str | None,
 ) -> dict[str, str]:
-    """Put Blob's headers. The MD5 goes twice: Content-MD5 has Azure check the bytes
-    on arrival, x-ms-blob-content-md5 is stored as the blob's Content-MD5."""
+    """Put Blob's headers. An MD5 goes twice: Content-MD5 has Azure check the bytes on
+    arrival, x-ms-blob-content-md5 is stored as the blob's Content-MD5. A CRC64 is
+    checked only: Put Blob stores the MD5 of what arrived as the blob's Content-MD5 when
+    none is sent (Azure's Get Blob reference; Azurite does the same), and Azure refuses
+    a Put Blob carrying both checks."""
     out = {
         "x-ms-blob-type": "BlockBlob",
         "Content-Length": str(size),
-        "Content-MD5": base64.b64encode(md5).decode(),
-        **headers.headers(md5),
+        **check.headers(),
+        **headers.headers(check.md5),
         **{f"x-ms-meta-{k}": v for k, v in metadata.items()},
     }
     if tier is not None:

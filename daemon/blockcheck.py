@@ -65,6 +65,13 @@ def crc64_of(fingerprint: bytes | None) -> int | None:
     return int.from_bytes(fingerprint[:8], "little")
 
 
+def of_s3_crc64nvme(value: str) -> BlockCheck:
+    """Azure's check against S3's CRC64NVME of the same bytes: one CRC, which S3 gives
+    big-endian and Azure takes little-endian, each in base64."""
+    crc = int.from_bytes(base64.b64decode(value), "big")
+    return BlockCheck(Kind.CRC64, crc.to_bytes(8, "little") + _PAD)
+
+
 def compute(kind: Kind, data: Chunks) -> BlockCheck:
     if kind is Kind.MD5:
         return BlockCheck(kind, md5_of(data))

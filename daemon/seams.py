@@ -82,7 +82,7 @@ class ObjectSource(Protocol):
 
 class BlobSink(Protocol):
     """Where blobs are written: Azure Blob Storage. Every write that carries bytes
-    carries their MD5, which Azure checks before it keeps anything. A write whose
+    carries their MD5 or CRC64, which Azure checks before it keeps anything. A write whose
     Precondition fails raises DestinationExistsError (it asked for absence) or
     BlobChangedError (it named an ETag)."""
 
@@ -111,7 +111,7 @@ class BlobSink(Protocol):
         dst: AzAddress,
         body: AsyncIterable[bytes],
         size: int,
-        md5: bytes,
+        check: BlockCheck,
         headers: BlobHeaders,
         metadata: dict[str, str],
         when: Precondition,

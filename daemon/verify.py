@@ -25,6 +25,9 @@ from daemon.layout import Block, Plan
 from daemon.objects import CHECKSUMS, ObjectInfo
 
 AZURE_CHECKED = "etag: Azure checked the bytes against S3's MD5 as they arrived"
+AZURE_CHECKED_CRC64 = (
+    "checksum-crc64nvme: Azure checked the bytes against S3's CRC64NVME as they arrived"
+)
 SERVER_SIDE_CHECKED = "etag: Azure checked the bytes it fetched from S3 against S3's MD5"
 
 

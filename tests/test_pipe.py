@@ -1,21 +1,28 @@
-"""The pipe: on a near link, a single-part object goes as one GET streamed into one Put
-Blob whose MD5 is S3's ETag, so Azure checks every byte and nothing is hashed here."""
+"""The pipe: on a near link, an object goes as one GET streamed into one Put Blob that
+carries S3's own MD5 (a single-part object's ETag) or, for any other, S3's full-object
+CRC64NVME, so Azure checks every byte and nothing is hashed here."""
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import hashlib
 import json
 import signal
 from typing import Any
 
 import pytest
+from awscrt import checksums
 from azure.storage.blob import BlobServiceClient
 from pydantic import SecretStr
 
+from daemon.azure import AzureWriter
+from daemon.blockcheck import BlockCheck, Kind, compute, of_s3_crc64nvme
+from daemon.chunks import Chunks
 from daemon.latency import RoundTrips
 from daemon.records import TransferRow
 from daemon.settings import Settings
+from daemon.verify import AZURE_CHECKED_CRC64
 from tests.conftest import connection_string
 from tests.helpers import MiB, blob_bytes, blob_names, copy, multipart_object, payload
 from tests.proxy import FaultProxy, Faults
@@ -165,7 +172,71 @@ async def test_one_late_answer_does_not_make_a_near_link_far(
     assert blob_bytes(blob_service, container, "near.bin") == body
 
 
+def put_checks(monkeypatch: pytest.MonkeyPatch) -> list[BlockCheck]:
+    """The check each Put Blob a pipe sends carries, in order."""
+    checks: list[BlockCheck] = []
+    put_stream = AzureWriter.put_stream
+
+    async def seen(self: AzureWriter, *args: Any, **kwargs: Any) -> None:
+        checks.append(args[3])  # dst, body, size, check, ...
+        await put_stream(self, *args, **kwargs)
+
+    monkeypatch.setattr(AzureWriter, "put_stream", seen)
+    return checks
+
+
+def an_object(s3_client: Any, bucket: str, key: str, check: str, size: int) -> bytes:
+    """A single-part object (its ETag the MD5 Azure checks), or a multipart one with
+    S3's full-object CRC64NVME, as S3 keeps of objects uploaded without a checksum."""
+    if check == "md5":
+        body = payload(size, seed=size)
+        s3_client.put_object(Bucket=bucket, Key=key, Body=body)
+        return body
+    return multipart_object(s3_client, bucket, key, size, 5 * MiB, full="CRC64NVME")
+
+
+async def test_a_multipart_object_goes_whole_checked_against_s3s_crc64nvme(
+    piping: Settings,
+    moto_endpoint: str,
+    s3_client: Any,
+    blob_service: BlobServiceClient,
+    bucket: str,
+    container: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Its ETag is no MD5, but S3's CRC64NVME is of the same bytes: Azure checks the
+    stream against it, and stores the MD5 of what arrived as the blob's Content-MD5."""
+    checks = put_checks(monkeypatch)
+    body = an_object(s3_client, bucket, "crc.bin", "crc64", 12 * MiB + 7)
+    async with FaultProxy(moto_endpoint) as proxy:
+        status, [row] = await copy(
+            through(piping, proxy), f"s3://{bucket}/crc.bin", f"az://{container}/crc.bin"
+        )
+    assert status == "done", row.error
+    assert (row.detail["route"], row.detail["verified"]) == ("pipe", AZURE_CHECKED_CRC64)
+    assert gets(proxy, "crc.bin") == 1  # one stream, no ranges
+    assert [c.kind for c in checks] == [Kind.CRC64]
+    assert blob_bytes(blob_service, container, "crc.bin") == body
+    props = blob_service.get_blob_client(container, "crc.bin").get_blob_properties()
+    assert bytes(props.content_settings.content_md5) == hashlib.md5(body).digest()
+
+
+def test_azures_crc64_header_is_s3s_crc64nvme_turned_around() -> None:
+    """S3 gives the CRC big-endian, Azure takes it little-endian: the header for S3's
+    value is the one a block of the same bytes carries (which Azurite checks)."""
+    body = payload(3 * MiB + 11, seed=12)
+    crc = checksums.crc64nvme(body)
+    s3_value = base64.b64encode(crc.to_bytes(8, "big")).decode()
+    ours = compute(Kind.CRC64, Chunks([body]))
+    assert of_s3_crc64nvme(s3_value) == ours
+    assert ours.headers() == {
+        "x-ms-content-crc64": base64.b64encode(crc.to_bytes(8, "little")).decode()
+    }
+
+
+@pytest.mark.parametrize("check", ["md5", "crc64"])
 async def test_damaged_bytes_are_refused_by_azure_and_sent_again(
+    check: str,
     piping: Settings,
     moto_endpoint: str,
     s3_client: Any,
@@ -173,8 +244,7 @@ async def test_damaged_bytes_are_refused_by_azure_and_sent_again(
     bucket: str,
     container: str,
 ) -> None:
-    body = payload(12 * MiB, seed=5)
-    s3_client.put_object(Bucket=bucket, Key="d.bin", Body=body)
+    body = an_object(s3_client, bucket, "d.bin", check, 12 * MiB)
     async with FaultProxy(moto_endpoint, Faults(flip_at=5 * MiB)) as proxy:
         status, [row] = await copy(
             through(piping, proxy), f"s3://{bucket}/d.bin", f"az://{container}/d.bin"
@@ -182,12 +252,15 @@ async def test_damaged_bytes_are_refused_by_azure_and_sent_again(
     assert proxy.flips == 1
     assert status == "done", row.error
     assert row.detail["route"] == "pipe"
-    assert "damaged 1 time(s)" in row.detail["note"]
+    assert row.detail["note"] == "Azure found the bytes damaged 1 time(s); sent again"
     assert gets(proxy, "d.bin") == 2
     assert blob_bytes(blob_service, container, "d.bin") == body
 
 
+@pytest.mark.parametrize(("check", "refusal"), [("md5", "Md5Mismatch"), ("crc64", "Crc64Mismatch")])
 async def test_damage_on_every_read_fails_and_commits_nothing(
+    check: str,
+    refusal: str,
     piping: Settings,
     moto_endpoint: str,
     s3_client: Any,
@@ -195,12 +268,12 @@ async def test_damage_on_every_read_fails_and_commits_nothing(
     bucket: str,
     container: str,
 ) -> None:
-    s3_client.put_object(Bucket=bucket, Key="bad.bin", Body=payload(12 * MiB, seed=6))
+    an_object(s3_client, bucket, "bad.bin", check, 12 * MiB)
     async with FaultProxy(moto_endpoint, Faults(flip_period=3 * MiB)) as proxy:
         tuned = through(piping, proxy, retry={"attempts": 3})
         status, [row] = await copy(tuned, f"s3://{bucket}/bad.bin", f"az://{container}/bad.bin")
     assert (status, row.status) == ("failed", "failed")
-    assert row.error is not None and "Md5Mismatch" in row.error and "3 attempts" in row.error
+    assert row.error is not None and refusal in row.error and "3 attempts" in row.error
     assert gets(proxy, "bad.bin") == 3
     assert blob_names(blob_service, container) == []
 

@@ -1,14 +1,18 @@
 """The pipe route: on a near link, one GET streamed into one Put Blob as it arrives.
 
-Only for a single-part object whose ETag is its MD5: Azure checks every byte of the
-stream against it and keeps nothing otherwise, so nothing is hashed here. Farther
-away, parallel blocks are faster; and a block can resume, where a pipe starts again.
+Only for an object S3 holds a whole-object check of that Azure takes too: the MD5 of a
+single-part object (its ETag), or else a full-object CRC64NVME (which S3 keeps of every
+object uploaded without a checksum of its own since December 2024, multipart ones
+included). Azure checks every byte of the stream against it and keeps nothing
+otherwise, so nothing is hashed here. Farther away, parallel blocks are faster; and a
+block can resume, where a pipe starts again.
 """
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Awaitable, Callable
 
+from daemon.blockcheck import BlockCheck, Kind, of_s3_crc64nvme
 from daemon.errors import CorruptBlockError, NotPermittedError, TransferError
 from daemon.jobs import TransferSpec
 from daemon.latency import FAR_AFTER, RoundTrips
@@ -17,9 +21,21 @@ from daemon.outcome import Outcome, Progress, Status
 from daemon.properties import Landing
 from daemon.routes.base import Handoff, Route
 from daemon.settings import MiB
-from daemon.verify import AZURE_CHECKED
+from daemon.verify import AZURE_CHECKED, AZURE_CHECKED_CRC64
 
 PIPE_BUFFER = MiB  # the stream's own buffers (aiohttp's, a few hundred KiB), budgeted
+
+
+def whole_check(info: ObjectInfo) -> tuple[BlockCheck, str] | None:
+    """What Azure can check a Put Blob of the whole object against, S3's own value,
+    and how the report names that proof; None where S3 holds neither. The MD5 first:
+    Azure then stores S3's value as the blob's Content-MD5."""
+    if info.md5 is not None:
+        return BlockCheck(Kind.MD5, info.md5), AZURE_CHECKED
+    crc = info.full_checksum("crc64nvme")
+    if crc is not None:
+        return of_s3_crc64nvme(crc), AZURE_CHECKED_CRC64
+    return None
 
 
 async def near(trips: RoundTrips, probe: Callable[[], Awaitable[object]], within: float) -> bool:
@@ -46,12 +62,14 @@ class _Attempts:
         self,
         route: Pipe,
         info: ObjectInfo,
+        check: BlockCheck,
         h: Handoff,
         landing: Landing,
         progress: Progress,
     ) -> None:
         self._route = route
         self._info = info
+        self._check = check
         self._h = h
         self._landing = landing
         self._progress = progress
@@ -61,7 +79,6 @@ class _Attempts:
 
     async def __call__(self) -> bool:
         info, landing = self._info, self._landing
-        assert info.md5 is not None, "Pipe.wanted chose this route for an MD5 ETag only"
         self._sent = 0
         # What went wrong on the S3 side while Azure was reading the body: aiohttp
         # reports it as a failed upload, this says what it was.
@@ -72,7 +89,7 @@ class _Attempts:
                     self._h.spec.destination,
                     self._body(chunks),
                     info.size,
-                    info.md5,
+                    self._check,
                     landing.headers,
                     landing.metadata,
                     self._h.when,
@@ -103,13 +120,13 @@ class Pipe(Route):
     name = "pipe"
 
     async def wanted(self, info: ObjectInfo, spec: TransferSpec) -> bool:
-        """Whether ``info`` goes by this route: a single-part object whose ETag is its
-        MD5, larger than a block and within pipe_max, and both services near enough
-        that one stream runs at full speed."""
+        """Whether ``info`` goes by this route: an object Azure can check whole against
+        S3's own value (``whole_check``), larger than a block and within pipe_max, and
+        both services near enough that one stream runs at full speed."""
         s = self._settings
         if not (
             s.block_size < info.size <= s.pipe_max
-            and info.md5 is not None
+            and whole_check(info) is not None
             and (spec.options.mode or s.mode) == "stream"
             and self._sink.streams
         ):
@@ -126,13 +143,14 @@ class Pipe(Route):
         info, spec, fp, progress = h.known, h.spec, h.fp, h.progress
         landing = self.landing(info, spec, fp)
         dst = spec.destination
-        attempts = _Attempts(self, info, h, landing, progress)
+        known = whole_check(info)
+        assert known is not None, "Pipe.wanted chose this route for such an object only"
+        check, verified = known
+        attempts = _Attempts(self, info, check, h, landing, progress)
         async with self._budget.hold(PIPE_BUFFER):
             what = f"pipe {info.address} to {dst}"
             if await self.write(attempts, what, h, info.size) is None:
                 progress(info.size)  # an earlier attempt landed it; only its answer was lost
         damaged = attempts.damaged
         note = f"Azure found the bytes damaged {damaged} time(s); sent again" if damaged else None
-        return Outcome(
-            Status.COPIED, info.size, AZURE_CHECKED, note, landing=landing, route=self.name
-        )
+        return Outcome(Status.COPIED, info.size, verified, note, landing=landing, route=self.name)
