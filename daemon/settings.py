@@ -150,10 +150,11 @@ class Settings(BaseSettings):
         default=1024,
         ge=0,
         le=5000,
-        description="On a near link, a single-part object up to this size goes as one GET "
-        "piped into one Put Blob carrying S3's MD5 ETag, which Azure checks: nothing is "
-        "hashed here and one stream runs at the link's speed. Not resumable: a kill "
-        "re-reads the object. 0 turns it off (5000 MiB is Put Blob's limit).",
+        description="On a near link, an object up to this size goes as one GET piped into "
+        "one Put Blob carrying S3's MD5 ETag (single-part) or else its full-object "
+        "CRC64NVME, which Azure checks: nothing is hashed here and one stream runs at "
+        "the link's speed. Not resumable: a kill re-reads the object. 0 turns it off "
+        "(5000 MiB is Put Blob's limit).",
     )
     pipe_rtt_ms: float = Field(
         default=10.0,
