@@ -34,7 +34,7 @@ from daemon.addresses import AzAddress
 from daemon.azure_auth import open_service
 from daemon.azure_direct import Direct, DirectPath, put_headers
 from daemon.azure_errors import error_code, translate
-from daemon.blockcheck import BlockCheck, Kind
+from daemon.blockcheck import BlockCheck
 from daemon.chunks import Chunks
 from daemon.errors import (
     BlobChangedError,
@@ -200,18 +200,19 @@ class AzureWriter:
         self,
         dst: AzAddress,
         data: Chunks,
-        md5: bytes,
+        check: BlockCheck,
         headers: BlobHeaders,
         metadata: dict[str, str],
         when: Precondition,
         tier: str | None = None,
     ) -> None:
-        """The whole blob in one Put Blob, checked by Azure against ``md5``."""
+        """The whole blob in one Put Blob, checked by Azure against ``check`` (its MD5,
+        or S3's CRC64NVME)."""
         if self._path is None:
-            await self._sdk(dst).put(dst, data, md5, headers, metadata, when, tier)
+            await self._sdk(dst).put(dst, data, check, headers, metadata, when, tier)
             return
         self._check_account(dst)
-        sent = put_headers(data.size, BlockCheck(Kind.MD5, md5), headers, metadata, when, tier)
+        sent = put_headers(data.size, check, headers, metadata, when, tier)
         await self._path.put(dst, data, sent)
 
     async def put_stream(
@@ -349,8 +350,9 @@ class AzureWriter:
 
 class _SdkPath:
     """Get Blob Properties, Put Blob and Put Block through the SDK (azure.direct =
-    false). Azure still checks each body against its MD5 (transactional_content_md5);
-    the body is joined into one buffer first, which the direct path never does."""
+    false). Azure still checks each body against its MD5 or CRC64 (as the direct path
+    sends them); the body is joined into one buffer first, which the direct path never
+    does."""
 
     def __init__(self, blob: BlobClient, error: Callable[[AzureError, AzAddress, str], Exception]):
         self._blob = blob
@@ -373,7 +375,7 @@ class _SdkPath:
         self,
         dst: AzAddress,
         data: Chunks,
-        md5: bytes,
+        check: BlockCheck,
         headers: BlobHeaders,
         metadata: dict[str, str],
         when: Precondition,
@@ -384,10 +386,10 @@ class _SdkPath:
                 data.join(),
                 length=data.size,
                 overwrite=not when.absent,
-                content_settings=headers.settings(md5),
+                content_settings=headers.settings(check.md5),
                 metadata=metadata,
                 standard_blob_tier=StandardBlobTier(tier) if tier else None,
-                transactional_content_md5=bytearray(md5),  # Azure checks the bytes on arrival
+                headers=check.headers(),  # Azure checks the bytes on arrival
                 **_conditions(when),
             )
         except ResourceExistsError:

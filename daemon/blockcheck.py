@@ -24,7 +24,8 @@ from awscrt import checksums
 
 from daemon.chunks import Chunks
 from daemon.layout import Plan
-from daemon.verify import md5_of, md5_off_loop
+from daemon.objects import ObjectInfo
+from daemon.verify import AZURE_CHECKED, AZURE_CHECKED_CRC64, md5_of, md5_off_loop
 
 _PAD = bytes(8)
 
@@ -70,6 +71,18 @@ def of_s3_crc64nvme(value: str) -> BlockCheck:
     big-endian and Azure takes little-endian, each in base64."""
     crc = int.from_bytes(base64.b64decode(value), "big")
     return BlockCheck(Kind.CRC64, crc.to_bytes(8, "little") + _PAD)
+
+
+def whole_check(info: ObjectInfo) -> tuple[BlockCheck, str] | None:
+    """What Azure can check a Put Blob of the whole object against, S3's own value,
+    and how the report names that proof; None where S3 holds neither. The MD5 first:
+    Azure then stores S3's value as the blob's Content-MD5."""
+    if info.md5 is not None:
+        return BlockCheck(Kind.MD5, info.md5), AZURE_CHECKED
+    crc = info.full_checksum("crc64nvme")
+    if crc is not None:
+        return of_s3_crc64nvme(crc), AZURE_CHECKED_CRC64
+    return None
 
 
 def compute(kind: Kind, data: Chunks) -> BlockCheck:

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import IO
 
 from daemon.addresses import parse_azure, parse_s3
+from daemon.blockcheck import BlockCheck, Kind
 from daemon.chunks import Chunks
 from daemon.properties import BlobHeaders
 from daemon.retry import retrying
@@ -53,9 +54,9 @@ class Results:
             chunks.append(data)
             chunks.size = len(data)
             headers = BlobHeaders(content_type="application/json")
-            md5 = hashlib.md5(data).digest()
+            check = BlockCheck(Kind.MD5, hashlib.md5(data).digest())
             await retrying(
-                lambda: self._sink.put(dst, chunks, md5, headers, {}, ANYTHING),
+                lambda: self._sink.put(dst, chunks, check, headers, {}, ANYTHING),
                 self._policy,
                 f"report {dst}",
             )

@@ -100,7 +100,7 @@ class BlobSink(Protocol):
         self,
         dst: AzAddress,
         data: Chunks,
-        md5: bytes,
+        check: BlockCheck,
         headers: BlobHeaders,
         metadata: dict[str, str],
         when: Precondition,

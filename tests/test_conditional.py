@@ -20,6 +20,7 @@ from azure.storage.blob import BlobServiceClient
 
 from daemon.addresses import parse_azure
 from daemon.azure import AzureWriter
+from daemon.blockcheck import BlockCheck, Kind
 from daemon.budget import Budget
 from daemon.chunks import Chunks
 from daemon.errors import BlobChangedError, DestinationExistsError
@@ -137,7 +138,7 @@ async def test_the_sink_sends_the_precondition(
     data = Chunks()
     data.append(b"third")
     data.size = 5
-    md5 = hashlib.md5(b"third").digest()
+    md5 = BlockCheck(Kind.MD5, hashlib.md5(b"third").digest())
     for direct in (True, False):
         tuned = settings.model_copy(
             update={"azure": settings.azure.model_copy(update={"direct": direct})}

@@ -22,7 +22,7 @@ from azure.storage.blob import BlobServiceClient
 
 from daemon.addresses import AzAddress, S3Address
 from daemon.azure import AzureWriter
-from daemon.blockcheck import Kind, compute
+from daemon.blockcheck import BlockCheck, Kind, compute
 from daemon.chunks import Chunks
 from daemon.errors import PermanentError, RetryableError, SourceChangedError, StallError
 from daemon.http1 import Connections
@@ -31,7 +31,6 @@ from daemon.properties import BlobHeaders
 from daemon.s3 import S3Reader
 from daemon.seams import ANYTHING
 from daemon.settings import Settings
-from daemon.verify import md5_of
 from tests.test_identity import self_signed
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
@@ -484,7 +483,7 @@ async def test_the_same_blobs_and_the_same_errors_as_aiohttps(
             await w.put(
                 dst,
                 Chunks.of(bytearray(data)),
-                md5_of(Chunks.of(bytearray(data))),
+                compute(Kind.MD5, Chunks.of(bytearray(data))),
                 headers,
                 {"owner": "ops"},
                 ANYTHING,
@@ -500,12 +499,19 @@ async def test_the_same_blobs_and_the_same_errors_as_aiohttps(
                 lambda: w.put(
                     AzAddress("no-such-ctr", "b"),
                     Chunks.of(bytearray(b"x")),
-                    md5_of(Chunks.of(bytearray(b"x"))),
+                    compute(Kind.MD5, Chunks.of(bytearray(b"x"))),
                     headers,
                     {},
                     ANYTHING,
                 ),
-                lambda: w.put(dst, Chunks.of(bytearray(b"x")), b"\0" * 16, headers, {}, ANYTHING),
+                lambda: w.put(
+                    dst,
+                    Chunks.of(bytearray(b"x")),
+                    BlockCheck(Kind.MD5, b"\0" * 16),
+                    headers,
+                    {},
+                    ANYTHING,
+                ),
                 lambda: w.stage(
                     big,
                     "0009",

@@ -16,11 +16,15 @@ from awscrt import checksums
 from azure.storage.blob import BlobServiceClient
 from pydantic import SecretStr
 
+from daemon.addresses import AzAddress
 from daemon.azure import AzureWriter
 from daemon.blockcheck import BlockCheck, Kind, compute, of_s3_crc64nvme
 from daemon.chunks import Chunks
+from daemon.errors import CorruptBlockError
 from daemon.latency import RoundTrips
+from daemon.properties import BlobHeaders
 from daemon.records import TransferRow
+from daemon.seams import ANYTHING
 from daemon.settings import Settings
 from daemon.verify import AZURE_CHECKED_CRC64
 from tests.conftest import connection_string
@@ -232,6 +236,31 @@ def test_azures_crc64_header_is_s3s_crc64nvme_turned_around() -> None:
     assert ours.headers() == {
         "x-ms-content-crc64": base64.b64encode(crc.to_bytes(8, "little")).decode()
     }
+
+
+@pytest.mark.parametrize("direct", [True, False])
+async def test_put_blob_against_s3s_crc64nvme_by_either_path(
+    direct: bool, settings: Settings, blob_service: BlobServiceClient, container: str
+) -> None:
+    """The direct path and the SDK's (azure.direct = false) send a Put Blob that Azure
+    checks against the CRC, store the MD5 Azure computed, and refuse other bytes."""
+    body = payload(300 * 1024 + 3, seed=13)
+    crc = base64.b64encode(checksums.crc64nvme(body).to_bytes(8, "big")).decode()
+    data = Chunks.of(bytearray(body))
+    tuned = settings.model_copy(
+        update={"azure": settings.azure.model_copy(update={"direct": direct})}
+    )
+    async with AzureWriter(tuned) as az:
+        dst = AzAddress(container, "put.bin")
+        await az.put(dst, data, of_s3_crc64nvme(crc), BlobHeaders(), {}, ANYTHING)
+        other = AzAddress(container, "refused.bin")
+        wrong = of_s3_crc64nvme(base64.b64encode(bytes(8)).decode())
+        with pytest.raises(CorruptBlockError, match="Crc64Mismatch"):
+            await az.put(other, data, wrong, BlobHeaders(), {}, ANYTHING)
+    assert blob_bytes(blob_service, container, "put.bin") == body
+    props = blob_service.get_blob_client(container, "put.bin").get_blob_properties()
+    assert bytes(props.content_settings.content_md5) == hashlib.md5(body).digest()
+    assert blob_names(blob_service, container) == ["put.bin"]
 
 
 @pytest.mark.parametrize("check", ["md5", "crc64"])

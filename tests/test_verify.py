@@ -15,7 +15,7 @@ from daemon.chunks import Chunks
 from daemon.layout import Block, plan_layout
 from daemon.objects import ObjectInfo
 from daemon.settings import Settings
-from daemon.verify import AZURE_CHECKED, InOrderDigest
+from daemon.verify import AZURE_CHECKED, AZURE_CHECKED_CRC64, InOrderDigest
 from tests.helpers import (
     MiB,
     blob_bytes,
@@ -125,6 +125,8 @@ async def test_damage_on_every_read_fails_without_committing(
         ("multipart", "prefix"),
         ("kms", "key"),
         ("kms", "prefix"),  # a listing says nothing of SSE: the GET does
+        ("kms-crc64", "key"),
+        ("kms-crc64", "prefix"),
     ],
 )
 async def test_a_small_objects_damaged_bytes_are_read_and_sent_again(
@@ -138,7 +140,8 @@ async def test_a_small_objects_damaged_bytes_are_read_and_sent_again(
     container: str,
 ) -> None:
     """One GET, one Put Blob, retried together. A single-part object's ETag goes as the
-    Content-MD5 and Azure refuses the damage; the others are hashed here and caught."""
+    Content-MD5, or else S3's CRC64NVME as the CRC64, and Azure refuses the damage; the
+    others are hashed here and caught."""
     size = 1 * MiB
     if layout == "multipart":  # one part: its ETag is "<MD5 of the part's MD5>-1"
         body = multipart_object(s3_client, bucket, "s/o.bin", size, 8 * MiB)
@@ -147,12 +150,15 @@ async def test_a_small_objects_damaged_bytes_are_read_and_sent_again(
         body = payload(size, seed=7)
         kms = (
             {"ServerSideEncryption": "aws:kms", "SSEKMSKeyId": s3_client_kms_key(s3_client)}
-            if layout == "kms"
+            if layout.startswith("kms")
             else {}
         )
-        extra = {"ChecksumAlgorithm": "SHA256"} if kms else {}
+        algorithm = "CRC64NVME" if layout == "kms-crc64" else "SHA256"
+        extra = {"ChecksumAlgorithm": algorithm} if kms else {}
         s3_client.put_object(Bucket=bucket, Key="s/o.bin", Body=body, **kms, **extra)
-        verified = "checksum-sha256" if kms else AZURE_CHECKED
+        verified = {"kms": "checksum-sha256", "kms-crc64": AZURE_CHECKED_CRC64}.get(
+            layout, AZURE_CHECKED
+        )
     source = f"s3://{bucket}/s/" if via == "prefix" else f"s3://{bucket}/s/o.bin"
     destination = f"az://{container}/s/" if via == "prefix" else f"az://{container}/s/o.bin"
     async with FaultProxy(moto_endpoint, Faults(flip_at=size // 2)) as proxy:
@@ -160,8 +166,10 @@ async def test_a_small_objects_damaged_bytes_are_read_and_sent_again(
     assert proxy.flips == 1
     assert status == "done", row.error
     assert (row.detail["route"], row.detail["verified"]) == ("whole", verified)
-    assert "arrived damaged 1 time(s)" in row.detail["note"]
+    assert row.detail["note"] == "the bytes arrived damaged 1 time(s); read and sent again"
     assert blob_bytes(blob_service, container, "s/o.bin") == body
+    props = blob_service.get_blob_client(container, "s/o.bin").get_blob_properties()
+    assert bytes(props.content_settings.content_md5) == hashlib.md5(body).digest()
 
 
 async def test_a_listed_encrypted_object_that_changes_before_its_checksum_is_read_fails(

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Awaitable, Callable
 
-from daemon.blockcheck import BlockCheck, Kind, of_s3_crc64nvme
+from daemon.blockcheck import BlockCheck, whole_check
 from daemon.errors import CorruptBlockError, NotPermittedError, TransferError
 from daemon.jobs import TransferSpec
 from daemon.latency import FAR_AFTER, RoundTrips
@@ -21,21 +21,8 @@ from daemon.outcome import Outcome, Progress, Status
 from daemon.properties import Landing
 from daemon.routes.base import Handoff, Route
 from daemon.settings import MiB
-from daemon.verify import AZURE_CHECKED, AZURE_CHECKED_CRC64
 
 PIPE_BUFFER = MiB  # the stream's own buffers (aiohttp's, a few hundred KiB), budgeted
-
-
-def whole_check(info: ObjectInfo) -> tuple[BlockCheck, str] | None:
-    """What Azure can check a Put Blob of the whole object against, S3's own value,
-    and how the report names that proof; None where S3 holds neither. The MD5 first:
-    Azure then stores S3's value as the blob's Content-MD5."""
-    if info.md5 is not None:
-        return BlockCheck(Kind.MD5, info.md5), AZURE_CHECKED
-    crc = info.full_checksum("crc64nvme")
-    if crc is not None:
-        return of_s3_crc64nvme(crc), AZURE_CHECKED_CRC64
-    return None
 
 
 async def near(trips: RoundTrips, probe: Callable[[], Awaitable[object]], within: float) -> bool:

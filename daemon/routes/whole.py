@@ -1,10 +1,11 @@
 """The whole route: an object of a block or less, held here between one GET and one
 Put Blob, the two retried together so that bytes that arrive damaged are read again.
 
-When S3's ETag is the object's MD5 it is the Put Blob's Content-MD5, and Azure checks
-the bytes against it: nothing is hashed here. Otherwise the MD5 is computed here for
-Azure's check, and the bytes are proven against S3's ETag or checksum first: a small
-object is always verified.
+When S3 holds a value of the whole that Azure can check, the Put Blob carries it and
+Azure checks the bytes against it: nothing is hashed here. That is the object's MD5
+when its ETag is one, else S3's full-object CRC64NVME (blockcheck.whole_check).
+Otherwise the MD5 is computed here for Azure's check, and the bytes are proven against
+S3's ETag or checksum first: a small object is always verified.
 """
 
 from __future__ import annotations
@@ -13,13 +14,14 @@ import dataclasses
 from collections.abc import Awaitable, Callable
 
 from daemon.addresses import S3Address
+from daemon.blockcheck import BlockCheck, Kind, whole_check
 from daemon.chunks import Chunks
 from daemon.errors import CorruptBlockError, SourceChangedError, VerificationError
 from daemon.objects import Listed, ObjectInfo
 from daemon.outcome import Outcome, Status
 from daemon.properties import Landing
 from daemon.routes.base import Handoff, Route
-from daemon.verify import AZURE_CHECKED, Checksum, md5_off_loop, verify
+from daemon.verify import Checksum, md5_off_loop, verify
 
 Read = Callable[[], Awaitable[tuple[ObjectInfo, Chunks]]]
 Sent = tuple[ObjectInfo, str, Landing]  # the version sent, how it is proven, its landing
@@ -39,8 +41,9 @@ class _Attempts:
     async def __call__(self) -> Sent:
         info, data = await self._read()
         try:
-            if info.md5 is not None:
-                md5, verified = info.md5, AZURE_CHECKED
+            known = whole_check(info)
+            if known is not None:
+                check, verified = known
             else:
                 md5 = await md5_off_loop(data)
                 checksum = Checksum.for_object(info)
@@ -50,10 +53,11 @@ class _Attempts:
                     verified = verify(info, md5, [md5] if info.parts == 1 else None, checksum)
                 except VerificationError as e:
                     raise CorruptBlockError(str(e)) from None
+                check = BlockCheck(Kind.MD5, md5)
             h = self._h
             landing = self._route.landing(info, h.spec, h.fp)
             self.sent = (info, verified, landing)
-            await self._route.put(h, data, md5, landing)
+            await self._route.put(h, data, check, landing)
         except CorruptBlockError:
             self.damaged += 1
             raise
@@ -87,9 +91,9 @@ class Whole(Route):
         )
         return Outcome(Status.COPIED, info.size, verified, note, landing=landing, route=self.name)
 
-    async def put(self, h: Handoff, data: Chunks, md5: bytes, landing: Landing) -> None:
+    async def put(self, h: Handoff, data: Chunks, check: BlockCheck, landing: Landing) -> None:
         await self._sink.put(
-            h.spec.destination, data, md5, landing.headers, landing.metadata, h.when, landing.tier
+            h.spec.destination, data, check, landing.headers, landing.metadata, h.when, landing.tier
         )
 
     def _of_info(self, info: ObjectInfo) -> Read:
