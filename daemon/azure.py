@@ -10,16 +10,14 @@ pipeline (azure_direct.py, which says why), unless ``azure.direct = false``.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterable, AsyncIterator, Callable
+from collections.abc import AsyncIterable, AsyncIterator
 from contextlib import AsyncExitStack
 from datetime import datetime
 from types import TracebackType
-from typing import Any
 from urllib.parse import urlsplit
 
 import aiohttp
 import structlog
-from azure.core import MatchConditions
 from azure.core.exceptions import (
     AzureError,
     HttpResponseError,
@@ -34,10 +32,10 @@ from daemon.addresses import AzAddress
 from daemon.azure_auth import open_service
 from daemon.azure_direct import Direct, DirectPath, put_headers
 from daemon.azure_errors import error_code, translate
+from daemon.azure_sdk import SdkPath, conditions, refused
 from daemon.blockcheck import BlockCheck
 from daemon.chunks import Chunks
 from daemon.errors import (
-    BlobChangedError,
     DestinationExistsError,
     PermanentError,
     SourceUnreachableError,
@@ -183,9 +181,9 @@ class AzureWriter:
     def forget_container(self, dst: AzAddress) -> None:
         self._containers.discard(dst.container)
 
-    def _sdk(self, dst: AzAddress) -> _SdkPath:
+    def _sdk(self, dst: AzAddress) -> SdkPath:
         """The SDK's path to ``dst`` (azure.direct = false); its account checked."""
-        return _SdkPath(self._blob(dst), self._error)
+        return SdkPath(self._blob(dst), self._error)
 
     async def existing(self, dst: AzAddress) -> ExistingBlob | None:
         if self._path is None:
@@ -299,13 +297,13 @@ class AzureWriter:
         """Delete the blob (and its snapshots) if it is still as ``when`` says; a blob
         gone already is what was asked."""
         try:
-            await self._blob(dst).delete_blob(delete_snapshots="include", **_conditions(when))
+            await self._blob(dst).delete_blob(delete_snapshots="include", **conditions(when))
         except ResourceNotFoundError as e:
             if error_code(e) == "ContainerNotFound":
                 raise self._error(e, dst, "delete") from None
         except HttpResponseError as e:
             if e.status_code == 412:
-                raise _refused(when, dst) from None
+                raise refused(when, dst) from None
             raise self._error(e, dst, "delete") from None
         except AzureError as e:
             raise self._error(e, dst, "delete") from None
@@ -336,87 +334,13 @@ class AzureWriter:
                 content_settings=headers.settings(md5),
                 metadata=metadata,
                 standard_blob_tier=StandardBlobTier(tier) if tier else None,
-                **_conditions(when),
+                **conditions(when),
             )
         except ResourceExistsError:
             raise DestinationExistsError(dst) from None
         except HttpResponseError as e:
             if e.status_code == 412:
-                raise _refused(when, dst) from None
+                raise refused(when, dst) from None
             raise self._error(e, dst, "commit block list") from None
         except AzureError as e:
             raise self._error(e, dst, "commit block list") from None
-
-
-class _SdkPath:
-    """Get Blob Properties, Put Blob and Put Block through the SDK (azure.direct =
-    false). Azure still checks each body against its MD5 or CRC64 (as the direct path
-    sends them); the body is joined into one buffer first, which the direct path never
-    does."""
-
-    def __init__(self, blob: BlobClient, error: Callable[[AzureError, AzAddress, str], Exception]):
-        self._blob = blob
-        self._error = error
-
-    async def existing(self, dst: AzAddress) -> ExistingBlob | None:
-        try:
-            props = await self._blob.get_blob_properties()
-        except ResourceNotFoundError as e:
-            if error_code(e) == "ContainerNotFound":
-                raise self._error(e, dst, "read properties") from None
-            return None
-        except AzureError as e:
-            raise self._error(e, dst, "read properties") from None
-        return ExistingBlob(
-            size=props.size, metadata=dict(props.metadata or {}), etag=props.etag or ""
-        )
-
-    async def put(
-        self,
-        dst: AzAddress,
-        data: Chunks,
-        check: BlockCheck,
-        headers: BlobHeaders,
-        metadata: dict[str, str],
-        when: Precondition,
-        tier: str | None,
-    ) -> None:
-        try:
-            await self._blob.upload_blob(
-                data.join(),
-                length=data.size,
-                overwrite=not when.absent,
-                content_settings=headers.settings(check.md5),
-                metadata=metadata,
-                standard_blob_tier=StandardBlobTier(tier) if tier else None,
-                headers=check.headers(),  # Azure checks the bytes on arrival
-                **_conditions(when),
-            )
-        except ResourceExistsError:
-            raise DestinationExistsError(dst) from None
-        except HttpResponseError as e:
-            if e.status_code == 412:
-                raise _refused(when, dst) from None
-            raise self._error(e, dst, "put blob") from None
-        except AzureError as e:
-            raise self._error(e, dst, "put blob") from None
-
-    async def stage(self, dst: AzAddress, block_id: str, data: Chunks, check: BlockCheck) -> None:
-        try:
-            await self._blob.stage_block(block_id, data.join(), data.size, headers=check.headers())
-        except AzureError as e:
-            raise self._error(e, dst, f"stage block {block_id}") from None
-
-
-def _conditions(when: Precondition) -> dict[str, Any]:
-    """A Precondition as the SDK's keyword arguments."""
-    if when.absent:
-        return {"match_condition": MatchConditions.IfMissing}
-    if when.etag:
-        return {"etag": when.etag, "match_condition": MatchConditions.IfNotModified}
-    return {}
-
-
-def _refused(when: Precondition, dst: AzAddress) -> Exception:
-    """A 412: absence asked for and a blob there, or an ETag named and changed."""
-    return DestinationExistsError(dst) if when.absent else BlobChangedError(dst)
