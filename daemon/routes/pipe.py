@@ -28,7 +28,7 @@ PIPE_BUFFER = MiB  # the stream's own buffers (aiohttp's, a few hundred KiB), bu
 async def near(trips: RoundTrips, probe: Callable[[], Awaitable[object]], within: float) -> bool:
     """Whether a service answers within ``within`` s, asking ``probe`` (a HEAD) until
     its round trips tell: one late answer may be a busy moment, not a far link."""
-    for _ in range(FAR_AFTER):
+    for _ in range(FAR_AFTER + 1):  # the client's first answer may be among them
         verdict = trips.near(within)
         if verdict is not None:
             return verdict
