@@ -1,5 +1,6 @@
 """What Azure checks a staged block against as it arrives: the block's MD5, or its
-CRC-64/NVME (the ``x-ms-content-crc64`` header, 8 bytes little-endian in base64).
+CRC-64/NVME (the ``x-ms-content-crc64`` header, 8 bytes little-endian in base64); and
+what it checks a Put Blob of a whole object against, S3's own value (``whole_check``).
 
 The MD5 only where it is itself the proof: a multipart object cut one block per part,
 whose block MD5s are the part MD5s S3's composite ETag is made of. Everywhere else a

@@ -7,9 +7,8 @@ measured again. The minimum filters only when there is more than one figure: a v
 that a service is far is therefore not taken on fewer than ``FAR_AFTER`` of them (the
 pipe asks again, see ``routes/pipe.near``). The first answer a client gets is no figure
 at all: it pays for the connection and the library's first-call setup (botocore's
-first HEAD took 35-50 ms here, on s3rver and moto, the next ones 3-7 ms), and judged
-on it and two more, a near link was taken for far in one round of three of the
-benchmark's first job.
+first HEAD takes 35-50 ms here, on s3rver and moto, the next ones 3-7 ms): counted,
+it and two late answers made a near link far.
 """
 
 from __future__ import annotations
