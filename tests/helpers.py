@@ -47,6 +47,13 @@ def blob_bytes(svc: BlobServiceClient, container: str, name: str) -> bytes:
     return svc.get_blob_client(container, name).download_blob(decompress=False).readall()
 
 
+def blob_md5(svc: BlobServiceClient, container: str, name: str) -> bytes | None:
+    """The Content-MD5 the blob is stored with, if any."""
+    props = svc.get_blob_client(container, name).get_blob_properties()
+    md5 = props.content_settings.content_md5
+    return bytes(md5) if md5 else None
+
+
 def s3_bytes(s3: Any, bucket: str, key: str) -> bytes:
     return bytes(s3.get_object(Bucket=bucket, Key=key)["Body"].read())
 
